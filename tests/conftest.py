@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny random backends (milliseconds) and one trained digit teacher per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from noiserefine.backends.digits import DigitsBackend, SCHEDULER_CONFIG, build_unet
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_digits_backend(seed: int = 0, scheduler_overrides: dict | None = None) -> DigitsBackend:
+    """A random-initialised digits backend: same classes as the real one, no training."""
+    torch.manual_seed(seed)
+    unet = build_unet([8, 16], 16)
+    # Random init leaves conv_out near zero; scale it up so outputs depend visibly on inputs.
+    with torch.no_grad():
+        for p in unet.conv_out.parameters():
+            p.normal_(0, 0.3)
+    embedding = torch.randn(11, 1, 16)
+    return DigitsBackend(unet, embedding, {**SCHEDULER_CONFIG, **(scheduler_overrides or {})})
+
+
+@pytest.fixture
+def tiny_backend() -> DigitsBackend:
+    return tiny_digits_backend()
+
+
+@pytest.fixture(scope="session")
+def trained_teacher_dir(tmp_path_factory) -> Path:
+    """A digit teacher trained on a small fixed budget, once per test session.
+
+    NOISEREFINE_TEST_TEACHER may point at an existing teacher directory to skip training.
+    """
+    from noiserefine.backends.digits import ensure_digits_teacher
+    from noiserefine.config import load_config
+
+    existing = os.environ.get("NOISEREFINE_TEST_TEACHER")
+    if existing:
+        return Path(existing)
+    cfg = load_config(REPO / "configs" / "digits.yaml", ["model.digits.train_steps=400"])
+    return ensure_digits_teacher(cfg.model.digits, tmp_path_factory.mktemp("teacher") / "digits",
+                                 progress=False)

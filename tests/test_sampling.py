@@ -1,0 +1,153 @@
+import copy
+
+import pytest
+import torch
+from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
+                       FlowMatchEulerDiscreteScheduler)
+
+from conftest import tiny_digits_backend
+from noiserefine.backends.base import _layer_prefix
+from noiserefine.noise import noise_from_seeds
+from noiserefine.sampling import (Guidance, affine_coefficients, guided_output, initial_sigma,
+                                  make_scheduler, pag_processors, rollout, rollout_gain,
+                                  scale_model_input)
+
+PROMPTS = ["a handwritten seven", "a handwritten digit 3", "a cat", "nine"]
+
+
+def _inputs(backend, n=4):
+    noise = noise_from_seeds(range(n), backend.latent_shape)
+    return noise, backend.encode_prompts(PROMPTS[:n])
+
+
+def test_cfg_batched_forward_equals_two_forwards(tiny_backend):
+    noise, cond = _inputs(tiny_backend)
+    t = torch.tensor(500)
+    null = tiny_backend.null_conditioning(len(noise))
+    with torch.no_grad():
+        guided = guided_output(tiny_backend, noise, t, cond, null, Guidance("cfg", 3.0))
+        uncond = tiny_backend.denoise(noise, t, null)
+        conditional = tiny_backend.denoise(noise, t, cond)
+    torch.testing.assert_close(guided, uncond + 3.0 * (conditional - uncond), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(uncond, conditional, atol=1e-3), "conditioning must matter"
+
+
+def test_guidance_scale_one_equals_unguided(tiny_backend):
+    noise, cond = _inputs(tiny_backend)
+    with torch.no_grad():
+        unguided = rollout(tiny_backend, noise, cond, 5)
+        scale_one = rollout(tiny_backend, noise, cond, 5, Guidance("cfg", 1.0))
+        scale_three = rollout(tiny_backend, noise, cond, 5, Guidance("cfg", 3.0))
+    torch.testing.assert_close(scale_one, unguided, rtol=1e-5, atol=1e-5)
+    assert (scale_three - unguided).abs().max() > 1e-2
+
+
+def test_pag_changes_output_and_restores_processors(tiny_backend):
+    noise, cond = _inputs(tiny_backend)
+    processors = dict(tiny_backend.denoiser.attn_processors)
+    pag = Guidance("cfg_pag", 2.0, pag_scale=3.0, pag_layers=("mid",))
+    with torch.no_grad():
+        before = rollout(tiny_backend, noise, cond, 4)
+        cfg_only = rollout(tiny_backend, noise, cond, 4, Guidance("cfg", 2.0))
+        with_pag = rollout(tiny_backend, noise, cond, 4, pag)
+        after = rollout(tiny_backend, noise, cond, 4)
+    assert (with_pag - cfg_only).abs().max() > 1e-3, "PAG term had no effect"
+    assert torch.equal(before, after)
+    restored = tiny_backend.denoiser.attn_processors
+    assert all(restored[name] is proc for name, proc in processors.items())
+
+
+def test_pag_processors_restored_on_error(tiny_backend):
+    processors = dict(tiny_backend.denoiser.attn_processors)
+    with pytest.raises(RuntimeError):
+        with pag_processors(tiny_backend, ("mid",)):
+            raise RuntimeError("boom")
+    assert all(tiny_backend.denoiser.attn_processors[n] is p for n, p in processors.items())
+
+
+def test_pag_zero_scale_equals_cfg(tiny_backend):
+    noise, cond = _inputs(tiny_backend)
+    with torch.no_grad():
+        cfg_only = rollout(tiny_backend, noise, cond, 3, Guidance("cfg", 2.0))
+        pag0 = rollout(tiny_backend, noise, cond, 3, Guidance("cfg_pag", 2.0, pag_scale=0.0))
+    torch.testing.assert_close(pag0, cfg_only, rtol=1e-4, atol=1e-5)
+
+
+def test_pag_layer_matching_is_exact(tiny_backend):
+    assert _layer_prefix("mid") == "mid_block"
+    assert _layer_prefix("down.block_1") == "down_blocks.1"
+    assert _layer_prefix("up.block_0.attentions_1") == "up_blocks.0.attentions.1"
+    assert _layer_prefix("transformer_blocks.1") == "transformer_blocks.1"
+    mid = tiny_backend.pag_attention_modules(["mid"])
+    assert list(mid) == ["mid_block.attentions.0.transformer_blocks.0.attn1"]
+    up = tiny_backend.pag_attention_modules(["up.block_0.attentions_1"])
+    assert list(up) == ["up_blocks.0.attentions.1.transformer_blocks.0.attn1"]
+    with pytest.raises(ValueError, match="match no self-attention"):
+        tiny_backend.pag_attention_modules(["up_blocks.0.attentions.10"])
+
+
+def _finite_difference(scheduler, out, t, x, h=0.5):
+    # the step is affine, so a large h is exact and avoids float32 round-off inside step()
+    plus = copy.deepcopy(scheduler).step(out, t, x + h, return_dict=False)[0]
+    minus = copy.deepcopy(scheduler).step(out, t, x - h, return_dict=False)[0]
+    return (plus - minus) / (2 * h)
+
+
+SCHEDULERS = {
+    "ddim-epsilon": (DDIMScheduler, {}),
+    "ddim-v": (DDIMScheduler, {"prediction_type": "v_prediction"}),
+    "euler-epsilon": (EulerDiscreteScheduler, {"timestep_spacing": "trailing"}),
+    "flow-euler": (FlowMatchEulerDiscreteScheduler, None),
+}
+
+
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+def test_affine_coefficient_matches_finite_difference(name):
+    scheduler_class, overrides = SCHEDULERS[name]
+    backend = tiny_digits_backend()
+    backend.scheduler_class = scheduler_class
+    if overrides is None:
+        backend.scheduler_config = dict(scheduler_class().config)
+    else:
+        base = {k: v for k, v in backend.scheduler_config.items() if k != "set_alpha_to_one"} \
+            if scheduler_class is EulerDiscreteScheduler else backend.scheduler_config
+        backend.scheduler_config = {**base, **overrides}
+    num_steps = 6
+    coefficients = affine_coefficients(backend, num_steps)
+    scheduler = make_scheduler(backend, num_steps)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn((3, 1, 4, 4), generator=generator, dtype=torch.float64) * initial_sigma(scheduler)
+    for index, t in enumerate(scheduler.timesteps):
+        out = torch.randn(x.shape, generator=generator, dtype=torch.float64)
+        scale_model_input(scheduler, x, t)
+        derivative = _finite_difference(scheduler, out, t, x)
+        torch.testing.assert_close(derivative, torch.full_like(x, coefficients[index].item()),
+                                   rtol=1e-5, atol=1e-6)
+        x = scheduler.step(out, t, x, return_dict=False)[0]
+    # Euler with epsilon (or flow velocity) output moves x by dt * output: a_t = 1 exactly.
+    if name in ("flow-euler", "euler-epsilon"):
+        assert torch.allclose(coefficients, torch.ones_like(coefficients))
+    else:
+        assert not torch.allclose(coefficients, torch.ones_like(coefficients))
+    expected_gain = initial_sigma(scheduler) * coefficients.prod().item()
+    assert rollout_gain(backend, num_steps) == pytest.approx(expected_gain)
+
+
+def test_rollout_jacobian_equals_gain_when_output_is_frozen(tiny_backend, monkeypatch):
+    """With a network output independent of its input, d x0 / d x_T = K exactly."""
+    fixed = torch.randn((2, 1, 16, 16))
+    monkeypatch.setattr(tiny_backend, "denoise", lambda x, t, cond: fixed * (1 + t / 1000))
+    noise = torch.randn((2, 1, 16, 16), requires_grad=True)
+    x0 = rollout(tiny_backend, noise, tiny_backend.null_conditioning(2), 7)
+    x0.sum().backward()
+    torch.testing.assert_close(noise.grad, torch.full_like(noise, rollout_gain(tiny_backend, 7)))
+
+
+def test_non_affine_schedulers_are_refused():
+    backend = tiny_digits_backend()
+    backend.scheduler_class = DPMSolverMultistepScheduler
+    with pytest.raises(ValueError, match="DPMSolverMultistepScheduler"):
+        make_scheduler(backend, 5)
+    clipped = tiny_digits_backend(scheduler_overrides={"clip_sample": True})
+    with pytest.raises(ValueError, match="clip_sample"):
+        make_scheduler(clipped, 5)
