@@ -67,6 +67,9 @@ class StudentConfig:
 
 @dataclass
 class RefinerConfig:
+    """``x̂_T = x_T + scale * (denoiser_LoRA(x_T, t, c) - denoiser(x_T, t, c))``, zero at init."""
+
+    timestep: float = 999.0  # the denoiser's time input for the refiner forward
     lora_rank: int = 8
     lora_alpha: float = 8.0
     target_modules: list[str] = field(
