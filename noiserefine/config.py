@@ -29,7 +29,7 @@ class DigitsTeacherConfig:
     learning_rate: float = 2e-3
     cond_dropout: float = 0.15  # share of samples trained with the null condition, so CFG works
     seed: int = 0
-    block_out_channels: list[int] = field(default_factory=lambda: [32, 64])
+    block_out_channels: list[int] = field(default_factory=lambda: [16, 32, 64])
     cross_attention_dim: int = 64
     thicken: int = 0  # >0: train on thickened strokes (the transfer experiment's style)
     init_from: str = ""  # fine-tune from this teacher directory instead of training from scratch
@@ -67,7 +67,7 @@ class StudentConfig:
 
 @dataclass
 class RefinerConfig:
-    """``x̂_T = x_T + scale * (denoiser_LoRA(x_T, t, c) - denoiser(x_T, t, c))``, zero at init."""
+    """``x̂_T = x_T + (denoiser_LoRA(x_T, t, c) - denoiser(x_T, t, c))``, zero at init."""
 
     timestep: float = 999.0  # the denoiser's time input for the refiner forward
     lora_rank: int = 8

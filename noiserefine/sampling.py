@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 from diffusers import DDIMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
 from diffusers.models.attention_processor import PAGCFGIdentitySelfAttnProcessor2_0
 from diffusers.schedulers.scheduling_utils import SchedulerMixin

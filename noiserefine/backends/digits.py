@@ -52,7 +52,7 @@ def parse_digit(prompt: str) -> int | None:
 
 
 def build_unet(block_out_channels: Sequence[int], cross_attention_dim: int) -> UNet2DConditionModel:
-    """A ~0.7M-parameter SD-style UNet for 1x16x16 images (cross-attention in the inner blocks)."""
+    """A ~1M-parameter SD-style UNet for 1x16x16 images (cross-attention in the inner blocks)."""
     channels = tuple(int(c) for c in block_out_channels)
     depth = len(channels)
     return UNet2DConditionModel(
