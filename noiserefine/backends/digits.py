@@ -73,7 +73,10 @@ class DigitsBackend(Backend):
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         self.device = torch.device(device)
         self.dtype = dtype
-        self.denoiser = unet.to(device=self.device, dtype=dtype).eval().requires_grad_(False)
+        unet = unet.to(self.device)
+        if dtype != torch.float32:  # passing dtype at all makes diffusers warn, so only when casting
+            unet = unet.to(dtype=dtype)
+        self.denoiser = unet.eval().requires_grad_(False)
         self.embedding = embedding.to(self.device, dtype)  # (11, 1, D): digits 0..9, then null
         self.scheduler_config = dict(scheduler_config)
 

@@ -1,0 +1,77 @@
+"""Generate one shard of guided teacher targets (the Ray workers call this).
+
+For each batch of the shard: encode prompts, build ``x_T`` from each sample's
+seed, run the guided teacher rollout, and append ``(meta, target)`` samples; the
+tar is written to a temp name and renamed once complete. A shard always holds
+the same samples in the same batches, so its bytes do not depend on which
+worker made it or how many workers there are.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .backends.base import Backend
+from .noise import fingerprint, noise_from_seeds
+from .plan import PlannedSample
+from .sampling import Guidance, rollout
+from .shards import ShardInfo, ShardSample, sample_key, shard_name, write_shard
+
+# Test hook for fault tolerance: if set to a file path that does not exist yet, the
+# first process to start a shard creates that file and exits hard, like a killed worker.
+FAULT_ENV = "NOISEREFINE_FAULT_EXIT_ONCE"
+
+
+def _maybe_die() -> None:
+    marker = os.environ.get(FAULT_ENV)
+    if marker:
+        try:
+            with open(marker, "x") as handle:
+                handle.write(str(os.getpid()))
+        except FileExistsError:
+            return
+        os._exit(17)
+
+
+def shard_samples(backend: Backend, samples: Sequence[PlannedSample], *, guidance: Guidance,
+                  num_steps: int, teacher_key: str, batch_size: int, target_dtype: str,
+                  store_conditioning: bool = False, progress: bool = False) -> Iterator[ShardSample]:
+    """Yield the shard's samples batch by batch (guided rollout of each batch)."""
+    dtype = np.dtype(target_dtype)
+    bar = tqdm(total=len(samples), desc="targets", unit="sample", disable=not progress, leave=False)
+    for start in range(0, len(samples), batch_size):
+        batch = samples[start:start + batch_size]
+        noise_cpu = noise_from_seeds([s.seed for s in batch], backend.latent_shape)
+        cond = backend.encode_prompts([s.prompt for s in batch])
+        with torch.no_grad():
+            noise = noise_cpu.to(device=backend.device, dtype=backend.dtype)
+            x0 = rollout(backend, noise, cond, num_steps, guidance).float().cpu().numpy()
+        for i, sample in enumerate(batch):
+            meta = {"sample_id": sample.sample_id, "seed": sample.seed, "prompt": sample.prompt,
+                    "source": sample.source, "teacher_key": teacher_key,
+                    "noise_fingerprint": fingerprint(noise_cpu[i])}
+            arrays = {"target": x0[i].astype(dtype)}
+            if store_conditioning:
+                arrays.update({f"cond_{k}": v[i].float().cpu().numpy().astype(dtype)
+                               for k, v in cond.items()})
+            yield ShardSample(sample_key(sample.sample_id), meta, arrays)
+        bar.update(len(batch))
+        if start == 0:
+            _maybe_die()  # mid-shard: the temp file is half written
+    bar.close()
+
+
+def generate_shard(backend: Backend, cfg, samples: Sequence[PlannedSample], shard_index: int,
+                   cache_dir: Path, teacher_key: str, *, progress: bool = False) -> ShardInfo:
+    """Write shard ``shard_index`` of the cache atomically and return its manifest row."""
+    stream = shard_samples(backend, samples, guidance=Guidance.from_teacher(cfg.teacher),
+                           num_steps=cfg.teacher.num_steps, teacher_key=teacher_key,
+                           batch_size=cfg.pipeline.batch_size, target_dtype=cfg.data.target_dtype,
+                           store_conditioning=cfg.data.store_conditioning, progress=progress)
+    return write_shard(Path(cache_dir) / shard_name(shard_index), stream)
