@@ -1,0 +1,277 @@
+"""On-disk shard contract of the teacher-target cache.
+
+One sample = one WebDataset key (``000000012``) with exactly one ``.json`` member
+(metadata, ``json.dumps(meta, sort_keys=True)``) and one or more ``<name>.npy``
+members (``000000012.target.npy`` -> ``arrays["target"]``).  No pickle anywhere:
+readers refuse every other member and load npy with ``allow_pickle=False``.
+Shards are written atomically (temp file + fsync + ``os.replace``) and
+byte-deterministically; ``manifest.parquet`` records name/count/size/sha256.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import re
+import secrets
+import tarfile
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+MANIFEST_NAME = "manifest.parquet"
+MANIFEST_COLUMNS = ("name", "num_samples", "num_bytes", "sha256")
+_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+# webdataset lower-cases extensions and TarWriter drops names starting with "_".
+_ARRAY_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+_RAW_META = {"__key__", "__url__", "__local_path__"}
+_TAR_KW = dict(user="noiserefine", group="noiserefine", mode=0o444, mtime=0, compress=False, encoder=False)
+
+
+def shard_name(index: int) -> str:
+    if index < 0:
+        raise ValueError(f"shard index must be >= 0, got {index}")
+    return f"shard-{index:06d}.tar"
+
+
+def sample_key(sample_id: int) -> str:
+    if sample_id < 0:
+        raise ValueError(f"sample_id must be >= 0, got {sample_id}")
+    return f"{sample_id:09d}"
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: dicts of arrays have no truth-valued ==
+class ShardSample:
+    key: str
+    meta: dict
+    arrays: dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    name: str
+    num_samples: int
+    num_bytes: int
+    sha256: str
+
+
+def _check_key(key: object) -> str:
+    if not isinstance(key, str) or "." in key or not _KEY_RE.match(key):
+        raise ValueError(f"invalid sample key {key!r}: must be [A-Za-z0-9_-]+ without dots")
+    return key
+
+
+def _check_plain_name(name: object) -> str:
+    """A manifest/shard name must be a plain file name that cannot leave its directory."""
+    if (not isinstance(name, str) or not name or ".." in name or any(c in name for c in "/\\\0")
+            or os.path.isabs(name) or os.path.basename(name) != name or name == "."):
+        raise ValueError(f"invalid shard name {name!r}: must be a plain file name")
+    return name
+
+
+def _encode_sample(s: ShardSample) -> dict:
+    if not isinstance(s, ShardSample):
+        raise TypeError(f"expected ShardSample, got {type(s).__name__}")
+    _check_key(s.key)
+    if not isinstance(s.meta, dict):
+        raise ValueError(f"{s.key}: meta must be a dict")
+    if not s.arrays:
+        raise ValueError(f"{s.key}: a sample needs at least one array")
+    out = {"__key__": s.key, "json": json.dumps(s.meta, sort_keys=True).encode("utf-8")}
+    for name, arr in s.arrays.items():
+        if not isinstance(name, str) or "." in name or not _ARRAY_RE.match(name):
+            raise ValueError(f"{s.key}: invalid array name {name!r}: must be [a-z0-9_-]+ without dots")
+        if not isinstance(arr, np.ndarray):
+            raise ValueError(f"{s.key}.{name}: expected np.ndarray, got {type(arr).__name__}")
+        buf = io.BytesIO()
+        np.save(buf, arr, allow_pickle=False)  # refuses object arrays
+        out[f"{name}.npy"] = buf.getvalue()
+    return out  # TarWriter writes members in sorted-extension order: fixed
+
+
+def write_shard(path: Path, samples: Iterable[ShardSample]) -> ShardInfo:
+    """Atomically write ``samples`` (in the given order) to the tar ``path``; deterministic bytes."""
+    import webdataset as wds
+
+    path = Path(path)
+    tmp = _tmp_path(path)
+    seen: set[str] = set()
+    try:
+        with open(tmp, "xb") as f:
+            writer = wds.TarWriter(f, **_TAR_KW)
+            try:
+                for s in samples:
+                    record = _encode_sample(s)
+                    if s.key in seen:
+                        raise ValueError(f"duplicate sample key {s.key!r} in {path}")
+                    seen.add(s.key)
+                    writer.write(record)
+            finally:
+                writer.close()  # on error too, so tarfile never writes to a closed file later
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return ShardInfo(path.name, len(seen), path.stat().st_size, file_sha256(path))
+
+
+def _tmp_path(final: Path) -> Path:
+    return final.parent / f".{final.name}.tmp-{os.getpid()}-{secrets.token_hex(6)}"
+
+
+def _fsync_dir(d: Path) -> None:
+    """Best effort: make the rename durable."""
+    with contextlib.suppress(OSError):
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def decode_sample(sample: dict, *, source: str = "") -> dict:
+    """Decode a raw webdataset sample dict into ``{"key", "meta", "arrays"}``; pickle-free."""
+    where = source or sample.get("__url__") or sample.get("__local_path__") or "<unknown shard>"
+    key = sample.get("__key__")
+    meta, arrays = None, {}
+    for ext, data in sample.items():
+        if ext in _RAW_META:
+            continue
+        member = f"{key}.{ext}"
+        if ext != "json" and not (ext.endswith(".npy") and _ARRAY_RE.match(ext[:-4])):
+            raise ValueError(f"{where}: refusing member {member!r}: only .json and <name>.npy are allowed")
+        try:
+            if ext == "json":
+                meta = json.loads(bytes(data).decode("utf-8"))
+                if not isinstance(meta, dict):
+                    raise ValueError("metadata is not a JSON object")
+            else:
+                arrays[ext[:-4]] = np.load(io.BytesIO(bytes(data)), allow_pickle=False)
+        except Exception as e:
+            raise ValueError(f"{where}: cannot decode member {member!r}: {e}") from e
+    if meta is None or not arrays:
+        raise ValueError(f"{where}: sample {key!r} needs one .json and at least one .npy member")
+    return {"key": key, "meta": meta, "arrays": arrays}
+
+
+def _iter_raw(path: Path) -> Iterator[dict]:
+    """Group members of one plain tar into raw sample dicts, detecting truncation."""
+    url, seen, cur = str(path), set(), None
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for ti in tar:
+                if not ti.isreg():
+                    raise ValueError(f"{path}: refusing non-regular member {ti.name!r}")
+                key, dot, ext = ti.name.partition(".")
+                if not dot or "/" in ti.name or not key or not ext:
+                    raise ValueError(f"{path}: refusing member {ti.name!r}: expected <key>.<ext>")
+                ext = ext.lower()
+                if cur is None or cur["__key__"] != key:
+                    if cur is not None:
+                        yield cur
+                    if key in seen:
+                        raise ValueError(f"{path}: key {key!r} appears twice")
+                    seen.add(key)
+                    cur = {"__key__": key, "__url__": url}
+                if ext in cur:
+                    raise ValueError(f"{path}: duplicate member {ti.name!r}")
+                cur[ext] = tar.extractfile(ti).read()
+            end = tar.offset
+        # tarfile silently stops at a missing header: demand the 1024-byte zero end marker.
+        with open(path, "rb") as f:
+            f.seek(end)
+            if f.read(1024) != bytes(1024):
+                raise ValueError(f"{path}: truncated shard (missing end-of-archive marker)")
+    except (tarfile.TarError, EOFError) as e:
+        raise ValueError(f"{path}: corrupt or truncated shard: {e}") from e
+    if cur is not None:
+        yield cur
+
+
+def read_shard(path) -> Iterator[ShardSample]:
+    """Iterate the samples of one shard with ``tarfile`` (same refusal rules as decode_sample)."""
+    path = Path(path)
+    for raw in _iter_raw(path):
+        d = decode_sample(raw, source=str(path))
+        yield ShardSample(d["key"], d["meta"], d["arrays"])
+
+
+def shard_info(path) -> ShardInfo:
+    """Count (distinct keys), size and sha256 of an existing shard."""
+    path = Path(path)
+    n = sum(1 for _ in _iter_raw(path))
+    return ShardInfo(path.name, n, path.stat().st_size, file_sha256(path))
+
+
+def verify_shard(cache_dir: Path, info: ShardInfo) -> bool:
+    p = Path(cache_dir) / _check_plain_name(info.name)
+    if not p.is_file() or p.stat().st_size != info.num_bytes:
+        return False
+    return file_sha256(p) == info.sha256
+
+
+def write_manifest(cache_dir: Path, infos: list[ShardInfo]) -> Path:
+    """Atomically write ``manifest.parquet`` (rows sorted by name)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = sorted(infos, key=lambda i: _check_plain_name(i.name))
+    names = [i.name for i in rows]
+    if len(set(names)) != len(names):
+        raise ValueError("duplicate shard names in manifest")
+    schema = pa.schema([("name", pa.string()), ("num_samples", pa.int64()),
+                        ("num_bytes", pa.int64()), ("sha256", pa.string())])
+    table = pa.Table.from_pylist([dataclasses.asdict(i) for i in rows], schema=schema)
+    final = Path(cache_dir) / MANIFEST_NAME
+    tmp = _tmp_path(final)
+    try:
+        pq.write_table(table, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(final.parent)
+    return final
+
+
+def read_manifest(cache_dir: Path) -> dict[str, ShardInfo]:
+    """Read ``manifest.parquet`` into {name: ShardInfo}; {} if it does not exist."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    p = Path(cache_dir) / MANIFEST_NAME
+    if not p.exists():
+        return {}
+    try:
+        table = pq.read_table(p)
+    except (pa.ArrowException, OSError) as e:
+        raise ValueError(f"{p}: unreadable manifest: {e}") from e
+    missing = [c for c in MANIFEST_COLUMNS if c not in table.column_names]
+    if missing:
+        raise ValueError(f"{p}: manifest is missing columns {missing}")
+    out: dict[str, ShardInfo] = {}
+    for r in table.select(list(MANIFEST_COLUMNS)).to_pylist():
+        name = _check_plain_name(r["name"])
+        if name in out:
+            raise ValueError(f"{p}: duplicate shard name {name!r}")
+        out[name] = ShardInfo(name, int(r["num_samples"]), int(r["num_bytes"]), str(r["sha256"]))
+    return out
