@@ -33,6 +33,7 @@ class DigitsTeacherConfig:
     cross_attention_dim: int = 64
     thicken: int = 0  # >0: train on thickened strokes (the transfer experiment's style)
     init_from: str = ""  # fine-tune from this teacher directory instead of training from scratch
+    distill_guidance_scale: float = 0.0  # >0: guidance-distillation baseline of the init_from teacher
 
 
 @dataclass

@@ -141,6 +141,9 @@ def train_digits_teacher(settings, out_dir: str | Path, *, progress: bool = True
 
     Objective: epsilon-prediction MSE, ``E ||eps - eps_theta(sqrt(ab_t) x0 + sqrt(1-ab_t) eps, t, c)||^2``,
     with the condition replaced by the null embedding for a ``cond_dropout`` share (CFG training).
+    With ``distill_guidance_scale = w > 0`` (and ``init_from``) the regression target is instead the
+    ``init_from`` model's CFG output ``eps_u + w (eps_c - eps_u)``: the guidance-distillation
+    baseline (Meng et al., stage one), a denoiser that needs one forward per step.
     Weights are an exponential moving average (decay 0.995) of the trained ones.
     """
     settings = training_settings(settings)
@@ -150,6 +153,11 @@ def train_digits_teacher(settings, out_dir: str | Path, *, progress: bool = True
     images, labels = load_digit_images()
     images = thicken_strokes(images, int(settings["thicken"]))
 
+    guidance_teacher = None
+    if float(settings["distill_guidance_scale"]) > 0:
+        if not settings["init_from"]:
+            raise ValueError("model.digits.distill_guidance_scale needs model.digits.init_from (the teacher)")
+        guidance_teacher = DigitsBackend.from_pretrained(settings["init_from"])
     if settings["init_from"]:
         base = DigitsBackend.from_pretrained(settings["init_from"])
         unet, embedding = base.denoiser.requires_grad_(True).train(), base.embedding.clone()
@@ -184,7 +192,17 @@ def train_digits_teacher(settings, out_dir: str | Path, *, progress: bool = True
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
         x_t = noise_scheduler.add_noise(x0, noise, t)
         prediction = unet(x_t, t, encoder_hidden_states=embedding[y], return_dict=False)[0]
-        loss = F.mse_loss(prediction, noise)
+        target = noise
+        if guidance_teacher is not None:
+            with torch.no_grad():
+                w = float(settings["distill_guidance_scale"])
+                cond = guidance_teacher.embedding[y]
+                uncond = guidance_teacher.embedding[torch.full_like(y, NULL_INDEX)]
+                both = guidance_teacher.denoise(torch.cat([x_t, x_t]), torch.cat([t, t]),
+                                                {"encoder_hidden_states": torch.cat([uncond, cond])})
+                eps_u, eps_c = both.chunk(2)
+                target = eps_u + w * (eps_c - eps_u)
+        loss = F.mse_loss(prediction, target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
