@@ -137,6 +137,17 @@ class EvalConfig:
 
 
 @dataclass
+class DemoConfig:
+    """Budgets of the main job's extra experiments (``make demo``)."""
+
+    num_ranks: int = 2  # DeepSpeed ranks for the refiner training
+    ablation_max_steps: int = 200  # noise-space and full-gradient runs (and their MSD reference)
+    distill_steps: int = 300  # guidance-distillation baseline fine-tuning
+    transfer_steps: int = 300  # fine-tuning the teacher to thick strokes
+    transfer_thicken: int = 1
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -146,6 +157,7 @@ class Config:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
 
 
 # Fields that decide what the teacher cache contains. Everything else (training,

@@ -45,18 +45,19 @@ class Row:
 
 def sample_row(name: str, backend: Backend, evals: EvalSet, num_steps: int, *,
                guidance: Guidance = UNGUIDED, batch_size: int = 250,
-               prepare_noise: Callable[[torch.Tensor, dict], torch.Tensor] | None = None,
+               prepare_noise: Callable[[torch.Tensor, list[str]], torch.Tensor] | None = None,
                extra_nfe: int = 0) -> Row:
-    """Roll out every eval seed; ``prepare_noise(noise, cond)`` refines the noise first (timed too)."""
+    """Roll out every eval seed; ``prepare_noise(noise, prompts)`` refines the noise first (timed too)."""
     outputs = []
     started = time.perf_counter()
     for start in range(0, len(evals.seeds), batch_size):
         stop = min(start + batch_size, len(evals.seeds))
         noise = noise_from_seeds(evals.seeds[start:stop], backend.latent_shape, backend.device, backend.dtype)
-        cond = backend.encode_prompts(evals.prompts[start:stop])
+        prompts = evals.prompts[start:stop]
+        cond = backend.encode_prompts(prompts)
         with torch.no_grad():
             if prepare_noise is not None:
-                noise = prepare_noise(noise, cond)
+                noise = prepare_noise(noise, prompts).to(device=backend.device, dtype=backend.dtype)
             outputs.append(rollout(backend, noise, cond, num_steps, guidance).float().cpu())
     seconds = (time.perf_counter() - started) / len(evals.seeds)
     return Row(name, guidance.num_branches * num_steps + extra_nfe, torch.cat(outputs), seconds)
