@@ -71,6 +71,7 @@ class CacheState:
     complete: dict[int, ShardInfo] = field(default_factory=dict)
     missing: list[int] = field(default_factory=list)
     rejected: list[str] = field(default_factory=list)  # present but wrong: deleted, to be rebuilt
+    stale_temps: list[str] = field(default_factory=list)  # half-written by killed workers: deleted
 
 
 def scan_cache(cache_dir: Path, plan: Plan, *, verify: bool = False) -> CacheState:
@@ -78,10 +79,15 @@ def scan_cache(cache_dir: Path, plan: Plan, *, verify: bool = False) -> CacheSta
 
     A shard on disk but not in the manifest (the job died between its rename and the
     manifest update) is adopted if its sample count is the plan's: shards only ever
-    appear by atomic rename once complete.
+    appear by atomic rename once complete. Temp files of shards (``.shard-*.tar.tmp-*``)
+    are leftovers of killed workers (a retried shard writes a new temp) and are deleted,
+    like rejected shards: one job at a time owns a cache directory.
     """
     manifest = read_manifest(cache_dir)
     state = CacheState()
+    for stale in sorted(Path(cache_dir).glob(".shard-*.tar.tmp-*")):
+        stale.unlink(missing_ok=True)
+        state.stale_temps.append(stale.name)
     for index in range(plan.num_shards):
         name = shard_name(index)
         path = cache_dir / name

@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prompts[{source.kind}]: {source.stats}", flush=True)
     state = scan_cache(cache_dir, plan, verify=cfg.pipeline.verify)
     print(f"cache {cache_dir}: {len(state.complete)}/{plan.num_shards} shards complete, "
-          f"{len(state.missing)} to generate" + (f", rejected {state.rejected}" if state.rejected else ""),
+          f"{len(state.missing)} to generate" + (f", rejected {state.rejected}" if state.rejected else "")
+          + (f", removed {len(state.stale_temps)} stale temp files" if state.stale_temps else ""),
           flush=True)
     started = time.perf_counter()
     num_samples = 0
