@@ -125,6 +125,7 @@ class TrainConfig:
     num_loader_workers: int = 1
     skip_corrupt_shards: bool = False
     zero_stage: int = 0
+    gradient_clipping: float = 1.0  # max global grad norm (DeepSpeed); 0 = off
     seed: int = 0
 
 

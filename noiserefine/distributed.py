@@ -1,0 +1,202 @@
+"""The one module that imports DeepSpeed and owns distributed state.
+
+Works under the ``deepspeed`` launcher (which sets RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR and MASTER_PORT for every rank) and as a single plain ``python``
+process (those variables default to a world of one on 127.0.0.1 and a free
+port). Without CUDA, ``DS_ACCELERATOR=cpu`` is set before DeepSpeed is
+imported and the process group uses gloo; with CUDA it uses nccl. The first CPU
+run JIT-builds DeepSpeed's shared-memory comm op (about a minute, once).
+
+Checkpoints are DeepSpeed's own (``engine.save_checkpoint`` on every rank, tag
+``step%08d``, frozen base weights excluded): torch pickles written and read
+back by this same training job, never outside data. The exported refiner is
+safetensors (:func:`noiserefine.refiner.save_refiner`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_deepspeed = None
+CHECKPOINT_PREFIX = "step"
+
+
+def _prepare_environment() -> None:
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    single = "WORLD_SIZE" not in os.environ
+    defaults = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
+    if single or "MASTER_PORT" not in os.environ:
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _ds():
+    """``import deepspeed`` after the environment is prepared (it picks its accelerator at import)."""
+    global _deepspeed
+    if _deepspeed is None:
+        _prepare_environment()
+        import deepspeed
+
+        _deepspeed = deepspeed
+    return _deepspeed
+
+
+def on_cuda() -> bool:
+    return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") == "cuda"
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init() -> DistInfo:
+    """Initialise the process group (gloo on CPU, nccl on CUDA); idempotent."""
+    deepspeed = _ds()
+    backend = "nccl" if on_cuda() else "gloo"
+    if not deepspeed.comm.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if on_cuda():
+        torch.cuda.set_device(local_rank)
+    return DistInfo(rank(), world_size(), local_rank, backend)
+
+
+def device_for(configured: str) -> str:
+    """``model.device`` for this rank: a bare ``cuda`` becomes ``cuda:<LOCAL_RANK>``."""
+    if configured == "cuda":
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return configured
+
+
+def rank() -> int:
+    deepspeed = _ds()
+    return deepspeed.comm.get_rank() if deepspeed.comm.is_initialized() else 0
+
+
+def world_size() -> int:
+    deepspeed = _ds()
+    return deepspeed.comm.get_world_size() if deepspeed.comm.is_initialized() else 1
+
+
+def barrier() -> None:
+    deepspeed = _ds()
+    if deepspeed.comm.is_initialized() and world_size() > 1:
+        deepspeed.comm.barrier()
+
+
+def all_gather_object(obj: Any) -> list:
+    """``obj`` of every rank, in rank order."""
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    _ds().comm.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Element-wise sum of a list of floats over all ranks (float64 on the communication device)."""
+    if world_size() == 1:
+        return [float(v) for v in values]
+    device = f"cuda:{torch.cuda.current_device()}" if on_cuda() else "cpu"
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    _ds().comm.all_reduce(tensor)
+    return tensor.cpu().tolist()
+
+
+def ds_config(cfg, model_dtype: str | None = None) -> dict:
+    """DeepSpeed config from the training config: micro batch = ``train.batch_size`` per rank, no
+    accumulation, ZeRO ``train.zero_stage``, gradient clipping, bf16 only on CUDA with a bf16 model."""
+    train = cfg.train
+    if train.zero_stage not in (0, 1, 2):
+        raise ValueError(f"train.zero_stage must be 0, 1 or 2, got {train.zero_stage} (stage 3 partitions the "
+                         "LoRA weights, which the refiner export does not gather)")
+    bf16 = on_cuda() and (model_dtype or cfg.model.dtype) == "bfloat16"
+    config = {
+        "train_micro_batch_size_per_gpu": int(train.batch_size),
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": int(train.zero_stage)},
+        "gradient_clipping": float(train.gradient_clipping),
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "bf16": {"enabled": bool(bf16)},
+        "fp16": {"enabled": False},
+    }
+    if train.zero_stage > 0:
+        config["zero_allow_untested_optimizer"] = True  # plain torch AdamW on the LoRA parameters
+    return config
+
+
+def build_engine(refiner: torch.nn.Module, cfg):
+    """``deepspeed.initialize`` with AdamW over the refiner's trainable (LoRA) parameters only."""
+    deepspeed = _ds()
+    params = list(refiner.trainable_parameters())
+    if not params or not all(p.requires_grad for p in params):
+        raise ValueError("the refiner has no trainable parameters (or some are frozen)")
+    optimizer = torch.optim.AdamW(params, lr=float(cfg.train.learning_rate),
+                                  weight_decay=float(cfg.train.weight_decay))
+    engine, *_ = deepspeed.initialize(model=refiner, model_parameters=params, optimizer=optimizer,
+                                      config=ds_config(cfg))
+    return engine
+
+
+def checkpoint_tag(step: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{step:08d}"
+
+
+def save_checkpoint(engine, ckpt_dir: str | Path, step: int, client_state: dict, keep: int = 2) -> str:
+    """Save on EVERY rank (DeepSpeed synchronises inside); rank 0 then keeps the newest ``keep`` tags."""
+    ckpt_dir = Path(ckpt_dir)
+    tag = checkpoint_tag(step)
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, exclude_frozen_parameters=True)
+    barrier()
+    if rank() == 0 and keep > 0:
+        tags = sorted(p for p in ckpt_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir())
+        for old in tags[:-keep]:
+            if old.name != tag:
+                shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return tag
+
+
+def load_checkpoint(engine, ckpt_dir: str | Path) -> tuple[str | None, dict | None]:
+    """Load the newest checkpoint (``latest``) if there is one: ``(path, client_state)``, else ``(None, None)``."""
+    ckpt_dir = Path(ckpt_dir)
+    if not (ckpt_dir / "latest").is_file():
+        return None, None
+    path, client_state = engine.load_checkpoint(str(ckpt_dir), load_module_strict=False)
+    if path is None:
+        raise ValueError(f"{ckpt_dir}: 'latest' names a checkpoint that could not be loaded")
+    return path, client_state
+
+
+def shutdown() -> None:
+    deepspeed = _ds()
+    if deepspeed.comm.is_initialized():
+        barrier()
+        try:
+            deepspeed.comm.destroy_process_group()
+        except Exception:  # best effort at exit
+            pass

@@ -1,0 +1,226 @@
+"""Streaming the teacher cache: rank split, determinism, exact resume, integrity errors."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from helpers_cache import NUM_SHARDS, SHARD_SIZE, copy_cache, tiny_cache, tiny_config, tiny_root, tiny_teacher  # noqa: F401
+from noiserefine.data import DataPosition, TeacherStream, open_cache, rank_shards
+from noiserefine.noise import noise_from_seed
+from noiserefine.shards import ShardInfo, ShardSample, read_manifest, read_shard, write_manifest, write_shard
+from noiserefine.cache import record_shards
+
+ALL_IDS = set(range(NUM_SHARDS * SHARD_SIZE))
+
+
+@pytest.fixture
+def make_cfg(tiny_root, tiny_teacher):
+    def make(*extra: str):
+        return tiny_config(tiny_root, tiny_teacher, list(extra))
+    return make
+
+
+def stream(cfg, rank=0, world=1, **changes) -> TeacherStream:
+    s = TeacherStream.from_config(cfg, rank, world)
+    for key, value in changes.items():
+        setattr(s, key, value)
+    return s
+
+
+def ids_of(batches) -> list[int]:
+    return [i for b in batches for i in b["sample_id"]]
+
+
+def test_two_ranks_disjoint_cover_epoch_same_batch_count(make_cfg, tiny_cache):
+    cfg = make_cfg()
+    ranks = [stream(cfg, r, 2) for r in range(2)]
+    for epoch in range(3):
+        batches = [list(s.epoch_batches(epoch)) for s in ranks]
+        ids = [ids_of(b) for b in batches]
+        assert set(ids[0]).isdisjoint(ids[1])
+        assert sorted(ids[0] + ids[1]) == sorted(ALL_IDS)  # every sample of the epoch exactly once
+        assert len(batches[0]) == len(batches[1]) == NUM_SHARDS * SHARD_SIZE // 2 // cfg.train.batch_size
+        assert all(b["epoch"] == epoch for b in batches[0])
+        assert [b["index"] for b in batches[0]] == list(range(len(batches[0])))
+    # the shard assignment is re-drawn every epoch (seeded by (train.seed, epoch))
+    names = ranks[0].shard_names
+    assignments = {tuple(rank_shards(names, cfg.train.seed, e, 0, 2)) for e in range(8)}
+    assert len(assignments) > 1
+    # the batch content is the regenerated noise and the stored target
+    batch = next(iter(ranks[0]))
+    assert batch["noise"].dtype == batch["target"].dtype == torch.float32
+    assert batch["noise"].shape == (cfg.train.batch_size, 1, 16, 16) == batch["target"].shape
+    torch.testing.assert_close(batch["noise"][3], noise_from_seed(batch["seed"][3], (1, 16, 16)), rtol=0, atol=0)
+    assert all(isinstance(p, str) and p for p in batch["prompt"])
+
+
+def test_loader_workers_split_shards_without_loss(make_cfg, tiny_cache):
+    cfg = make_cfg()
+    for rank in range(2):
+        plain = list(stream(cfg, rank, 2).epoch_batches(1))
+        workers = list(stream(cfg, rank, 2, num_workers=2).epoch_batches(1))
+        assert sorted(ids_of(plain)) == sorted(ids_of(workers))
+        assert len(plain) == len(workers)
+
+
+def test_uneven_shards_infinite_streams_same_steps(make_cfg, tiny_cache):
+    """3 ranks on 4 shards with a batch of 5: epochs differ in length per rank, steps do not run out."""
+    cfg = make_cfg("train.batch_size=5")
+    ranks = [stream(cfg, r, 3) for r in range(3)]
+    steps = 25  # several epochs for the ranks that hold one shard (4 batches per epoch)
+    taken = [list(itertools.islice(iter(s), steps)) for s in ranks]
+    assert [len(t) for t in taken] == [steps] * 3
+    for epoch in range(3):  # every completed epoch: each sample exactly once across ranks
+        per_rank = [[i for b in t if b["epoch"] == epoch for i in b["sample_id"]] for t in taken]
+        assert sorted(sum(per_rank, [])) == sorted(ALL_IDS)
+
+
+def test_deterministic_across_constructions(make_cfg, tiny_cache):
+    cfg = make_cfg()
+    for workers in (0, 2):
+        runs = [list(itertools.islice(iter(stream(cfg, 1, 2, num_workers=workers)), 10)) for _ in range(2)]
+        assert [b["sample_id"] for b in runs[0]] == [b["sample_id"] for b in runs[1]]
+        assert [(b["epoch"], b["index"]) for b in runs[0]] == [(b["epoch"], b["index"]) for b in runs[1]]
+        for a, b in zip(*runs):
+            assert torch.equal(a["noise"], b["noise"]) and torch.equal(a["target"], b["target"])
+
+
+def test_resume_position_gives_exact_tail(make_cfg, tiny_cache):
+    cfg = make_cfg()
+    full = list(itertools.islice(iter(stream(cfg, 0, 2)), 14))
+    for consumed in (3, 4, 6, 9):  # mid-epoch and exactly at an epoch end (4 batches per epoch)
+        first = stream(cfg, 0, 2)
+        head = list(itertools.islice(iter(first), consumed))
+        assert [b["sample_id"] for b in head] == [b["sample_id"] for b in full[:consumed]]
+        state = json.loads(json.dumps(first.state_dict()))  # as stored in a checkpoint
+        resumed = stream(cfg, 0, 2)
+        position = resumed.load_state_dict(state)
+        tail = list(itertools.islice(resumed.batches(position), len(full) - consumed))
+        assert [b["sample_id"] for b in tail] == [b["sample_id"] for b in full[consumed:]]
+        assert [(b["epoch"], b["index"]) for b in tail] == [(b["epoch"], b["index"]) for b in full[consumed:]]
+    assert DataPosition.from_dict({"epoch": 2, "batches": 1}) == DataPosition(2, 1)
+
+
+def test_fewer_shards_than_ranks_is_an_error(make_cfg, tiny_cache):
+    with pytest.raises(ValueError, match="4 shards.*5 ranks"):
+        TeacherStream.from_config(make_cfg(), 0, 5)
+
+
+def test_open_cache_errors(make_cfg, tiny_cache, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"(?s)no teacher cache at .*missing-cache.*generate_targets"):
+        open_cache(make_cfg(f"data.cache_dir={tmp_path / 'missing-cache'}"))
+    with pytest.raises(ValueError, match=r"differs in: teacher\.guidance_scale"):
+        open_cache(make_cfg(f"data.cache_dir={tiny_cache}", "teacher.guidance_scale=5.0"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "teacher.yaml").write_bytes((tiny_cache / "teacher.yaml").read_bytes())
+    with pytest.raises(ValueError, match="empty or missing manifest"):
+        open_cache(make_cfg(f"data.cache_dir={empty}"))
+    cache_dir, manifest = open_cache(make_cfg())
+    assert cache_dir == tiny_cache and len(manifest) == NUM_SHARDS
+
+
+def test_fingerprint_mismatch_names_sample_and_shard(make_cfg, tiny_cache, tmp_path):
+    cache = copy_cache(tiny_cache, tmp_path / "cache")
+    name = "shard-000002.tar"
+    samples = list(read_shard(cache / name))
+    bad = samples[5]
+    samples[5] = ShardSample(bad.key, {**bad.meta, "noise_fingerprint": "0123456789abcdef"}, bad.arrays)
+    record_shards(cache, [write_shard(cache / name, samples)])
+    cfg = make_cfg(f"data.cache_dir={cache}")
+    with pytest.raises(ValueError, match=rf"sample '{bad.key}' of shard .*{name}.*fingerprint"):
+        list(stream(cfg).epoch_batches(0))
+    with pytest.raises(ValueError, match="fingerprint"):  # content errors are never skipped
+        list(stream(cfg, skip_corrupt=True).epoch_batches(0))
+
+
+def test_truncated_shard_errors_or_is_skipped_and_counted(make_cfg, tiny_cache, tmp_path):
+    cache = copy_cache(tiny_cache, tmp_path / "cache")
+    name = "shard-000001.tar"
+    data = (cache / name).read_bytes()
+    (cache / name).write_bytes(data[: len(data) // 2])
+    lost = {s.meta["sample_id"] for s in read_shard(tiny_cache / name)}
+    cfg = make_cfg(f"data.cache_dir={cache}")
+    with pytest.raises(ValueError, match=rf"corrupt teacher shard .*{name}"):
+        list(stream(cfg).epoch_batches(0))
+    for workers in (0, 1):
+        skipping = stream(make_cfg(f"data.cache_dir={cache}", "train.skip_corrupt_shards=true"),
+                          num_workers=workers)
+        ids = ids_of(skipping.epoch_batches(0))
+        assert sorted(ids) == sorted(ALL_IDS - lost)
+        assert skipping.corrupt_skipped == SHARD_SIZE
+        assert [e.shard for e in skipping.skip_events] == [name]
+        assert skipping.state_dict()["corrupt_skipped"] == SHARD_SIZE
+
+
+def test_unreadable_tar_with_matching_manifest_counts_remaining(make_cfg, tiny_cache, tmp_path):
+    """A tar damaged inside (manifest made from the damaged bytes): the unread rest is skipped and counted."""
+    cache = copy_cache(tiny_cache, tmp_path / "cache")
+    name = "shard-000003.tar"
+    path = cache / name
+    with tarfile.open(path) as tar:
+        offset = tar.getmembers()[6].offset  # the header of the 4th sample's first member
+    data = bytearray(path.read_bytes())
+    data[offset:offset + 512] = b"\xff" * 512
+    path.write_bytes(bytes(data))
+    manifest = read_manifest(cache)
+    manifest[name] = ShardInfo(name, SHARD_SIZE, len(data), hashlib.sha256(data).hexdigest())
+    write_manifest(cache, list(manifest.values()))
+    with pytest.raises(ValueError, match=name):
+        list(stream(make_cfg(f"data.cache_dir={cache}")).epoch_batches(0))
+    skipping = stream(make_cfg(f"data.cache_dir={cache}", "train.skip_corrupt_shards=true"))
+    ids = ids_of(skipping.epoch_batches(0))
+    assert len(ids) + skipping.corrupt_skipped == NUM_SHARDS * SHARD_SIZE
+    assert 0 < skipping.corrupt_skipped < SHARD_SIZE
+
+
+def test_pickle_member_is_refused(make_cfg, tiny_cache, tmp_path):
+    cache = copy_cache(tiny_cache, tmp_path / "cache")
+    name = "shard-000000.tar"
+    first = next(iter(read_shard(tiny_cache / name)))
+    members = {f"{first.key}.json": json.dumps(first.meta).encode()}
+    buffer = io.BytesIO()
+    np.save(buffer, first.arrays["target"], allow_pickle=False)
+    members[f"{first.key}.target.npy"] = buffer.getvalue()
+    members[f"{first.key}.pkl"] = b"\x80\x04N."  # pickle of None: must never be loaded
+    with tarfile.open(cache / name, "w") as tar:
+        for member, payload in members.items():
+            info = tarfile.TarInfo(member)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    data = (cache / name).read_bytes()
+    manifest = read_manifest(cache)
+    manifest[name] = ShardInfo(name, 1, len(data), hashlib.sha256(data).hexdigest())
+    write_manifest(cache, list(manifest.values()))
+    for skip in ("false", "true"):  # refused even when damaged shards may be skipped
+        s = stream(make_cfg(f"data.cache_dir={cache}", f"train.skip_corrupt_shards={skip}"))
+        with pytest.raises(ValueError, match=r"refusing member '\d+\.pkl'"):
+            for epoch in range(2):
+                list(s.epoch_batches(epoch))
+
+
+def test_resume_uses_stored_shard_list(make_cfg, tiny_cache):
+    """A checkpoint's shard list wins over a grown manifest (exact resume); unknown shards are refused."""
+    cfg = make_cfg()
+    names = sorted(read_manifest(tiny_cache))
+    s = TeacherStream.from_config(cfg, 0, 2, shards=names[:2])
+    assert sorted(s.epoch_shards(0) + TeacherStream.from_config(cfg, 1, 2, shards=names[:2]).epoch_shards(0)) \
+        == names[:2]
+    with pytest.raises(ValueError, match="not in the manifest"):
+        TeacherStream.from_config(cfg, 0, 1, shards=["shard-000099.tar"])
+
+
+def test_stream_positions_follow_batches(make_cfg, tiny_cache):
+    s = stream(make_cfg(), 0, 2)
+    it = iter(s)
+    for _ in range(5):
+        batch = next(it)
+    assert s.position == DataPosition(batch["epoch"], batch["index"] + 1) == DataPosition(1, 1)
