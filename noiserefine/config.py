@@ -24,8 +24,10 @@ from omegaconf.errors import OmegaConfBaseException
 class DigitsTeacherConfig:
     """How the embedded default teacher is trained (only used by the ``digits`` backend)."""
 
-    train_steps: int = 1500
-    batch_size: int = 128
+    # 400 x 64 keeps the teacher to ~3 min on 2 cores and leaves it imperfect enough that
+    # guidance matters (1500 x 128 gives 0.98 unguided accuracy: little left to distil).
+    train_steps: int = 400
+    batch_size: int = 64
     learning_rate: float = 2e-3
     cond_dropout: float = 0.15  # share of samples trained with the null condition, so CFG works
     seed: int = 0

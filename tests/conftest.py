@@ -32,7 +32,7 @@ def tiny_backend() -> DigitsBackend:
 
 @pytest.fixture(scope="session")
 def trained_teacher_dir(tmp_path_factory) -> Path:
-    """A digit teacher trained on a small fixed budget, once per test session.
+    """The default digit teacher (configs/digits.yaml budget), trained once per test session.
 
     NOISEREFINE_TEST_TEACHER may point at an existing teacher directory to skip training.
     """
@@ -42,6 +42,6 @@ def trained_teacher_dir(tmp_path_factory) -> Path:
     existing = os.environ.get("NOISEREFINE_TEST_TEACHER")
     if existing:
         return Path(existing)
-    cfg = load_config(REPO / "configs" / "digits.yaml", ["model.digits.train_steps=400"])
+    cfg = load_config(REPO / "configs" / "digits.yaml")
     return ensure_digits_teacher(cfg.model.digits, tmp_path_factory.mktemp("teacher") / "digits",
                                  progress=False)

@@ -1,0 +1,42 @@
+"""The embedded default teacher, trained with its default budget, shows a clear guidance effect."""
+
+from pathlib import Path
+
+import torch
+
+from conftest import REPO
+from noiserefine.backends.digits import DigitsBackend, parse_digit
+from noiserefine.config import load_config
+from noiserefine.eval import eval_set, sample_row, score_rows
+from noiserefine.metrics import DigitMetrics, load_or_train_classifier
+from noiserefine.sampling import Guidance
+
+
+def test_parse_digit():
+    assert parse_digit("a handwritten seven") == 7
+    assert parse_digit("A Handwritten Digit 3") == 3
+    assert parse_digit("Nine.") == 9
+    assert parse_digit("a cat") is None
+    assert parse_digit("someone") is None  # "one" inside a word is not a digit
+
+
+def test_unknown_prompt_gets_null_conditioning(trained_teacher_dir):
+    backend = DigitsBackend.from_pretrained(trained_teacher_dir)
+    cond = backend.encode_prompts(["a cat", "seven"])["encoder_hidden_states"]
+    null = backend.null_conditioning(1)["encoder_hidden_states"]
+    assert torch.equal(cond[0], null[0])
+    assert not torch.equal(cond[1], null[0])
+
+
+def test_teacher_shows_clear_guidance_effect(trained_teacher_dir, tmp_path_factory):
+    cfg = load_config(REPO / "configs" / "digits.yaml", ["eval.num_samples=300"])
+    backend = DigitsBackend.from_pretrained(trained_teacher_dir)
+    metrics = DigitMetrics(load_or_train_classifier(tmp_path_factory.mktemp("classifier")))
+    evals = eval_set(cfg)
+    rows = [sample_row("unguided", backend, evals, cfg.student.num_steps),
+            sample_row("cfg3", backend, evals, cfg.student.num_steps, guidance=Guidance("cfg", 3.0))]
+    score_rows(rows, backend, evals, metrics)
+    unguided, guided = rows[0].metrics, rows[1].metrics
+    print(f"unguided {unguided}\nguided {guided}")
+    assert guided["accuracy"] >= unguided["accuracy"] + 0.10
+    assert unguided["accuracy"] > 0.5, "the teacher must have learnt the digits at all"
