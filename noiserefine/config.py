@@ -115,8 +115,8 @@ class PipelineConfig:
 @dataclass
 class TrainConfig:
     output_dir: str = "runs/refiner"
-    max_steps: int = 400
-    batch_size: int = 64  # per rank
+    max_steps: int = 300
+    batch_size: int = 32  # per rank
     learning_rate: float = 1e-3
     weight_decay: float = 0.0
     loss: str = "msd"  # msd | full_gradient | noise_space
@@ -144,9 +144,9 @@ class DemoConfig:
     """Budgets of the main job's extra experiments (``make demo``)."""
 
     num_ranks: int = 2  # DeepSpeed ranks for the refiner training
-    ablation_max_steps: int = 200  # noise-space and full-gradient runs (and their MSD reference)
-    distill_steps: int = 300  # guidance-distillation baseline fine-tuning
-    transfer_steps: int = 300  # fine-tuning the teacher to thick strokes
+    ablation_max_steps: int = 100  # noise-space and full-gradient runs (and their MSD reference)
+    distill_steps: int = 200  # guidance-distillation baseline fine-tuning
+    transfer_steps: int = 150  # fine-tuning the teacher to thick strokes
     transfer_thicken: int = 1
 
 
