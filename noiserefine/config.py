@@ -144,8 +144,8 @@ class DemoConfig:
     """Budgets of the main job's extra experiments (``make demo``)."""
 
     num_ranks: int = 2  # DeepSpeed ranks for the refiner training
-    ablation_max_steps: int = 100  # noise-space and full-gradient runs (and their MSD reference)
-    distill_steps: int = 200  # guidance-distillation baseline fine-tuning
+    ablation_max_steps: int = 50  # noise-space and full-gradient runs (and their MSD reference)
+    distill_steps: int = 150  # guidance-distillation baseline fine-tuning
     transfer_steps: int = 150  # fine-tuning the teacher to thick strokes
     transfer_thicken: int = 1
 

@@ -129,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
 
     stage("refiner training (DeepSpeed, MSD)")
     num_ranks = cfg.demo.num_ranks
-    main_dir = train_refiner(config_files, overrides, run_dir / "refiner-msd", num_ranks, run_dir)
+    # no periodic evaluation inside the main run: the evaluation stage below does it once
+    main_dir = train_refiner(config_files, overrides + ["train.eval_every=1000000"], run_dir / "refiner-msd",
+                             num_ranks, run_dir)
 
     stage("ablations")
     ablation = [f"train.max_steps={cfg.demo.ablation_max_steps}",
