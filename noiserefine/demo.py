@@ -58,7 +58,7 @@ def run_logged(command: list[str], log_path: Path) -> str:
     print("$ " + " ".join(command), flush=True)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     last = ""
-    with open(log_path, "a") as log, subprocess.Popen(command, cwd=REPO, env=_child_env(), text=True,
+    with open(log_path, "a") as log, subprocess.Popen(command, env=_child_env(), text=True,
                                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
         for line in proc.stdout:
             sys.stdout.write(line)
@@ -71,7 +71,7 @@ def run_logged(command: list[str], log_path: Path) -> str:
 
 
 def generate_cache(config_files: list[str], overrides: list[str], run_dir: Path) -> Path:
-    command = [sys.executable, "pipeline/generate_targets.py"]
+    command = [sys.executable, str(REPO / "pipeline" / "generate_targets.py")]
     for path in config_files:
         command += ["--config", str(path)]
     return Path(run_logged(command + overrides, run_dir / "logs" / "generate_targets.log"))
@@ -82,7 +82,7 @@ def train_refiner(config_files: list[str], overrides: list[str], output_dir: Pat
     """The DeepSpeed job under its own launcher (CPU: gloo), resumable by re-running."""
     launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_ranks),
                 "--master_port", str(29500 + os.getpid() % 1000)] if num_ranks > 1 else [sys.executable]
-    command = launcher + ["trainer/train.py"]
+    command = launcher + [str(REPO / "trainer" / "train.py")]
     for path in config_files:
         command += ["--config", str(path)]
     run_logged(command + overrides + [f"train.output_dir={output_dir}"],
@@ -100,11 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:  # isolated artifacts: a smoke run never pollutes the real teacher or cache
         overrides = QUICK + [f"model.path={run_dir / 'artifacts' / 'digits-teacher'}",
                              f"data.cache_root={run_dir / 'cache'}"] + overrides
-    cfg = load_config(config_files, overrides)
-    if not Path(cfg.model.path).is_absolute():  # children run from the repo root
-        overrides.append(f"model.path={(Path.cwd() / cfg.model.path).resolve()}")
-    if not Path(cfg.data.cache_root).is_absolute():
-        overrides.append(f"data.cache_root={(Path.cwd() / cfg.data.cache_root).resolve()}")
+    # Children run in this working directory with the same relative paths, exactly as a
+    # user typing the commands would: the teacher key (which includes model.path) matches.
     cfg = load_config(config_files, overrides)
     save_config(cfg, run_dir / "config.yaml")
     torch.manual_seed(0)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from pathlib import Path
 
 import ray
 import torch
@@ -51,12 +52,17 @@ def _start_ray(cfg) -> None:
         ray.init(address=cfg.pipeline.address)
     else:  # local: enough logical CPUs for the requested workers even on a small machine
         need = cfg.pipeline.num_workers * cfg.pipeline.cpus_per_worker
-        ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)), include_dashboard=False,
-                 log_to_driver=True)
+        # address="local": never attach to a cluster named by RAY_ADDRESS or a running `ray start`
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(need + 0.999)),
+                 include_dashboard=False, log_to_driver=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg, _ = parse_cli(argv, description="Generate the teacher-target cache (Ray).")
+    if cfg.model.backend == "digits" and not Path(cfg.model.path).expanduser().is_dir():
+        # fail before starting Ray (a worker would only find out after a minute)
+        raise FileNotFoundError(f"model.path {cfg.model.path} is not a directory (train the digit teacher "
+                                "with `python -m noiserefine.train_teacher --config ...`)")
     cache_dir = prepare_cache_dir(cfg)
     save_config(cfg, cache_dir / "generate_config.yaml")
     plan = Plan.from_config(cfg.data)

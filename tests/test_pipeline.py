@@ -309,6 +309,7 @@ def test_bad_model_path_fails_naming_the_path(tmp_path):
     job = run_job(job_overrides(bad, tmp_path / "cache", 1))
     assert job.returncode != 0, job.describe()
     assert str(bad) in job.output, job.describe()
+    assert "Started a local Ray instance" not in job.output, "the path must be checked before Ray starts"
     assert not list((tmp_path / "cache").rglob("shard-*.tar"))
 
 
