@@ -13,7 +13,8 @@ from pathlib import Path
 
 import yaml
 
-from .config import teacher_key, teacher_subtree, write_text_atomic
+from .config import teacher_key, teacher_subtree
+from .files import write_text_atomic
 from .plan import Plan
 from .shards import ShardInfo, read_manifest, shard_info, shard_name, verify_shard, write_manifest
 

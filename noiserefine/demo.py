@@ -24,7 +24,8 @@ import torch
 
 from .backends import load_backend
 from .backends.digits import ensure_digits_teacher
-from .config import load_config, save_config, write_text_atomic
+from .config import load_config, save_config
+from .files import write_text_atomic
 from .metrics import DigitMetrics, load_or_train_classifier
 from .report import evaluate, write_report
 

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -26,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from noiserefine.digits_data import IMAGE_SIZE, load_digit_images
+from noiserefine.files import atomic_path, write_text_atomic
 
 FORMAT_VERSION = 1
 DEFAULT_NUM_STEPS = 500
@@ -112,18 +111,6 @@ def train_digit_classifier(
     return model, acc
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def load_or_train_classifier(
     cache_dir: Path, *, seed: int = 0, num_steps: int = DEFAULT_NUM_STEPS
 ) -> DigitClassifier:
@@ -145,9 +132,10 @@ def load_or_train_classifier(
     model, acc = train_digit_classifier(seed=seed, num_steps=num_steps)
     cache_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(weights, lambda p: save_file(state, p))
+    with atomic_path(weights) as tmp:
+        save_file(state, str(tmp))
     meta = {**wanted, "heldout_accuracy": acc}
-    _atomic_write(meta_path, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
+    write_text_atomic(meta_path, json.dumps(meta, indent=2) + "\n")
     return model
 
 

@@ -26,8 +26,6 @@ Weights are saved with safetensors and read back with ``safetensors`` +
 from __future__ import annotations
 
 import contextlib
-import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -39,6 +37,7 @@ from safetensors.torch import load_file, save_file
 
 from .backends.base import Backend, Conditioning
 from .config import RefinerConfig, load_config, save_config
+from .files import atomic_path
 
 ADAPTER_NAME = "refiner"
 WEIGHTS_FILE = "refiner.safetensors"
@@ -154,13 +153,8 @@ def save_refiner(refiner: Refiner, directory: str | Path, resolved_cfg: DictConf
                          f"refiner's own config {refiner.cfg}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{WEIGHTS_FILE}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(refiner.state_dict_for_saving(), tmp, metadata={"adapter": ADAPTER_NAME})
-        os.replace(tmp, directory / WEIGHTS_FILE)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with atomic_path(directory / WEIGHTS_FILE) as tmp:
+        save_file(refiner.state_dict_for_saving(), str(tmp), metadata={"adapter": ADAPTER_NAME})
     save_config(resolved_cfg, directory / CONFIG_FILE)
     return directory
 

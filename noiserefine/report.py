@@ -13,7 +13,7 @@ import torch
 
 from .analysis import low_frequency_fraction, plot_spectra, radial_power_spectrum
 from .backends.digits import DigitsBackend
-from .config import write_text_atomic
+from .files import write_text_atomic
 from .eval import Row, eval_set, gap_closed, grid_rows, markdown_table, sample_row, score_rows
 from .metrics import save_image_grid
 from .noise import noise_from_seeds, sample_seed

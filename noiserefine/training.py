@@ -34,8 +34,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import distributed
 from .backends import load_backend
-from .config import save_config, teacher_key, write_text_atomic
+from .config import save_config, teacher_key
 from .data import TeacherStream, open_cache
+from .files import atomic_path, write_text_atomic
 from .losses import compute_loss
 from .refiner import Refiner, save_refiner
 from .sampling import rollout_gain
@@ -104,13 +105,10 @@ def _trim_csv(path: Path, last_step: int, fields: tuple[str, ...]) -> None:
                         rows.append(row)
                 except (TypeError, ValueError):
                     continue
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as handle:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(fields))
         writer.writeheader()
         writer.writerows({f: row[f] for f in fields} for row in rows)
-    os.replace(tmp, path)
 
 
 def _append_csv(path: Path, fields: tuple[str, ...], row: dict) -> None:

@@ -1,6 +1,5 @@
 """The embedded default teacher, trained with its default budget, shows a clear guidance effect."""
 
-from pathlib import Path
 
 import torch
 
