@@ -163,9 +163,12 @@ def write_report(cfg, results: dict, run_dir: Path) -> None:
         ("refined accuracy within 3 points of guided", f"{refined['accuracy']:.3f} vs {guided['accuracy']:.3f}",
          refined["accuracy"] >= guided["accuracy"] - 0.03),
         ("refined beats guided FID", f"{refined['fid']:.2f} vs {guided['fid']:.2f}", refined["fid"] < guided["fid"]),
-        ("noise-space loss clearly worse than image-space (MSD)",
-         f"FID {ablations['Refined, noise_space loss']['fid']:.2f} vs {ablations['Refined, msd loss']['fid']:.2f}",
-         ablations["Refined, noise_space loss"]["fid"] > ablations["Refined, msd loss"]["fid"]),
+        # judged by how close each gets to the guided target (gap closed), not by raw FID:
+        # on this teacher guidance itself raises FID, so a lower FID is not "better" here
+        ("noise-space loss clearly worse than image-space (MSD), by gap closed",
+         f"{ablations['Refined, noise_space loss']['gap_closed']:.2f} vs "
+         f"{ablations['Refined, msd loss']['gap_closed']:.2f}",
+         ablations["Refined, noise_space loss"]["gap_closed"] < ablations["Refined, msd loss"]["gap_closed"] - 0.1),
         ("transfer closes a clear part of the gap", f"{transfer_gap:.2f}", transfer_gap >= 0.3),
     ]
     curves = results["training_curves"]
