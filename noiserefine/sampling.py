@@ -10,7 +10,7 @@ noise when every network output is frozen (the MSD gradient).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -110,8 +110,7 @@ def guided_output(backend: Backend, x_t: torch.Tensor, t: torch.Tensor, cond: Co
 
 def rollout(backend: Backend, noise: torch.Tensor, cond: Conditioning, num_steps: int,
             guidance: Guidance = UNGUIDED, null_cond: Conditioning | None = None,
-            checkpoint_steps: bool = False,
-            step_callback: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+            checkpoint_steps: bool = False) -> torch.Tensor:
     """Sample ``x_0`` from ``noise`` (``x_T``, unit variance) in ``num_steps`` deterministic steps.
 
     Gradients flow if the caller has them enabled (the full-gradient loss);
@@ -125,7 +124,7 @@ def rollout(backend: Backend, noise: torch.Tensor, cond: Conditioning, num_steps
     pag = pag_processors(backend, guidance.pag_layers) if guidance.kind == "cfg_pag" \
         else contextlib.nullcontext()
     with pag:
-        for index, t in enumerate(scheduler.timesteps):
+        for t in scheduler.timesteps:
             model_in = scale_model_input(scheduler, latents, t)
             if checkpoint_steps and torch.is_grad_enabled():
                 out = torch.utils.checkpoint.checkpoint(
@@ -133,8 +132,6 @@ def rollout(backend: Backend, noise: torch.Tensor, cond: Conditioning, num_steps
             else:
                 out = guided_output(backend, model_in, t, cond, null_cond, guidance)
             latents = scheduler.step(out, t, latents, return_dict=False)[0]
-            if step_callback is not None:
-                step_callback(index, latents)
     return latents
 
 

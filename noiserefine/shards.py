@@ -25,6 +25,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from .files import atomic_path
+
 MANIFEST_NAME = "manifest.parquet"
 MANIFEST_COLUMNS = ("name", "num_samples", "num_bytes", "sha256")
 _KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
@@ -240,15 +242,10 @@ def write_manifest(cache_dir: Path, infos: list[ShardInfo]) -> Path:
                         ("num_bytes", pa.int64()), ("sha256", pa.string())])
     table = pa.Table.from_pylist([dataclasses.asdict(i) for i in rows], schema=schema)
     final = Path(cache_dir) / MANIFEST_NAME
-    tmp = _tmp_path(final)
-    try:
+    with atomic_path(final) as tmp:
         pq.write_table(table, tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     _fsync_dir(final.parent)
     return final
 
