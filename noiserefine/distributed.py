@@ -4,8 +4,7 @@ Works under the ``deepspeed`` launcher (which sets RANK, WORLD_SIZE, LOCAL_RANK,
 MASTER_ADDR and MASTER_PORT for every rank) and as a single plain ``python``
 process (those variables default to a world of one on 127.0.0.1 and a free
 port). Without CUDA, ``DS_ACCELERATOR=cpu`` is set before DeepSpeed is
-imported and the process group uses gloo; with CUDA it uses nccl. The first CPU
-run JIT-builds DeepSpeed's shared-memory comm op (about a minute, once).
+imported and the process group uses gloo; with CUDA it uses nccl.
 
 Checkpoints are DeepSpeed's own (``engine.save_checkpoint`` on every rank, tag
 ``step%08d``, frozen base weights excluded): torch pickles written and read
@@ -26,6 +25,7 @@ import torch
 
 _deepspeed = None
 CHECKPOINT_PREFIX = "step"
+SHM_COMM_OP = "deepspeed_shm_comm"  # ShareMemCommBuilder.NAME
 
 
 def _prepare_environment() -> None:
@@ -76,6 +76,12 @@ def init() -> DistInfo:
     """Initialise the process group (gloo on CPU, nccl on CUDA); idempotent."""
     deepspeed = _ds()
     backend = "nccl" if on_cuda() else "gloo"
+    if not on_cuda():
+        # On CPU, DeepSpeed's comm backend JIT-compiles its shared-memory all-reduce op at
+        # init (g++, ~80 s on every new machine). Only inference tensor parallelism
+        # (inference_all_reduce) uses that op; training all-reduces go through gloo. Marking
+        # it incompatible skips the build; DeepSpeed caches this dict so that edits persist.
+        deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
     if not deepspeed.comm.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

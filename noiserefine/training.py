@@ -11,8 +11,10 @@ Outputs in ``train.output_dir``: ``config.yaml`` (resolved config), ``train_log.
 ranks and the steps since the previous row), ``samples_rank{r}.jsonl`` (the sample ids
 of every step of rank r), ``eval_log.csv`` + ``eval_step{N}.png`` (rank 0, every
 ``train.eval_every`` steps), ``checkpoints/`` (DeepSpeed, every ``train.checkpoint_every``
-steps and at the end, with the resolved config and every rank's data position),
-``refiner/`` (the exported safetensors refiner) and ``done.json``.
+steps and at the end, with the resolved config and every rank's data position; the
+newest two are kept), ``snapshots/step{N:08d}/`` (the refiner exported as safetensors
+at every checkpoint, all kept: intermediate refiners can be evaluated without
+DeepSpeed), ``refiner/`` (the final exported refiner) and ``done.json``.
 
 Re-running the same command resumes from the newest checkpoint; the logs are cut
 back to that step first, so they end up equal to an uninterrupted run's. If
@@ -332,7 +334,7 @@ def main(cfg: DictConfig) -> dict:
                     evaluator = Evaluator(cfg, backend, output_dir)
                 tqdm.write(evaluator(refiner, step)["text"])
             if step % cfg.train.checkpoint_every == 0 or last_step:
-                _checkpoint(engine, ckpt_dir, step, stream, window, container, trainable_names,
+                _checkpoint(engine, refiner, cfg, step, stream, window, trainable_names,
                             time.perf_counter() - started)
                 last_saved = step
             bar.update(1)
@@ -343,7 +345,7 @@ def main(cfg: DictConfig) -> dict:
                 os._exit(17)
     bar.close()
     if last_saved != cfg.train.max_steps:  # e.g. resumed exactly at max_steps after a crash before export
-        _checkpoint(engine, ckpt_dir, cfg.train.max_steps, stream, window, container, trainable_names,
+        _checkpoint(engine, refiner, cfg, cfg.train.max_steps, stream, window, trainable_names,
                     time.perf_counter() - started)
 
     total_skipped = int(distributed.all_reduce_sum([stream.corrupt_skipped])[0])
@@ -361,11 +363,19 @@ def main(cfg: DictConfig) -> dict:
     return stats
 
 
-def _checkpoint(engine, ckpt_dir: Path, step: int, stream: TeacherStream, window: dict, container: dict,
+def _checkpoint(engine, refiner: Refiner, cfg, step: int, stream: TeacherStream, window: dict,
                 trainable_names: list[str], seconds: float) -> None:
-    """Every rank: gather the data positions and unlogged loss sums (rank 0 writes client_state), then save."""
+    """Every rank: gather the data positions and unlogged loss sums (rank 0 writes client_state), then save.
+
+    Rank 0 first exports the refiner of this step to ``snapshots/`` (no optimizer state:
+    what evaluation needs). A crash between the two only means the snapshot is written
+    again, identically, when the run resumes from the previous checkpoint.
+    """
+    output_dir = Path(cfg.train.output_dir)
+    if distributed.rank() == 0:
+        save_refiner(refiner, output_dir / "snapshots" / distributed.checkpoint_tag(step), cfg)
     positions = distributed.all_gather_object({**stream.state_dict(), "log_window": dict(window)})
-    client_state = {"step": step, "data_position": positions, "config": container,
+    client_state = {"step": step, "data_position": positions, "config": OmegaConf.to_container(cfg, resolve=True),
                     "shards": list(stream.shard_names), "world_size": len(positions),
                     "trainable_names": trainable_names, "seconds": seconds}
-    distributed.save_checkpoint(engine, ckpt_dir, step, client_state)
+    distributed.save_checkpoint(engine, output_dir / "checkpoints", step, client_state)

@@ -106,21 +106,41 @@ def test_two_rank_deepspeed_run(tiny_root, tiny_teacher, tiny_cache, tmp_path):
     assert all(0.0 <= float(r["accuracy"]) <= 1.0 and float(r["fid"]) >= 0 for r in rows)
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir()) == ["step00000016",
                                                                                    "step00000032"]
+    # a refiner snapshot per checkpoint; the last one is the exported refiner
+    assert sorted(p.name for p in (out / "snapshots").iterdir()) == ["step00000016", "step00000032"]
+    final = load_file(str(out / "refiner" / "refiner.safetensors"))
+    last = load_file(str(out / "snapshots" / "step00000032" / "refiner.safetensors"))
+    first = load_file(str(out / "snapshots" / "step00000016" / "refiner.safetensors"))
+    assert all(torch.equal(final[k], last[k]) for k in final)
+    assert not all(torch.equal(final[k], first[k]) for k in final)
 
 
 def test_kill_and_resume_matches_uninterrupted(tiny_root, tiny_teacher, tiny_cache, tmp_path):
-    """Killed after step 7 (checkpoint at 6), re-run: same weights and per-step samples as an uninterrupted run."""
+    """Killed after step 7 (checkpoint at 6), re-run: same weights and per-step samples as an uninterrupted run.
+
+    Also: a run with max_steps=6 ends with exactly the uninterrupted run's step-6 snapshot
+    (nothing depends on max_steps), which is what lets the demo's MSD ablation reuse the
+    main run's snapshot instead of training it again.
+    """
     settings = ["train.max_steps=10", "train.checkpoint_every=3", "train.log_every=2", "train.eval_every=0",
                 "train.learning_rate=0.01", "train.num_loader_workers=2"]
     python = [sys.executable]
-    full, killed = tmp_path / "uninterrupted", tmp_path / "killed"
+    full, killed, short = tmp_path / "uninterrupted", tmp_path / "killed", tmp_path / "short"
+    short_settings = [s for s in settings if not s.startswith("train.max_steps")] + ["train.max_steps=6"]
     procs = [start(python + train_args(tiny_root, tiny_teacher, full, *settings), tmp_path / "full.log"),
              start(python + train_args(tiny_root, tiny_teacher, killed, *settings), tmp_path / "killed1.log",
-                   **{EXIT_AFTER_STEP_ENV: "7"})]
-    (code_full, text_full), (code_killed, text_killed) = [finish(p, tmp_path / n) for p, n in
-                                                         zip(procs, ("full.log", "killed1.log"))]
+                   **{EXIT_AFTER_STEP_ENV: "7"}),
+             start(python + train_args(tiny_root, tiny_teacher, short, *short_settings), tmp_path / "short.log")]
+    (code_full, text_full), (code_killed, text_killed), (code_short, text_short) = [
+        finish(p, tmp_path / n) for p, n in zip(procs, ("full.log", "killed1.log", "short.log"))]
     assert code_full == 0, text_full[-4000:]
     assert code_killed == 17, text_killed[-4000:]
+    assert code_short == 0, text_short[-4000:]
+    assert sorted(p.name for p in (full / "snapshots").iterdir()) == [
+        "step00000003", "step00000006", "step00000009", "step00000010"]
+    stopped = load_file(str(short / "refiner" / "refiner.safetensors"))
+    snapshot = load_file(str(full / "snapshots" / "step00000006" / "refiner.safetensors"))
+    assert stopped.keys() == snapshot.keys() and all(torch.equal(stopped[k], snapshot[k]) for k in stopped)
     assert len(read_samples(killed / "samples_rank0.jsonl")) == 7  # step 7 ran after the step-6 checkpoint
     assert not (killed / "refiner").exists() and not (killed / "done.json").exists()
 
@@ -187,3 +207,13 @@ def test_log_trimming_keeps_steps_up_to_checkpoint(tmp_path):
     assert [int(r["step"]) for r in read_log(log)] == [2, 4]
     _trim_csv(tmp_path / "new.csv", 0, LOG_FIELDS)
     assert read_log(tmp_path / "new.csv") == []
+
+
+def test_cpu_process_group_is_gloo_without_building_the_shm_op():
+    """On CPU, DeepSpeed's inference-only shared-memory op is not JIT-built (g++, ~80 s per new machine)."""
+    code = ("from noiserefine import distributed; info = distributed.init(); "
+            "import deepspeed.comm.comm as comm; print(info.backend, comm.cdb.shm_comm_op); distributed.shutdown()")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=child_env(), capture_output=True,
+                            text=True, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[-2:] == ["gloo", "None"], result.stdout[-2000:]
