@@ -144,7 +144,7 @@ class DemoConfig:
     """Budgets of the main job's extra experiments (``make demo``)."""
 
     num_ranks: int = 2  # DeepSpeed ranks for the refiner training
-    ablation_max_steps: int = 50  # noise-space and full-gradient runs (and their MSD reference)
+    full_gradient_steps: int = 50  # MSD vs full-gradient ablation (MSD: the main run's snapshot)
     distill_steps: int = 150  # guidance-distillation baseline fine-tuning
     transfer_steps: int = 150  # fine-tuning the teacher to thick strokes
     transfer_thicken: int = 1

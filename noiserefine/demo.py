@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 # --quick: a smoke run of every stage on a tiny budget, isolated in the run directory.
 QUICK = ["model.digits.train_steps=30", "data.num_samples=64", "data.shard_size=16", "pipeline.batch_size=16",
          "train.max_steps=4", "train.batch_size=8", "train.checkpoint_every=2", "train.eval_every=1000",
-         "train.log_every=1", "eval.num_samples=40", "eval.batch_size=40", "demo.ablation_max_steps=2",
+         "train.log_every=1", "eval.num_samples=40", "eval.batch_size=40", "demo.full_gradient_steps=2",
          "demo.distill_steps=4", "demo.transfer_steps=4", "teacher.num_steps=4", "student.num_steps=4"]
 
 
@@ -127,24 +127,33 @@ def main(argv: list[str] | None = None) -> int:
 
     stage("refiner training (DeepSpeed, MSD)")
     num_ranks = cfg.demo.num_ranks
-    # no periodic evaluation inside the main run: the evaluation stage below does it once
-    main_dir = train_refiner(config_files, overrides + ["train.eval_every=1000000"], run_dir / "refiner-msd",
-                             num_ranks, run_dir)
+    short = cfg.demo.full_gradient_steps
+    # No periodic evaluation inside the main run (the evaluation stage does it once). A
+    # checkpoint, hence a refiner snapshot, at step `short`: the MSD side of the full-gradient
+    # ablation IS the main run's first `short` steps (bit-identical to a run stopped there:
+    # nothing in training depends on max_steps), so it is not trained twice.
+    main_dir = train_refiner(config_files, overrides + ["train.eval_every=1000000",
+                                                        f"train.checkpoint_every={short}"],
+                             run_dir / "refiner-msd", num_ranks, run_dir)
 
     stage("ablations")
-    ablation = [f"train.max_steps={cfg.demo.ablation_max_steps}",
-                f"train.checkpoint_every={cfg.demo.ablation_max_steps}", "train.eval_every=100000"]
-    ablation_dirs = {}
-    for loss in ("msd", "full_gradient", "noise_space"):
-        ablation_dirs[loss] = train_refiner(config_files, overrides + ablation + [f"train.loss={loss}"],
-                                            run_dir / f"ablation-{loss}", 1, run_dir)
+    # each is the main run's config with train.loss changed; noise space at the full budget
+    # (its claim is about the refiner it ends with), full gradient only for `short` steps
+    # (its claim is about loss vs wall-clock and memory, read off both training logs)
+    no_eval = ["train.eval_every=1000000"]
+    noise_space_dir = train_refiner(config_files, overrides + no_eval + ["train.loss=noise_space"],
+                                    run_dir / "ablation-noise_space", num_ranks, run_dir)
+    full_gradient_dir = train_refiner(config_files, overrides + no_eval + [
+        "train.loss=full_gradient", f"train.max_steps={short}", f"train.checkpoint_every={short}"],
+        run_dir / "ablation-full_gradient", num_ranks, run_dir)
 
     stage("evaluation")
     backend = load_backend(cfg.model)
     digit_metrics = DigitMetrics(load_or_train_classifier(Path(cfg.data.cache_root) / "classifier"))
     results = evaluate(cfg, backend, digit_metrics, run_dir, refiner_dir=main_dir / "refiner",
                        distilled_path=distilled_path, thick_path=thick_path,
-                       ablation_dirs=ablation_dirs)
+                       noise_space_dir=noise_space_dir,
+                       gradient_dirs={"msd": main_dir, "full_gradient": full_gradient_dir}, gradient_steps=short)
     timings["end"] = time.perf_counter()
     names = list(timings)
     stage_seconds = {name: round(timings[nxt] - timings[name], 1) for name, nxt in zip(names, names[1:])}

@@ -13,6 +13,7 @@ import torch
 
 from .analysis import low_frequency_fraction, plot_spectra, radial_power_spectrum
 from .backends.digits import DigitsBackend
+from .distributed import checkpoint_tag
 from .files import write_text_atomic
 from .eval import Row, eval_set, gap_closed, grid_rows, markdown_table, sample_row, score_rows
 from .metrics import save_image_grid
@@ -22,6 +23,7 @@ from .sampling import Guidance
 
 UNGUIDED, GUIDED = "Gaussian noise, unguided", "Gaussian noise, guided (CFG)"
 DISTILLED, REFINED = "Guidance distillation (fine-tuned denoiser)", "Refined noise, unguided (ours)"
+NOISE_SPACE = "Refined noise, noise-space loss"
 # The refiner costs two network calls: the LoRA forward and the base forward its
 # correction is measured against (x̂_T = x_T + f_LoRA(x_T) - f(x_T)).
 REFINER_NFE = 2
@@ -56,7 +58,10 @@ def _with_gap(metrics: dict, unguided: str, guided: str) -> dict:
 
 
 def evaluate(cfg, backend, digit_metrics, run_dir: Path, *, refiner_dir: Path, distilled_path: Path,
-             thick_path: Path, ablation_dirs: dict[str, Path]) -> dict:
+             thick_path: Path, noise_space_dir: Path, gradient_dirs: dict[str, Path], gradient_steps: int) -> dict:
+    """All rows of the report. ``noise_space_dir``: the noise-space run, trained as long as the main
+    run. ``gradient_dirs``: a run per loss, each compared at its refiner snapshot of step
+    ``gradient_steps`` (the MSD run trained further)."""
     evals = eval_set(cfg)
     columns = cfg.eval.grid_columns * 2
     refiner = _refiner_on_fresh_backend(cfg.model.path, refiner_dir)
@@ -71,15 +76,25 @@ def evaluate(cfg, backend, digit_metrics, run_dir: Path, *, refiner_dir: Path, d
     save_image_grid(images, run_dir / "samples.png", nrow=columns, row_labels=names)
     results = {"main": _with_gap(_metrics(rows), UNGUIDED, GUIDED), "main_table": markdown_table(rows, (UNGUIDED, GUIDED))}
 
-    # ablations: one refiner per loss, same budget
-    ablation_rows = [rows[0], rows[1]]
-    for loss, directory in ablation_dirs.items():
-        ablation_refiner = _refiner_on_fresh_backend(cfg.model.path, directory / "refiner")
-        ablation_rows.append(_refined_row(f"Refined, {loss} loss", backend, ablation_refiner, evals, cfg))
-    score_rows(ablation_rows[2:], backend, evals, digit_metrics)
-    results["ablations"] = _with_gap(_metrics(ablation_rows), UNGUIDED, GUIDED)
-    results["ablation_table"] = markdown_table(ablation_rows, (UNGUIDED, GUIDED))
-    results["training_curves"] = plot_training_curves(ablation_dirs, run_dir / "msd_vs_full_gradient.png")
+    # ablation 1: image-space (MSD, the main refiner) vs noise-space loss, same budget
+    noise_space = _refiner_on_fresh_backend(cfg.model.path, noise_space_dir / "refiner")
+    noise_rows = [rows[0], rows[1], rows[3], _refined_row(NOISE_SPACE, backend, noise_space, evals, cfg)]
+    score_rows(noise_rows[3:], backend, evals, digit_metrics)
+    results["noise_space"] = _with_gap(_metrics(noise_rows), UNGUIDED, GUIDED)
+    results["noise_space_table"] = markdown_table(noise_rows, (UNGUIDED, GUIDED))
+
+    # ablation 2: MSD vs full gradient, both after gradient_steps
+    gradient_rows = [rows[0], rows[1]]
+    for loss, directory in gradient_dirs.items():
+        snapshot = directory / "snapshots" / checkpoint_tag(gradient_steps)
+        gradient_refiner = _refiner_on_fresh_backend(cfg.model.path, snapshot)
+        gradient_rows.append(_refined_row(f"Refined, {loss} loss, step {gradient_steps}", backend,
+                                          gradient_refiner, evals, cfg))
+    score_rows(gradient_rows[2:], backend, evals, digit_metrics)
+    results["gradient"] = _with_gap(_metrics(gradient_rows), UNGUIDED, GUIDED)
+    results["gradient_table"] = markdown_table(gradient_rows, (UNGUIDED, GUIDED))
+    results["training_curves"] = plot_training_curves(gradient_dirs, gradient_steps,
+                                                      run_dir / "msd_vs_full_gradient.png")
 
     # transfer: the base model's refiner, zero-shot, in front of the fine-tuned (thick-stroke) model
     thick = DigitsBackend.from_pretrained(thick_path)
@@ -113,16 +128,21 @@ def spectrum_analysis(cfg, refiner, evals, path: Path) -> dict:
             "refinement_rms": float(correction.pow(2).mean().sqrt())}
 
 
-def _read_log(directory: Path) -> list[dict]:
+def _read_log(directory: Path, up_to_step: int) -> list[dict]:
     path = directory / "train_log.csv"
     if not path.is_file():
         return []
     with open(path) as handle:
-        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(handle)]
+        rows = [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(handle)]
+    return [row for row in rows if row["step"] <= up_to_step]
 
 
-def plot_training_curves(dirs: dict[str, Path], path: Path) -> dict:
-    """Loss vs wall-clock of each loss (left) and peak memory (right), one PNG."""
+def plot_training_curves(dirs: dict[str, Path], up_to_step: int, path: Path) -> dict:
+    """Loss vs wall-clock of each loss up to ``up_to_step`` (left) and peak memory (right), one PNG.
+
+    Peak RSS is the whole run's (``done.json``): for a run that trained further than
+    ``up_to_step`` it is an upper bound of the peak at that step.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -131,10 +151,10 @@ def plot_training_curves(dirs: dict[str, Path], path: Path) -> dict:
     summary = {}
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     for name, directory in dirs.items():
-        log = _read_log(directory)
+        log = _read_log(directory, up_to_step)
         done = directory / "done.json"
         stats = json.loads(done.read_text()) if done.is_file() else {}
-        if log and name != "noise_space":  # noise-space loss is in noise space: another scale
+        if log:
             left.plot([r["seconds"] for r in log], [r["loss"] for r in log], label=name)
         summary[name] = {"final_loss": log[-1]["loss"] if log else None,
                          "seconds": log[-1]["seconds"] if log else None,
@@ -155,7 +175,7 @@ def plot_training_curves(dirs: dict[str, Path], path: Path) -> dict:
 def write_report(cfg, results: dict, run_dir: Path) -> None:
     main = results["main"]
     guided, refined, unguided = main[GUIDED], main[REFINED], main[UNGUIDED]
-    ablations = results["ablations"]
+    noise_space = results["noise_space"]
     transfer_gap = results["transfer"][REFINED + " [thick, zero-shot]"]["gap_closed"]
     spectrum = results["spectrum"]
     goals = [
@@ -166,9 +186,8 @@ def write_report(cfg, results: dict, run_dir: Path) -> None:
         # judged by how close each gets to the guided target (gap closed), not by raw FID:
         # on this teacher guidance itself raises FID, so a lower FID is not "better" here
         ("noise-space loss clearly worse than image-space (MSD), by gap closed",
-         f"{ablations['Refined, noise_space loss']['gap_closed']:.2f} vs "
-         f"{ablations['Refined, msd loss']['gap_closed']:.2f}",
-         ablations["Refined, noise_space loss"]["gap_closed"] < ablations["Refined, msd loss"]["gap_closed"] - 0.1),
+         f"{noise_space[NOISE_SPACE]['gap_closed']:.2f} vs {refined['gap_closed']:.2f}",
+         noise_space[NOISE_SPACE]["gap_closed"] < refined["gap_closed"] - 0.1),
         ("transfer closes a clear part of the gap", f"{transfer_gap:.2f}", transfer_gap >= 0.3),
     ]
     curves = results["training_curves"]
@@ -183,7 +202,14 @@ def write_report(cfg, results: dict, run_dir: Path) -> None:
         "## Main table", "", results["main_table"], "", "![samples](samples.png)", "",
         "## Goals (measured, not tuned)", "", "| goal | measured | met |", "|---|---|---|",
         *[f"| {goal} | {value} | {'yes' if met else 'no'} |" for goal, value, met in goals], "",
-        f"## Ablations ({cfg.demo.ablation_max_steps} steps each, 1 rank)", "", results["ablation_table"], "",
+        f"## Ablation: image-space (MSD) vs noise-space loss ({cfg.train.max_steps} steps each)", "",
+        "The main run's config with `train.loss=noise_space` (regress x̂_T onto the DDIM inversion of the "
+        "guided target); the MSD row is the main refiner.", "", results["noise_space_table"], "",
+        f"## Ablation: MSD vs full gradient (first {cfg.demo.full_gradient_steps} steps)", "",
+        "The main run's config with `train.loss=full_gradient`, stopped at step "
+        f"{cfg.demo.full_gradient_steps}; the MSD row is the main run's snapshot at that step, its "
+        "curve the main run's log up to it (its peak RSS is over the whole run).", "",
+        results["gradient_table"], "",
         "| loss | final loss | wall-clock (s) | peak RSS (MB) |", "|---|---|---|---|",
         *[f"| {n} | {s['final_loss']} | {s['seconds']} | {s['peak_rss_mb']} |" for n, s in curves.items()], "",
         "![MSD vs full gradient](msd_vs_full_gradient.png)", "",

@@ -25,6 +25,13 @@ def test_quick_demo_writes_report(tmp_path):
     assert refined["fid"] != unguided["fid"], "refined noise must change the samples"
     assert refined["nfe"] == unguided["nfe"] + 2
     assert "## Main table" in (run_dir / "report.md").read_text()
+    # ablations: noise space vs the main refiner; full gradient vs the main run's own step-2 snapshot
+    assert metrics["noise_space"]["Refined noise, noise-space loss"]["fid"] != refined["fid"]
+    assert set(metrics["training_curves"]) == {"msd", "full_gradient"}
+    assert json.loads((run_dir / "ablation-noise_space" / "done.json").read_text())["max_steps"] == 4
+    assert json.loads((run_dir / "ablation-full_gradient" / "done.json").read_text())["max_steps"] == 2
+    assert not (run_dir / "ablation-msd").exists()
+    assert (run_dir / "refiner-msd" / "snapshots" / "step00000002" / "refiner.safetensors").is_file()
     # re-running reuses everything: no new teacher training, no new shards, training already done
     again = subprocess.run([sys.executable, "-m", "noiserefine.demo", "--quick", "--run-dir", str(run_dir)],
                            cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
