@@ -8,13 +8,15 @@ imported and the process group uses gloo; with CUDA it uses nccl.
 
 Checkpoints are DeepSpeed's own (``engine.save_checkpoint`` on every rank, tag
 ``step%08d``, frozen base weights excluded): torch pickles written and read
-back by this same training job, never outside data. The exported refiner is
+back by this same training job; before DeepSpeed unpickles one, every file must
+pass ``torch.load(weights_only=True)`` (:func:`load_checkpoint`). The exported refiner is
 safetensors (:func:`noiserefine.refiner.save_refiner`).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 from dataclasses import dataclass
@@ -187,14 +189,45 @@ def save_checkpoint(engine, ckpt_dir: str | Path, step: int, client_state: dict,
     return tag
 
 
+def _checkpoint_classes() -> list:
+    """The DeepSpeed classes a ZeRO optimizer checkpoint pickles besides tensors and containers
+    (plain data holders), allowed in the ``weights_only`` check."""
+    _ds()
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
 def load_checkpoint(engine, ckpt_dir: str | Path) -> tuple[str | None, dict | None]:
-    """Load the newest checkpoint (``latest``) if there is one: ``(path, client_state)``, else ``(None, None)``."""
+    """Load the newest checkpoint (``latest``) if there is one: ``(path, client_state)``, else ``(None, None)``.
+
+    DeepSpeed unpickles checkpoints with ``weights_only=False``, and joins whatever ``latest``
+    says to the directory. So the tag must be one this job writes, inside ``ckpt_dir``, and
+    every file of it must first load with ``torch.load(weights_only=True)`` (tensors,
+    containers and :func:`_checkpoint_classes` only): a checkpoint copied in from elsewhere
+    that references any other Python object is refused before DeepSpeed unpickles it.
+    """
     ckpt_dir = Path(ckpt_dir)
-    if not (ckpt_dir / "latest").is_file():
+    latest = ckpt_dir / "latest"
+    if not latest.is_file():
         return None, None
-    path, client_state = engine.load_checkpoint(str(ckpt_dir), load_module_strict=False)
+    tag = latest.read_text().strip()
+    if not re.fullmatch(rf"{CHECKPOINT_PREFIX}\d{{8}}", tag) or not (ckpt_dir / tag).is_dir():
+        raise ValueError(f"{latest} names {tag!r}, not a checkpoint directory of this trainer "
+                         f"({CHECKPOINT_PREFIX}NNNNNNNN inside {ckpt_dir})")
+    deepspeed_classes = _checkpoint_classes()
+    for part in sorted((ckpt_dir / tag).glob("*.pt")):
+        try:
+            with torch.serialization.safe_globals(deepspeed_classes):
+                torch.load(part, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise ValueError(f"{part}: refused, it does not load with torch.load(weights_only=True) "
+                             f"({type(error).__name__}); only checkpoints written by this trainer are resumed") from None
+    path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=False)
     if path is None:
-        raise ValueError(f"{ckpt_dir}: 'latest' names a checkpoint that could not be loaded")
+        raise ValueError(f"{ckpt_dir}: checkpoint {tag} could not be loaded")
     return path, client_state
 
 

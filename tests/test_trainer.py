@@ -217,3 +217,51 @@ def test_cpu_process_group_is_gloo_without_building_the_shm_op():
                             text=True, timeout=TIMEOUT)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split()[-2:] == ["gloo", "None"], result.stdout[-2000:]
+
+
+def test_resume_refuses_foreign_pickles_and_tags_outside_the_checkpoint_dir(tmp_path):
+    """DeepSpeed unpickles with weights_only=False: a checkpoint must pass weights_only=True first.
+
+    In a subprocess: importing DeepSpeed sets the rank variables of the process it runs in.
+    """
+    code = """
+import sys
+from pathlib import Path
+import torch
+from noiserefine.distributed import load_checkpoint
+
+class NotAllowlisted:  # weights_only does not know it: a stand-in for any code a pickle could run
+    pass
+
+ckpt = Path(sys.argv[1]) / "checkpoints"
+(ckpt / "step00000001").mkdir(parents=True)
+torch.save({"module": {}, "payload": NotAllowlisted()}, ckpt / "step00000001" / "mp_rank_00_model_states.pt")
+(ckpt.parent / "outside").mkdir()
+for tag in ("step00000001", "../outside", "step1", "step00000002"):
+    (ckpt / "latest").write_text(tag)
+    try:
+        load_checkpoint(None, ckpt)  # never reaches the engine
+        print(tag, "LOADED")
+    except ValueError as error:
+        print(tag, "refused:", error)
+"""
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=REPO, env=child_env(),
+                            capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if " refused: " in line or " LOADED" in line]
+    assert len(lines) == 4, result.stdout[-3000:]
+    assert "mp_rank_00_model_states.pt: refused" in lines[0]
+    assert all("not a checkpoint directory" in line for line in lines[1:]), lines
+
+
+def test_zero_stage_1_checkpoint_resumes(tiny_root, tiny_teacher, tiny_cache, tmp_path):
+    """ZeRO optimizer states pickle a few DeepSpeed classes: they pass the weights_only check."""
+    out = tmp_path / "zero1"
+    settings = ["train.zero_stage=1", "train.checkpoint_every=1", "train.eval_every=0"]
+    code, text = run([sys.executable] + train_args(tiny_root, tiny_teacher, out, *settings, "train.max_steps=2"),
+                     tmp_path / "first.log")
+    assert code == 0, text[-4000:]
+    code, text = run([sys.executable] + train_args(tiny_root, tiny_teacher, out, *settings, "train.max_steps=3"),
+                     tmp_path / "second.log")
+    assert code == 0, text[-4000:]
+    assert "resuming from" in text and "step00000002" in text
