@@ -79,14 +79,16 @@ def scan_cache(cache_dir: Path, plan: Plan, *, verify: bool = False) -> CacheSta
     """Which shards of ``plan`` are complete. ``verify`` re-hashes every shard against the manifest.
 
     A shard on disk but not in the manifest (the job died between its rename and the
-    manifest update) is adopted if its sample count is the plan's: shards only ever
-    appear by atomic rename once complete. Temp files of shards (``.shard-*.tar.tmp-*``)
-    are leftovers of killed workers (a retried shard writes a new temp) and are deleted,
-    like rejected shards: one job at a time owns a cache directory.
+    manifest update) is adopted, and recorded in the manifest, if it reads back whole with
+    the plan's sample count: shards only ever appear by atomic rename once complete. Temp
+    files of shards (``.shard-*.tar.*.tmp``) are leftovers of killed workers (a retried
+    shard writes a new temp) and are deleted, like rejected shards: one job at a time owns
+    a cache directory.
     """
     manifest = read_manifest(cache_dir)
     state = CacheState()
-    for stale in sorted(Path(cache_dir).glob(".shard-*.tar.tmp-*")):
+    adopted = []
+    for stale in sorted(Path(cache_dir).glob(".shard-*.tar.*.tmp")):
         stale.unlink(missing_ok=True)
         state.stale_temps.append(stale.name)
     for index in range(plan.num_shards):
@@ -98,16 +100,24 @@ def scan_cache(cache_dir: Path, plan: Plan, *, verify: bool = False) -> CacheSta
             continue
         info = manifest.get(name)
         if info is None:
-            info = shard_info(path)
-            good = True
+            try:
+                info = shard_info(path)
+            except ValueError:  # damaged: rebuilt like any rejected shard
+                good = False
+            else:
+                good = True
         else:
             good = path.stat().st_size == info.num_bytes and (not verify or verify_shard(cache_dir, info))
         if good and info.num_samples == expected_count:
             state.complete[index] = info
+            if name not in manifest:
+                adopted.append(info)
         else:
             state.rejected.append(name)
             state.missing.append(index)
             path.unlink()
+    if adopted:
+        record_shards(cache_dir, adopted)
     return state
 
 

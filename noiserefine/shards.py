@@ -10,13 +10,11 @@ byte-deterministically; ``manifest.parquet`` records name/count/size/sha256.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
 import os
 import re
-import secrets
 import tarfile
 import dataclasses
 from dataclasses import dataclass
@@ -102,42 +100,19 @@ def write_shard(path: Path, samples: Iterable[ShardSample]) -> ShardInfo:
     import webdataset as wds
 
     path = Path(path)
-    tmp = _tmp_path(path)
     seen: set[str] = set()
-    try:
-        with open(tmp, "xb") as f:
-            writer = wds.TarWriter(f, **_TAR_KW)
-            try:
-                for s in samples:
-                    record = _encode_sample(s)
-                    if s.key in seen:
-                        raise ValueError(f"duplicate sample key {s.key!r} in {path}")
-                    seen.add(s.key)
-                    writer.write(record)
-            finally:
-                writer.close()  # on error too, so tarfile never writes to a closed file later
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return ShardInfo(path.name, len(seen), path.stat().st_size, file_sha256(path))
-
-
-def _tmp_path(final: Path) -> Path:
-    return final.parent / f".{final.name}.tmp-{os.getpid()}-{secrets.token_hex(6)}"
-
-
-def _fsync_dir(d: Path) -> None:
-    """Best effort: make the rename durable."""
-    with contextlib.suppress(OSError):
-        fd = os.open(d, os.O_RDONLY)
+    with atomic_path(path, durable=True) as tmp, open(tmp, "wb") as f:
+        writer = wds.TarWriter(f, **_TAR_KW)
         try:
-            os.fsync(fd)
+            for s in samples:
+                record = _encode_sample(s)
+                if s.key in seen:
+                    raise ValueError(f"duplicate sample key {s.key!r} in {path}")
+                seen.add(s.key)
+                writer.write(record)
         finally:
-            os.close(fd)
+            writer.close()  # on error too, so tarfile never writes to a closed file later
+    return ShardInfo(path.name, len(seen), path.stat().st_size, file_sha256(path))
 
 
 def file_sha256(path) -> str:
@@ -242,11 +217,8 @@ def write_manifest(cache_dir: Path, infos: list[ShardInfo]) -> Path:
                         ("num_bytes", pa.int64()), ("sha256", pa.string())])
     table = pa.Table.from_pylist([dataclasses.asdict(i) for i in rows], schema=schema)
     final = Path(cache_dir) / MANIFEST_NAME
-    with atomic_path(final) as tmp:
+    with atomic_path(final, durable=True) as tmp:
         pq.write_table(table, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-    _fsync_dir(final.parent)
     return final
 
 

@@ -30,14 +30,14 @@ import torch
 
 from noiserefine.backends import load_backend
 from noiserefine.backends.digits import train_digits_teacher
-from noiserefine.cache import cache_dir_for, read_teacher_record
+from noiserefine.cache import cache_dir_for, read_teacher_record, scan_cache
 from noiserefine.config import load_config
 from noiserefine.generate import FAULT_ENV
 from noiserefine.noise import fingerprint, noise_from_seed
 from noiserefine.plan import Plan
 from noiserefine.sampling import UNGUIDED, Guidance, rollout
-from noiserefine.shards import (MANIFEST_NAME, decode_sample, file_sha256, read_shard, sample_key,
-                                shard_name)
+from noiserefine.shards import (MANIFEST_NAME, decode_sample, file_sha256, read_manifest, read_shard,
+                                sample_key, shard_name, write_manifest)
 
 wds = pytest.importorskip("webdataset")
 
@@ -254,6 +254,21 @@ def test_verify_detects_a_corrupted_shard_and_rebuilds_it(clean_1w, repaired):
     assert repaired["after"][shard_name(2)][:2] != repaired["before"][shard_name(2)][:2]  # rewritten
     assert shard_hashes(cache_dir) == shard_hashes(clean_1w.cache_dir)
     assert manifest_rows(cache_dir) == manifest_rows(clean_1w.cache_dir)
+
+
+def test_unrecorded_shards_are_adopted_into_the_manifest_and_damaged_ones_rebuilt(clean_1w, tmp_path):
+    """The driver died between two shards' renames and the manifest update; one of them was damaged since."""
+    cache_dir, overrides = copy_cache(clean_1w, tmp_path / "cache")
+    clean_rows = manifest_rows(cache_dir)
+    unrecorded = (shard_name(0), shard_name(1))
+    write_manifest(cache_dir, [i for name, i in read_manifest(cache_dir).items() if name not in unrecorded])
+    damaged = cache_dir / shard_name(1)
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
+    state = scan_cache(cache_dir, Plan.from_config(job_config(overrides).data))
+    assert sorted(state.complete) == [0, 2, 3] and state.missing == [1]
+    assert state.rejected == [shard_name(1)] and not damaged.exists()
+    # shard 0 is in the manifest again (training reads only the manifest), exactly as first recorded
+    assert manifest_rows(cache_dir) == [row for row in clean_rows if row["name"] != shard_name(1)]
 
 
 def test_shard_reads_back_with_plain_webdataset_and_matches_the_teacher(clean_1w, teacher):
