@@ -4,7 +4,7 @@
 import torch
 
 from conftest import REPO
-from noiserefine.backends.digits import DigitsBackend, parse_digit
+from noiserefine.backends.digits import DigitsBackend, parse_digit, train_digits_teacher
 from noiserefine.config import load_config
 from noiserefine.eval import eval_set, sample_row, score_rows
 from noiserefine.metrics import DigitMetrics, load_or_train_classifier
@@ -17,6 +17,17 @@ def test_parse_digit():
     assert parse_digit("Nine.") == 9
     assert parse_digit("a cat") is None
     assert parse_digit("someone") is None  # "one" inside a word is not a digit
+
+
+def test_teacher_weights_do_not_depend_on_the_progress_bar(tmp_path):
+    """The EMA decay follows the step count, not the bar's counter (tqdm updates that only when it redraws)."""
+    settings = load_config(overrides=["model.digits.train_steps=12", "model.digits.batch_size=8",
+                                      "model.digits.block_out_channels=[8,16,16]"]).model.digits
+    quiet = DigitsBackend.from_pretrained(train_digits_teacher(settings, tmp_path / "quiet", progress=False))
+    shown = DigitsBackend.from_pretrained(train_digits_teacher(settings, tmp_path / "shown", progress=True))
+    a, b = quiet.denoiser.state_dict(), shown.denoiser.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(quiet.embedding, shown.embedding)
 
 
 def test_unknown_prompt_gets_null_conditioning(trained_teacher_dir):

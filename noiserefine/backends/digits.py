@@ -86,7 +86,7 @@ class DigitsBackend(Backend):
         path = Path(path)
         if not (path / "unet").is_dir() or not (path / EMBEDDING_FILE).is_file():
             raise FileNotFoundError(f"no digit teacher at {path} (expected unet/, scheduler/ and "
-                                    f"{EMBEDDING_FILE}); train one with `python -m noiserefine.train_digits`")
+                                    f"{EMBEDDING_FILE}); train one with `python -m noiserefine.train_teacher`")
         unet = UNet2DConditionModel.from_pretrained(path / "unet")
         scheduler = DDIMScheduler.from_pretrained(path / "scheduler")
         embedding = load_file(str(path / EMBEDDING_FILE))["embedding"]
@@ -184,7 +184,7 @@ def train_digits_teacher(settings, out_dir: str | Path, *, progress: bool = True
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     started = time.perf_counter()
     bar = tqdm(range(steps), desc="train digit teacher", disable=not progress)
-    for _ in bar:
+    for step in bar:
         index = torch.randint(0, len(images), (batch_size,), generator=generator)
         x0, y = images[index], labels[index].clone()
         y[torch.rand(batch_size, generator=generator) < float(settings["cond_dropout"])] = NULL_INDEX
@@ -209,7 +209,7 @@ def train_digits_teacher(settings, out_dir: str | Path, *, progress: bool = True
         optimizer.step()
         schedule.step()
         with torch.no_grad():
-            decay = min(0.995, (1 + bar.n) / (10 + bar.n))
+            decay = min(0.995, (1 + step) / (10 + step))  # not bar.n: tqdm updates it only when it redraws
             for key, value in unet.state_dict().items():
                 ema[key].lerp_(value, 1 - decay) if value.is_floating_point() else ema[key].copy_(value)
             ema_embedding.lerp_(embedding.detach(), 1 - decay)
