@@ -10,10 +10,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from .backends.base import Backend
+from .metrics import save_image_grid
 from .noise import noise_from_seeds, sample_seed
 from .prompts import DIGIT_WORDS
 from .sampling import Guidance, UNGUIDED, rollout
@@ -26,8 +28,8 @@ class EvalSet:
     labels: torch.Tensor  # prompted digit
 
 
-def eval_set(cfg, num_samples: int | None = None) -> EvalSet:
-    count = num_samples or cfg.eval.num_samples
+def eval_set(cfg) -> EvalSet:
+    count = cfg.eval.num_samples
     seeds = [sample_seed(cfg.data.base_seed, cfg.eval.seed_offset + i) for i in range(count)]
     labels = torch.arange(count) % 10
     prompts = [f"a handwritten {DIGIT_WORDS[int(d)]}" for d in labels]
@@ -77,24 +79,23 @@ def gap_closed(fid_unguided: float, fid_method: float, fid_guided: float) -> flo
     return float("nan") if denominator == 0 else (fid_unguided - fid_method) / denominator
 
 
-def markdown_table(rows: list[Row], reference: tuple[str, str] | None = None) -> str:
-    """Rows as a Markdown table; ``reference=(unguided_name, guided_name)`` adds the gap column."""
-    by_name = {row.name: row for row in rows}
-    header = "| row | NFE | FID | IS | accuracy | s/sample |" + (" gap closed |" if reference else "")
+def markdown_table(rows: list[Row]) -> str:
+    """Scored rows as a Markdown table, with a gap column if their metrics carry ``gap_closed``."""
+    with_gap = any("gap_closed" in row.metrics for row in rows)
+    header = "| row | NFE | FID | IS | accuracy | s/sample |" + (" gap closed |" if with_gap else "")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for row in rows:
         m = row.metrics
         line = (f"| {row.name} | {row.nfe} | {m['fid']:.2f} | {m['inception_score']:.3f} | "
                 f"{m['accuracy']:.3f} | {row.seconds_per_sample * 1000:.2f} ms |")
-        if reference:
-            unguided, guided = (by_name[n].metrics["fid"] for n in reference)
-            line += f" {gap_closed(unguided, m['fid'], guided):.2f} |"
+        if with_gap:
+            line += f" {m['gap_closed']:.2f} |"
         lines.append(line)
     return "\n".join(lines)
 
 
-def grid_rows(rows: list[Row], backend: Backend, num_columns: int) -> tuple[torch.Tensor, list[str]]:
-    """The first ``num_columns`` samples of every row (same seeds), for a side-by-side PNG."""
-    images = torch.cat([backend.decode(row.latents[:num_columns]) for row in rows])
-    return images, [row.name for row in rows]
-
+def save_rows_grid(rows: list[Row], backend: Backend, num_columns: int, path: Path) -> None:
+    """The first ``num_columns`` samples of every row (same seeds) side by side, a PNG row per method."""
+    columns = max(1, min(num_columns, len(rows[0].latents)))
+    images = torch.cat([backend.decode(row.latents[:columns]) for row in rows])
+    save_image_grid(images, path, nrow=columns, row_labels=[row.name for row in rows])

@@ -12,11 +12,12 @@ from pathlib import Path
 import torch
 
 from .analysis import low_frequency_fraction, plot_spectra, radial_power_spectrum
-from .backends.digits import DigitsBackend
+from omegaconf import OmegaConf
+
+from .backends import Backend, load_backend
 from .distributed import checkpoint_tag
+from .eval import Row, eval_set, gap_closed, markdown_table, sample_row, save_rows_grid, score_rows
 from .files import write_text_atomic
-from .eval import Row, eval_set, gap_closed, grid_rows, markdown_table, sample_row, score_rows
-from .metrics import save_image_grid
 from .noise import noise_from_seeds, sample_seed
 from .refiner import load_refiner
 from .sampling import Guidance
@@ -29,9 +30,14 @@ NOISE_SPACE = "Refined noise, noise-space loss"
 REFINER_NFE = 2
 
 
-def _refiner_on_fresh_backend(model_path: str, refiner_dir: Path):
+def _backend_at(cfg, path) -> Backend:
+    """The configured backend (device, dtype) loaded from another model directory."""
+    return load_backend(OmegaConf.merge(cfg.model, {"path": str(path)}))
+
+
+def _refiner_on_fresh_backend(cfg, refiner_dir: Path):
     """Each refiner gets its own copy of the base model (one LoRA adapter per denoiser)."""
-    return load_refiner(refiner_dir, DigitsBackend.from_pretrained(model_path))
+    return load_refiner(refiner_dir, _backend_at(cfg, cfg.model.path))
 
 
 def _refined_row(name, sampler_backend, refiner, evals, cfg) -> Row:
@@ -64,47 +70,45 @@ def evaluate(cfg, backend, digit_metrics, run_dir: Path, *, refiner_dir: Path, d
     ``gradient_steps`` (the MSD run trained further)."""
     evals = eval_set(cfg)
     columns = cfg.eval.grid_columns * 2
-    refiner = _refiner_on_fresh_backend(cfg.model.path, refiner_dir)
+    refiner = _refiner_on_fresh_backend(cfg, refiner_dir)
 
     # main table
     rows = _gaussian_rows(backend, evals, cfg)
-    rows.append(sample_row(DISTILLED, DigitsBackend.from_pretrained(distilled_path), evals,
+    rows.append(sample_row(DISTILLED, _backend_at(cfg, distilled_path), evals,
                            cfg.student.num_steps, batch_size=cfg.eval.batch_size))
     rows.append(_refined_row(REFINED, backend, refiner, evals, cfg))
     score_rows(rows, backend, evals, digit_metrics)
-    images, names = grid_rows(rows, backend, columns)
-    save_image_grid(images, run_dir / "samples.png", nrow=columns, row_labels=names)
-    results = {"main": _with_gap(_metrics(rows), UNGUIDED, GUIDED), "main_table": markdown_table(rows, (UNGUIDED, GUIDED))}
+    save_rows_grid(rows, backend, columns, run_dir / "samples.png")
+    results = {"main": _with_gap(_metrics(rows), UNGUIDED, GUIDED), "main_table": markdown_table(rows)}
 
     # ablation 1: image-space (MSD, the main refiner) vs noise-space loss, same budget
-    noise_space = _refiner_on_fresh_backend(cfg.model.path, noise_space_dir / "refiner")
+    noise_space = _refiner_on_fresh_backend(cfg, noise_space_dir / "refiner")
     noise_rows = [rows[0], rows[1], rows[3], _refined_row(NOISE_SPACE, backend, noise_space, evals, cfg)]
     score_rows(noise_rows[3:], backend, evals, digit_metrics)
     results["noise_space"] = _with_gap(_metrics(noise_rows), UNGUIDED, GUIDED)
-    results["noise_space_table"] = markdown_table(noise_rows, (UNGUIDED, GUIDED))
+    results["noise_space_table"] = markdown_table(noise_rows)
 
     # ablation 2: MSD vs full gradient, both after gradient_steps
     gradient_rows = [rows[0], rows[1]]
     for loss, directory in gradient_dirs.items():
         snapshot = directory / "snapshots" / checkpoint_tag(gradient_steps)
-        gradient_refiner = _refiner_on_fresh_backend(cfg.model.path, snapshot)
+        gradient_refiner = _refiner_on_fresh_backend(cfg, snapshot)
         gradient_rows.append(_refined_row(f"Refined, {loss} loss, step {gradient_steps}", backend,
                                           gradient_refiner, evals, cfg))
     score_rows(gradient_rows[2:], backend, evals, digit_metrics)
     results["gradient"] = _with_gap(_metrics(gradient_rows), UNGUIDED, GUIDED)
-    results["gradient_table"] = markdown_table(gradient_rows, (UNGUIDED, GUIDED))
+    results["gradient_table"] = markdown_table(gradient_rows)
     results["training_curves"] = plot_training_curves(gradient_dirs, gradient_steps,
                                                       run_dir / "msd_vs_full_gradient.png")
 
     # transfer: the base model's refiner, zero-shot, in front of the fine-tuned (thick-stroke) model
-    thick = DigitsBackend.from_pretrained(thick_path)
+    thick = _backend_at(cfg, thick_path)
     transfer_rows = _gaussian_rows(thick, evals, cfg, " [thick]")
     transfer_rows.append(_refined_row(REFINED + " [thick, zero-shot]", thick, refiner, evals, cfg))
     score_rows(transfer_rows, thick, evals, digit_metrics)
-    images, names = grid_rows(transfer_rows, thick, columns)
-    save_image_grid(images, run_dir / "transfer.png", nrow=columns, row_labels=names)
+    save_rows_grid(transfer_rows, thick, columns, run_dir / "transfer.png")
     results["transfer"] = _with_gap(_metrics(transfer_rows), UNGUIDED + " [thick]", GUIDED + " [thick]")
-    results["transfer_table"] = markdown_table(transfer_rows, (UNGUIDED + " [thick]", GUIDED + " [thick]"))
+    results["transfer_table"] = markdown_table(transfer_rows)
 
     # analysis: spectrum of the refinement vs the difference of two independent noises
     results["spectrum"] = spectrum_analysis(cfg, refiner, evals, run_dir / "spectrum.png")

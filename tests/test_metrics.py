@@ -232,3 +232,16 @@ def test_save_image_grid_with_row_labels_and_rgb(tmp_path):
     assert (margin < 128).any()  # some label text was drawn
     with pytest.raises(ValueError):
         save_image_grid(images, tmp_path / "bad.png", nrow=2, row_labels=["only one"])
+
+
+def test_rows_grid_has_one_line_per_row_even_with_fewer_samples_than_columns(tmp_path):
+    from conftest import tiny_digits_backend
+    from noiserefine.eval import Row, save_rows_grid
+
+    backend = tiny_digits_backend()
+    rows = [Row(name, 10, torch.randn(3, *backend.latent_shape), 0.0) for name in ("unguided", "refined")]
+    save_rows_grid(rows, backend, num_columns=8, path=tmp_path / "few.png")  # 3 samples, 8 columns asked
+    save_image_grid(backend.decode(rows[0].latents), tmp_path / "one.png", nrow=3, row_labels=["unguided"])
+    with Image.open(tmp_path / "few.png") as grid, Image.open(tmp_path / "one.png") as one:
+        assert grid.size[0] == one.size[0]  # 3 columns, the labels' margin
+        assert grid.size[1] > 1.9 * one.size[1]  # 2 image rows
