@@ -98,7 +98,6 @@ class DataConfig:
     dedup: bool = True
     max_prompt_chars: int = 300
     target_dtype: str = "float16"  # float16 | float32
-    store_conditioning: bool = False
 
 
 @dataclass
@@ -169,8 +168,7 @@ class Config:
 TEACHER_KEY_FIELDS = {
     "model": None,
     "teacher": None,
-    "data": ("sources", "shard_size", "base_seed", "dedup", "max_prompt_chars", "target_dtype",
-             "store_conditioning"),
+    "data": ("sources", "shard_size", "base_seed", "dedup", "max_prompt_chars", "target_dtype"),
 }
 
 _CHOICES = {
@@ -231,7 +229,7 @@ def validate(cfg: DictConfig) -> None:
         if value not in choices:
             raise ValueError(f"config key '{key}' is {value!r}; expected one of {choices}")
     for key in ("teacher.num_steps", "student.num_steps", "data.num_samples", "data.shard_size",
-                "pipeline.num_workers", "pipeline.batch_size", "train.batch_size",
+                "pipeline.num_workers", "pipeline.batch_size", "train.max_steps", "train.batch_size",
                 "train.checkpoint_every", "eval.num_samples", "eval.batch_size"):
         value = OmegaConf.select(cfg, key)
         if value < 1:

@@ -41,7 +41,7 @@ def _maybe_die() -> None:
 
 def shard_samples(backend: Backend, samples: Sequence[PlannedSample], *, guidance: Guidance,
                   num_steps: int, teacher_key: str, batch_size: int, target_dtype: str,
-                  store_conditioning: bool = False, progress: bool = False) -> Iterator[ShardSample]:
+                  progress: bool = False) -> Iterator[ShardSample]:
     """Yield the shard's samples batch by batch (guided rollout of each batch)."""
     dtype = np.dtype(target_dtype)
     bar = tqdm(total=len(samples), desc="targets", unit="sample", disable=not progress, leave=False)
@@ -56,11 +56,7 @@ def shard_samples(backend: Backend, samples: Sequence[PlannedSample], *, guidanc
             meta = {"sample_id": sample.sample_id, "seed": sample.seed, "prompt": sample.prompt,
                     "source": sample.source, "teacher_key": teacher_key,
                     "noise_fingerprint": fingerprint(noise_cpu[i])}
-            arrays = {"target": x0[i].astype(dtype)}
-            if store_conditioning:
-                arrays.update({f"cond_{k}": v[i].float().cpu().numpy().astype(dtype)
-                               for k, v in cond.items()})
-            yield ShardSample(sample_key(sample.sample_id), meta, arrays)
+            yield ShardSample(sample_key(sample.sample_id), meta, {"target": x0[i].astype(dtype)})
         bar.update(len(batch))
         if start == 0:
             _maybe_die()  # mid-shard: the temp file is half written
@@ -73,5 +69,5 @@ def generate_shard(backend: Backend, cfg, samples: Sequence[PlannedSample], shar
     stream = shard_samples(backend, samples, guidance=Guidance.from_teacher(cfg.teacher),
                            num_steps=cfg.teacher.num_steps, teacher_key=teacher_key,
                            batch_size=cfg.pipeline.batch_size, target_dtype=cfg.data.target_dtype,
-                           store_conditioning=cfg.data.store_conditioning, progress=progress)
+                           progress=progress)
     return write_shard(Path(cache_dir) / shard_name(shard_index), stream)
