@@ -33,12 +33,11 @@ SHM_COMM_OP = "deepspeed_shm_comm"  # ShareMemCommBuilder.NAME
 def _prepare_environment() -> None:
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    single = "WORLD_SIZE" not in os.environ
     defaults = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
-    if single or "MASTER_PORT" not in os.environ:
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(free_port())
 
 
 def free_port() -> int:
@@ -134,14 +133,14 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return tensor.cpu().tolist()
 
 
-def ds_config(cfg, model_dtype: str | None = None) -> dict:
+def ds_config(cfg) -> dict:
     """DeepSpeed config from the training config: micro batch = ``train.batch_size`` per rank, no
     accumulation, ZeRO ``train.zero_stage``, gradient clipping, bf16 only on CUDA with a bf16 model."""
     train = cfg.train
     if train.zero_stage not in (0, 1, 2):
         raise ValueError(f"train.zero_stage must be 0, 1 or 2, got {train.zero_stage} (stage 3 partitions the "
                          "LoRA weights, which the refiner export does not gather)")
-    bf16 = on_cuda() and (model_dtype or cfg.model.dtype) == "bfloat16"
+    bf16 = on_cuda() and cfg.model.dtype == "bfloat16"
     config = {
         "train_micro_batch_size_per_gpu": int(train.batch_size),
         "gradient_accumulation_steps": 1,

@@ -12,7 +12,6 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint  # noqa: F401  (sampling.rollout(checkpoint_steps=True) uses it)
 
 from .backends.base import Backend, Conditioning
 from .inversion import ddim_invert

@@ -53,8 +53,7 @@ COMPARED_SECTIONS = ("model", "teacher", "student", "refiner", "data", "train")
 
 
 def train_step(engine, refiner: Refiner, backend, batch: dict, cfg, gain: float | None) -> dict:
-    """One optimisation step on ``batch``; returns ``{"loss", "grad_norm", "samples_per_s"}`` (this rank)."""
-    started = time.perf_counter()
+    """One optimisation step on ``batch``; returns ``{"loss", "grad_norm"}`` (this rank)."""
     noise = batch["noise"].to(backend.device)
     target = batch["target"].to(backend.device)
     cond = backend.encode_prompts(batch["prompt"])
@@ -75,8 +74,7 @@ def train_step(engine, refiner: Refiner, backend, batch: dict, cfg, gain: float 
     engine_norm = engine.get_global_grad_norm()
     grad_norm = float(engine_norm) if engine_norm is not None else (local_norm if local_norm is not None
                                                                     else float("nan"))
-    seconds = time.perf_counter() - started
-    return {"loss": float(loss.detach()), "grad_norm": grad_norm, "samples_per_s": len(batch["sample_id"]) / seconds}
+    return {"loss": float(loss.detach()), "grad_norm": grad_norm}
 
 
 # --- files -------------------------------------------------------------------------------------------
@@ -171,8 +169,7 @@ class Evaluator:
             self.metrics = DigitMetrics(load_or_train_classifier(Path(cfg.data.cache_root) / "classifier"))
 
     def __call__(self, refiner: Refiner, step: int) -> dict:
-        from .eval import sample_row, score_rows
-        from .metrics import save_image_grid
+        from .eval import sample_row, save_rows_grid, score_rows
         from .sampling import Guidance
 
         cfg, backend = self.cfg, self.backend
@@ -188,10 +185,7 @@ class Evaluator:
         if self.metrics is not None:
             score_rows([refined], backend, self.evals, self.metrics)
         rows = [*self.fixed, refined]
-        columns = max(1, min(cfg.eval.grid_columns, len(self.evals.seeds)))
-        images = torch.cat([backend.decode(row.latents[:columns]) for row in rows])
-        save_image_grid(images, self.output_dir / f"eval_step{step}.png", nrow=columns,
-                        row_labels=[row.name for row in rows])
+        save_rows_grid(rows, backend, cfg.eval.grid_columns, self.output_dir / f"eval_step{step}.png")
         results = {}
         for row in rows:
             m = row.metrics
@@ -271,7 +265,8 @@ def main(cfg: DictConfig) -> dict:
         if is_main:
             print(f"resuming from {path} at step {start}", flush=True)
     stream = TeacherStream.from_config(cfg, rank, world, shards=shards, cache=(cache_dir, manifest))
-    window = {"loss": 0.0, "steps": 0, "samples": 0}
+    # loss sums and wall-clock of the steps since the last log row (carried over a resume)
+    window = {"loss": 0.0, "steps": 0, "samples": 0, "seconds": 0.0}
     if position_state is not None:
         stream.load_state_dict(position_state)
         window = dict(position_state.get("log_window", window))
@@ -294,8 +289,7 @@ def main(cfg: DictConfig) -> dict:
     evaluator = None
     exit_after = int(os.environ.get(EXIT_AFTER_STEP_ENV, "0") or 0)
     batches = stream.batches(stream.position)
-    last_saved = start if path is not None else -1
-    window_started = time.perf_counter()
+    window_started = time.perf_counter() - window.pop("seconds", 0.0)
     started = time.perf_counter() - elapsed
     last = {"loss": float("nan"), "grad_norm": float("nan")}
 
@@ -334,9 +328,9 @@ def main(cfg: DictConfig) -> dict:
                     evaluator = Evaluator(cfg, backend, output_dir)
                 tqdm.write(evaluator(refiner, step)["text"])
             if step % cfg.train.checkpoint_every == 0 or last_step:
-                _checkpoint(engine, refiner, cfg, step, stream, window, trainable_names,
-                            time.perf_counter() - started)
-                last_saved = step
+                now = time.perf_counter()
+                _checkpoint(engine, refiner, cfg, step, stream, {**window, "seconds": now - window_started},
+                            trainable_names, now - started)
             bar.update(1)
             if exit_after and step == exit_after:
                 bar.close()
@@ -344,9 +338,6 @@ def main(cfg: DictConfig) -> dict:
                 sys.stderr.flush()
                 os._exit(17)
     bar.close()
-    if last_saved != cfg.train.max_steps:  # e.g. resumed exactly at max_steps after a crash before export
-        _checkpoint(engine, refiner, cfg, cfg.train.max_steps, stream, window, trainable_names,
-                    time.perf_counter() - started)
 
     total_skipped = int(distributed.all_reduce_sum([stream.corrupt_skipped])[0])
     peak = max(distributed.all_gather_object(_peak_rss_mb()))

@@ -28,7 +28,6 @@ Exit status 0 on success, 1 on any error.
 from __future__ import annotations
 
 import sys
-import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
@@ -45,12 +44,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        code = main()
-    except SystemExit:
-        raise
-    except BaseException:  # noqa: BLE001 - report and fail the launcher
-        traceback.print_exc()
-        sys.stderr.flush()
-        code = 1
-    sys.exit(code)
+    sys.exit(main())  # an uncaught error prints its traceback and exits 1, which stops the launcher

@@ -6,7 +6,7 @@ import importlib
 
 import torch
 
-from .base import Backend, Conditioning, cat_conditioning, index_conditioning
+from .base import Backend, Conditioning, cat_conditioning
 
 # model.backend -> (module, class); each loads from a local pipeline directory, never downloading.
 _REAL_BACKENDS = {
@@ -34,4 +34,4 @@ def load_backend(model_cfg) -> Backend:
                      f"{['digits', *_REAL_BACKENDS]}")
 
 
-__all__ = ["Backend", "Conditioning", "cat_conditioning", "index_conditioning", "load_backend"]
+__all__ = ["Backend", "Conditioning", "cat_conditioning", "load_backend"]

@@ -34,14 +34,6 @@ def cat_conditioning(conds: Sequence[Conditioning]) -> Conditioning:
     return {key: torch.cat([cond[key] for cond in conds]) for key in keys}
 
 
-def index_conditioning(cond: Conditioning, index: torch.Tensor | slice) -> Conditioning:
-    return {key: value[index] for key, value in cond.items()}
-
-
-def conditioning_to(cond: Conditioning, device: torch.device | str) -> Conditioning:
-    return {key: value.to(device) for key, value in cond.items()}
-
-
 def _layer_prefix(layer: str) -> str:
     """diffusers PAG layer ids ("mid", "down.block_1", "up.block_0.attentions_1") -> module prefixes.
 
