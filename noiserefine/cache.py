@@ -108,7 +108,9 @@ def scan_cache(cache_dir: Path, plan: Plan, *, verify: bool = False) -> CacheSta
                 good = True
         else:
             good = path.stat().st_size == info.num_bytes and (not verify or verify_shard(cache_dir, info))
-        if good and info.num_samples == expected_count:
+        # more samples than planned: written for a larger num_samples of the same plan, whose
+        # shards start with exactly these samples; kept rather than rebuilt shorter
+        if good and info.num_samples >= expected_count:
             state.complete[index] = info
             if name not in manifest:
                 adopted.append(info)

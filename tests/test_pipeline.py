@@ -271,6 +271,14 @@ def test_unrecorded_shards_are_adopted_into_the_manifest_and_damaged_ones_rebuil
     assert manifest_rows(cache_dir) == [row for row in clean_rows if row["name"] != shard_name(1)]
 
 
+def test_lowering_num_samples_keeps_the_longer_last_shard(clean_1w, tmp_path):
+    cache_dir, overrides = copy_cache(clean_1w, tmp_path / "cache")
+    before = file_ids(cache_dir)
+    state = scan_cache(cache_dir, Plan.from_config(job_config([*overrides, "data.num_samples=20"]).data))
+    assert sorted(state.complete) == [0, 1, 2, 3] and not state.missing and not state.rejected
+    assert file_ids(cache_dir) == before
+
+
 def test_shard_reads_back_with_plain_webdataset_and_matches_the_teacher(clean_1w, teacher):
     cfg = job_config(clean_1w.overrides)
     cache_dir = clean_1w.cache_dir
