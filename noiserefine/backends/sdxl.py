@@ -10,6 +10,10 @@ The null conditioning follows ``force_zeros_for_empty_prompt`` of
 ``model_index.json`` (default True, like the pipeline): zeros shaped like the
 prompt embeddings, else the encoding of "". The VAE runs in float32 (the
 original SDXL VAE overflows in float16). Sampled with DDIM like SD.
+
+``from_architecture("sdxl")`` (``model.init=random``) builds the published
+SDXL-base sizes with RANDOM WEIGHTS and built-in tokenizers: for speed/memory
+measurements and smoke tests; samples are noise.
 """
 
 from __future__ import annotations
@@ -18,11 +22,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from diffusers import UNet2DConditionModel
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
 from .base import Conditioning
-from .stable_diffusion import (SD_COMPONENTS, StableDiffusionBackend, check_dtype, frozen, read_model_index,
-                               resolve_model_dir)
+from .stable_diffusion import SD_COMPONENTS, StableDiffusionBackend, frozen
 
 SDXL_COMPONENTS = SD_COMPONENTS + ("text_encoder_2", "tokenizer_2")
 
@@ -31,6 +35,10 @@ class SDXLBackend(StableDiffusionBackend):
     """SDXL: conditioning ``{"encoder_hidden_states", "text_embeds", "time_ids"}``."""
 
     name = "sdxl"
+    required_components = SDXL_COMPONENTS
+    expected_model = ("an SDXL pipeline (StableDiffusionXLPipeline layout: unet/ vae/ text_encoder/ text_encoder_2/ "
+                      "tokenizer/ tokenizer_2/ scheduler/)")
+    vae_in_float32 = True
 
     def __init__(self, unet, vae, text_encoder, tokenizer, text_encoder_2: CLIPTextModelWithProjection,
                  tokenizer_2: CLIPTokenizer, scheduler_config: dict, device: str | torch.device = "cpu",
@@ -58,17 +66,26 @@ class SDXLBackend(StableDiffusionBackend):
                              f"{expected} (an SDXL refiner with aesthetic scores is not supported)")
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, revision: str = "", device: str = "cpu",
-                        dtype: torch.dtype = torch.float32) -> "SDXLBackend":
-        check_dtype(device, dtype)
-        directory = resolve_model_dir(path, revision, SDXL_COMPONENTS)
+    def check_pipeline_config(cls, directory: Path) -> None:
+        unet_config = UNet2DConditionModel.load_config(directory, subfolder="unet", local_files_only=True)
+        if unet_config.get("addition_embed_type") != "text_time":
+            raise ValueError(f"model.path {str(directory)!r} holds a UNet with addition_embed_type "
+                             f"{unet_config.get('addition_embed_type')!r}, not {cls.expected_model} (is this an "
+                             "SD 1.x/2.x model? use model.backend=stable_diffusion)")
+
+    @classmethod
+    def load_components(cls, directory: Path, dtype: torch.dtype) -> dict:
         offline = dict(local_files_only=True)
-        components = cls.load_components(directory, dtype, vae_dtype=torch.float32)
+        components = super().load_components(directory, dtype)
         components["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
             directory, subfolder="text_encoder_2", dtype=dtype, **offline)
         components["tokenizer_2"] = CLIPTokenizer.from_pretrained(directory, subfolder="tokenizer_2", **offline)
-        force_zeros = read_model_index(directory).get("force_zeros_for_empty_prompt", True)
-        return cls(**components, device=device, dtype=dtype, force_zeros_for_empty_prompt=force_zeros)
+        return components
+
+    @classmethod
+    def pipeline_options(cls, model_index: dict) -> dict:
+        """``force_zeros_for_empty_prompt`` (default True, like the pipeline)."""
+        return {"force_zeros_for_empty_prompt": model_index.get("force_zeros_for_empty_prompt", True)}
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:

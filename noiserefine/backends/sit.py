@@ -21,6 +21,11 @@ N; otherwise a prompt equal (case-insensitively, stripped) to one of the
 comma-separated names of an ``id2label`` entry ("golden retriever") names that
 class. Anything else, including an index >= the number of classes, is the
 null class ``num_embeds_ada_norm`` (the CFG embedding).
+
+``from_architecture`` (``model.init=random``: dit_xl2, sit_xl2) builds the
+XL/2 transformer and the VAE at their published sizes with RANDOM WEIGHTS (no
+``id2label``: prompts name classes by number): for speed/memory measurements and
+smoke tests; samples are noise.
 """
 
 from __future__ import annotations
@@ -34,9 +39,11 @@ from diffusers import AutoencoderKL, DDIMScheduler, DiTTransformer2DModel, FlowM
 from diffusers.loaders import PeftAdapterMixin
 
 from .base import Backend, Conditioning
-from .stable_diffusion import check_dtype, frozen, read_model_index, resolve_model_dir
+from .random_init import build_components, mark_random, read_architecture
+from .stable_diffusion import check_dtype, frozen, read_model_index, read_scheduler_config, resolve_model_dir
 
 SIT_COMPONENTS = ("transformer", "vae", "scheduler")
+EXPECTED_MODEL = "a class-conditional DiT/SiT pipeline (DiTPipeline layout: transformer/ vae/ scheduler/)"
 _WHOLE_INDEX = re.compile(r"\s*(\d+)\s*")
 _TAGGED_INDEX = re.compile(r"\b(?:class|label)\s*[:#=]?\s*(\d+)\b", re.IGNORECASE)
 
@@ -65,10 +72,24 @@ def prompt_label(prompt: str, num_classes: int, names: Mapping[str, int] | None 
     return (names or {}).get(prompt.strip().lower(), num_classes)
 
 
+def sampler_for(raw: Mapping) -> tuple[type, dict]:
+    """A raw scheduler config -> (scheduler class, its config): flow matching stays Euler (SiT), anything
+    else becomes DDIM eta = 0 with ``clip_sample`` and thresholding off (DiT)."""
+    if raw.get("_class_name") == FlowMatchEulerDiscreteScheduler.__name__:
+        scheduler_class, overrides = FlowMatchEulerDiscreteScheduler, {}
+    else:
+        scheduler_class, overrides = DDIMScheduler, dict(clip_sample=False, thresholding=False)
+    return scheduler_class, dict(scheduler_class.from_config(dict(raw), **overrides).config)
+
+
 class SiTBackend(Backend):
     """DiT (DDIM, epsilon) or SiT (flow matching) by ``scheduler_class``; conditioning ``{"class_labels"}``."""
 
     name = "sit"
+    # How the weights were made: "pretrained" (model.path) or "random" (from_architecture: samples are noise).
+    init = "pretrained"
+    architecture = ""
+    weights = "pretrained"
 
     def __init__(self, transformer: DiTTransformer2DModel, vae: AutoencoderKL, scheduler_class: type,
                  scheduler_config: dict, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
@@ -100,23 +121,46 @@ class SiTBackend(Backend):
         self.latent_shape = (int(config.in_channels), int(height), int(width))
         self.guided_channels = 3 if self.flow and config.in_channels > 3 else None
 
+    @staticmethod
+    def load_components(directory: Path, dtype: torch.dtype) -> dict:
+        """The constructor's keyword arguments, loaded offline from a DiTPipeline-layout directory in ``dtype``."""
+        offline = dict(local_files_only=True)
+        config = DiTTransformer2DModel.load_config(directory, subfolder="transformer", **offline)
+        if config.get("norm_type", "ada_norm_zero") != "ada_norm_zero" or config.get("num_embeds_ada_norm") is None:
+            raise ValueError(f"model.path {str(directory)!r} holds a {config.get('_class_name')} with norm_type "
+                             f"{config.get('norm_type')!r} and num_embeds_ada_norm {config.get('num_embeds_ada_norm')}"
+                             f", not {EXPECTED_MODEL} (ada_norm_zero with a class embedding)")
+        scheduler_class, scheduler_config = sampler_for(read_scheduler_config(directory))
+        transformer = PeftDiTTransformer2DModel.from_pretrained(directory, subfolder="transformer",
+                                                                torch_dtype=dtype, **offline)
+        vae = AutoencoderKL.from_pretrained(directory, subfolder="vae", torch_dtype=dtype, **offline)
+        return dict(transformer=transformer, vae=vae, scheduler_class=scheduler_class,
+                    scheduler_config=scheduler_config, id2label=read_model_index(directory).get("id2label"))
+
+    @staticmethod
+    def random_components(arch, device: str | torch.device, dtype: torch.dtype, seed: int = 0) -> dict:
+        """The constructor's keyword arguments at ``arch``'s published size, RANDOM WEIGHTS, built on ``device``."""
+        built = build_components(arch, device, dtype, seed=seed)
+        scheduler_class, scheduler_config = sampler_for(built["scheduler"])
+        return dict(transformer=built["transformer"], vae=built["vae"], scheduler_class=scheduler_class,
+                    scheduler_config=scheduler_config, id2label=arch.pipeline.get("id2label"))
+
     @classmethod
     def from_pretrained(cls, path: str | Path, revision: str = "", device: str = "cpu",
                         dtype: torch.dtype = torch.float32) -> "SiTBackend":
         check_dtype(device, dtype)
-        directory = resolve_model_dir(path, revision, SIT_COMPONENTS)
-        offline = dict(local_files_only=True)
-        raw = DDIMScheduler.load_config(directory, subfolder="scheduler", **offline)
-        if raw.get("_class_name") == FlowMatchEulerDiscreteScheduler.__name__:
-            scheduler_class, overrides = FlowMatchEulerDiscreteScheduler, {}
-        else:
-            scheduler_class, overrides = DDIMScheduler, dict(clip_sample=False, thresholding=False)
-        scheduler = scheduler_class.from_config(raw, **overrides)
-        transformer = PeftDiTTransformer2DModel.from_pretrained(directory, subfolder="transformer",
-                                                                torch_dtype=dtype, **offline)
-        vae = AutoencoderKL.from_pretrained(directory, subfolder="vae", torch_dtype=dtype, **offline)
-        return cls(transformer, vae, scheduler_class, dict(scheduler.config), device, dtype,
-                   id2label=read_model_index(directory).get("id2label"))
+        directory = resolve_model_dir(path, revision, SIT_COMPONENTS, EXPECTED_MODEL)
+        return cls(**cls.load_components(directory, dtype), device=device, dtype=dtype)
+
+    @classmethod
+    def from_architecture(cls, architecture: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                          seed: int = 0) -> "SiTBackend":
+        """The shipped ``architecture`` (dit_xl2, sit_xl2) at its published size with RANDOM WEIGHTS: for
+        speed/memory measurements and smoke tests; samples are noise (``backend.init == "random"``; warns once)."""
+        check_dtype(device, dtype)
+        arch = read_architecture(architecture, backend=cls.name)
+        backend = cls(**cls.random_components(arch, device, dtype, seed), device=device, dtype=dtype)
+        return mark_random(backend, arch)
 
     def labels_for(self, prompts: Sequence[str]) -> torch.Tensor:
         if isinstance(prompts, str) or len(prompts) == 0:

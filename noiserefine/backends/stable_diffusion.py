@@ -9,6 +9,11 @@ text encoder's last hidden state; the null conditioning is the encoding of the
 empty prompt, as in the diffusers pipeline. Nothing is ever downloaded: a
 ``model.path`` that is not a directory must be a model id already in the
 local Hugging Face cache.
+
+``from_architecture`` (``model.init=random``) builds the same components at a
+published size (sd15, sd21, sd21_768) with RANDOM WEIGHTS and a built-in
+tokenizer: for speed/memory measurements and smoke tests; samples are noise.
+Both paths end in the same constructor, ``cls(**components, device, dtype)``.
 """
 
 from __future__ import annotations
@@ -22,18 +27,22 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from .base import Backend, Conditioning
+from .random_init import build_components, mark_random, read_architecture
 
 SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
-def resolve_model_dir(path: str | Path, revision: str = "", required: Sequence[str] = ()) -> Path:
+def resolve_model_dir(path: str | Path, revision: str = "", required: Sequence[str] = (),
+                      expected: str = "a diffusers pipeline") -> Path:
     """``model.path`` -> a local directory holding every ``required`` subfolder; never downloads.
 
     A path that is not a directory is tried as a model id (at ``revision``) in
     the local Hugging Face cache only. ``revision`` is ignored for a directory.
+    Every error names the path and ``expected`` (the model type the backend
+    loads), and what the directory holds instead when its ``model_index.json`` says.
     """
     if not str(path):
-        raise ValueError("model.path is empty; set it to a local diffusers pipeline directory")
+        raise ValueError(f"model.path is empty; set it to a local directory holding {expected}")
     directory = Path(path).expanduser()
     if not directory.is_dir():
         try:
@@ -43,12 +52,15 @@ def resolve_model_dir(path: str | Path, revision: str = "", required: Sequence[s
         except Exception:
             raise FileNotFoundError(
                 f"model.path {str(path)!r} is neither a local directory nor a model id in the local "
-                f"Hugging Face cache (revision {revision or 'main'!r}); weights are never downloaded"
+                f"Hugging Face cache (revision {revision or 'main'!r}); expected {expected}; weights are "
+                "never downloaded"
             ) from None
     missing = [name for name in required if not (directory / name).is_dir()]
     if missing:
+        holds = read_model_index(directory).get("_class_name")
+        found = f"; its model_index.json says it holds a {holds}" if holds else ""
         raise FileNotFoundError(f"model.path {str(directory)!r} is not a complete diffusers pipeline "
-                                f"directory: missing {missing}")
+                                f"directory of {expected}: missing {missing}{found}")
     return directory
 
 
@@ -58,9 +70,15 @@ def read_model_index(directory: Path) -> dict:
     return json.loads(index.read_text()) if index.is_file() else {}
 
 
-def ddim_scheduler_config(directory: Path) -> dict:
-    """The model's scheduler config as a deterministic, affine DDIM config."""
-    raw = DDIMScheduler.load_config(directory, subfolder="scheduler", local_files_only=True)
+def read_scheduler_config(directory: Path) -> dict:
+    """The raw ``scheduler/scheduler_config.json`` of a pipeline directory (``_class_name`` included)."""
+    return dict(DDIMScheduler.load_config(directory, subfolder="scheduler", local_files_only=True))
+
+
+def ddim_scheduler_config(raw: Path | dict) -> dict:
+    """The model's scheduler config (from a pipeline directory or a raw dict) as a deterministic, affine DDIM config."""
+    if not isinstance(raw, dict):
+        raw = read_scheduler_config(Path(raw))
     scheduler = DDIMScheduler.from_config(raw, clip_sample=False, thresholding=False)
     return dict(scheduler.config)
 
@@ -83,6 +101,14 @@ class StableDiffusionBackend(Backend):
 
     name = "stable_diffusion"
     scheduler_class = DDIMScheduler
+    required_components = SD_COMPONENTS
+    expected_model = "a Stable Diffusion 1.x/2.x pipeline (StableDiffusionPipeline layout: unet/ vae/ text_encoder/ " \
+                     "tokenizer/ scheduler/)"
+    vae_in_float32 = False  # SDXL: its VAE overflows in float16
+    # How the weights were made: "pretrained" (model.path) or "random" (from_architecture: samples are noise).
+    init = "pretrained"
+    architecture = ""
+    weights = "pretrained"
 
     def __init__(self, unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel,
                  tokenizer: CLIPTokenizer, scheduler_config: dict, device: str | torch.device = "cpu",
@@ -101,25 +127,62 @@ class StableDiffusionBackend(Backend):
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self._null: Conditioning | None = None
 
-    @staticmethod
-    def load_components(directory: Path, dtype: torch.dtype, vae_dtype: torch.dtype | None = None) -> dict:
-        """The SD components shared with SDXL, loaded offline in ``dtype``."""
+    @classmethod
+    def load_components(cls, directory: Path, dtype: torch.dtype) -> dict:
+        """The constructor's keyword arguments, loaded offline from a pipeline directory in ``dtype``."""
         offline = dict(local_files_only=True)
+        cls.check_pipeline_config(directory)
+        vae_dtype = torch.float32 if cls.vae_in_float32 else dtype
         return dict(
             unet=UNet2DConditionModel.from_pretrained(directory, subfolder="unet", torch_dtype=dtype, **offline),
-            vae=AutoencoderKL.from_pretrained(directory, subfolder="vae", torch_dtype=vae_dtype or dtype,
-                                              **offline),
+            vae=AutoencoderKL.from_pretrained(directory, subfolder="vae", torch_dtype=vae_dtype, **offline),
             text_encoder=CLIPTextModel.from_pretrained(directory, subfolder="text_encoder", dtype=dtype, **offline),
             tokenizer=CLIPTokenizer.from_pretrained(directory, subfolder="tokenizer", **offline),
             scheduler_config=ddim_scheduler_config(directory),
         )
 
     @classmethod
+    def check_pipeline_config(cls, directory: Path) -> None:
+        """Refuse an SDXL pipeline before loading gigabytes: its UNet needs ``added_cond_kwargs`` SD never passes."""
+        unet_config = UNet2DConditionModel.load_config(directory, subfolder="unet", local_files_only=True)
+        if unet_config.get("addition_embed_type") == "text_time":
+            raise ValueError(f"model.path {str(directory)!r} holds an SDXL UNet (addition_embed_type 'text_time'), "
+                             f"not {cls.expected_model}; use model.backend=sdxl")
+
+    @classmethod
+    def random_components(cls, arch, device: str | torch.device, dtype: torch.dtype, seed: int = 0) -> dict:
+        """The constructor's keyword arguments at ``arch``'s published size, RANDOM WEIGHTS, built on ``device``.
+
+        The architecture's component names are the constructor's arguments (SDXL adds ``text_encoder_2``
+        and ``tokenizer_2``); its scheduler becomes the same DDIM config as a loaded one.
+        """
+        dtypes = {"vae": torch.float32} if cls.vae_in_float32 else {}
+        components = build_components(arch, device, dtype, dtypes=dtypes, seed=seed)
+        return dict(components, scheduler_config=ddim_scheduler_config(components.pop("scheduler")))
+
+    @classmethod
     def from_pretrained(cls, path: str | Path, revision: str = "", device: str = "cpu",
                         dtype: torch.dtype = torch.float32) -> "StableDiffusionBackend":
         check_dtype(device, dtype)
-        directory = resolve_model_dir(path, revision, SD_COMPONENTS)
-        return cls(**cls.load_components(directory, dtype), device=device, dtype=dtype)
+        directory = resolve_model_dir(path, revision, cls.required_components, cls.expected_model)
+        return cls(**cls.load_components(directory, dtype), device=device, dtype=dtype,
+                   **cls.pipeline_options(read_model_index(directory)))
+
+    @classmethod
+    def from_architecture(cls, architecture: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                          seed: int = 0) -> "StableDiffusionBackend":
+        """The shipped ``architecture`` at its published size with RANDOM WEIGHTS: for speed/memory
+        measurements and smoke tests; samples are noise (``backend.init == "random"``; warns once)."""
+        check_dtype(device, dtype)
+        arch = read_architecture(architecture, backend=cls.name)
+        backend = cls(**cls.random_components(arch, device, dtype, seed), device=device, dtype=dtype,
+                      **cls.pipeline_options(arch.pipeline))
+        return mark_random(backend, arch)
+
+    @classmethod
+    def pipeline_options(cls, model_index: dict) -> dict:
+        """Constructor options from ``model_index.json`` (pretrained) or ``pipeline.json`` (random): none for SD."""
+        return {}
 
     def tokenize(self, tokenizer: CLIPTokenizer, prompts: Sequence[str]):
         if isinstance(prompts, str) or len(prompts) == 0:

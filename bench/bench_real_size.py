@@ -1,0 +1,102 @@
+"""Cost of one teacher CFG step of a real-size model family, built with RANDOM WEIGHTS (``model.init=random``).
+
+    .venv/bin/python bench/bench_real_size.py --arch sd21 --device cpu --dtype float32 [--threads 1]
+    python bench/bench_real_size.py --arch sdxl --device cuda --dtype bfloat16 --repeats 5
+
+Builds ``--arch`` (sd15, sd21, sd21_768, sdxl, dit_xl2, sit_xl2) at its published
+size through ``load_backend`` exactly as ``model.init=random`` does (random weights:
+for speed/memory measurements and smoke tests; samples are noise), then times
+``--repeats`` teacher steps: one CFG step of the teacher rollout
+(``sampling.rollout`` with one step: ``[uncond, cond]`` in one batched forward of
+``2 x --batch`` samples, the guidance combination and the scheduler step).
+
+Printed: parameters per component, build seconds, seconds per step (the first
+includes one-time costs, the median of the rest is the figure to quote), and
+peak memory: the process's peak RSS, and on CUDA the peak allocated GPU memory.
+The costs do not depend on the weights' values, so they are those of the real
+model at this dtype and device. No assertion: read the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import time
+import warnings
+from types import SimpleNamespace
+
+import torch
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="sd21", help="a directory of noiserefine/backends/architectures")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--batch", type=int, default=1, help="prompts per step (the forward runs 2x this)")
+    parser.add_argument("--guidance-scale", type=float, default=7.5)
+    parser.add_argument("--repeats", type=int, default=2, help="timed steps (the first includes warm-up)")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    from noiserefine.backends import load_backend
+    from noiserefine.backends.random_init import RandomWeightsWarning, count_parameters, read_architecture
+    from noiserefine.sampling import Guidance, rollout
+
+    arch = read_architecture(args.arch)
+    cfg = SimpleNamespace(backend=arch.backend, init="random", architecture=args.arch, device=args.device,
+                          dtype=args.dtype, path="", revision="")
+    cuda = torch.device(args.device).type == "cuda"
+    print(f"arch {args.arch} ({arch.pipeline.get('published_as', '')}), backend {arch.backend}, device "
+          f"{args.device}{' (' + torch.cuda.get_device_name() + ')' if cuda else ''}, dtype {args.dtype}, "
+          f"threads {torch.get_num_threads()}, torch {torch.__version__}")
+    started = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RandomWeightsWarning)  # said once below instead
+        backend = load_backend(cfg)
+    if cuda:
+        torch.cuda.synchronize()
+    built = time.perf_counter() - started
+    print(f"built in {built:.1f} s: {backend.weights}")
+    total = 0
+    for name in ("denoiser", "text_encoder", "text_encoder_2", "vae"):
+        module = getattr(backend, name, None)
+        if module is not None:
+            count = count_parameters(module)
+            total += count
+            print(f"  {name:<15} {type(module).__name__:<30} {count:>15,} parameters  {module.dtype}")
+    print(f"  {'total':<15} {'':<30} {total:>15,} parameters")
+    rss_built = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+    prompts = ["207" if arch.backend == "sit" else "a photograph of an astronaut riding a horse"] * args.batch
+    cond = backend.encode_prompts(prompts)
+    null = backend.null_conditioning(args.batch)
+    noise = torch.randn(args.batch, *backend.latent_shape, generator=torch.Generator().manual_seed(0))
+    noise = noise.to(backend.device)
+    guidance = Guidance("cfg", args.guidance_scale)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    with torch.no_grad():
+        for _ in range(args.repeats):
+            started = time.perf_counter()
+            out = rollout(backend, noise, cond, 1, guidance, null)
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - started)
+    assert out.shape == noise.shape
+    rest = times[1:] or times
+    print(f"one teacher CFG step (one forward of {2 * args.batch} samples of {tuple(backend.latent_shape)}): "
+          + ", ".join(f"{t:.3f} s" for t in times) + f"; median after the first {statistics.median(rest):.3f} s")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"peak RSS {peak:.2f} GB (after the build {rss_built:.2f} GB)")
+    if cuda:
+        print(f"peak GPU memory allocated during the steps {torch.cuda.max_memory_allocated() / 2**30:.2f} GB; "
+              f"model memory {torch.cuda.memory_allocated() / 2**30:.2f} GB")
+    print("random weights: for speed/memory measurements and smoke tests; samples are noise")
+
+
+if __name__ == "__main__":
+    main()
