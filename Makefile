@@ -9,7 +9,7 @@ RUN_DIR ?= runs/demo
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean-venv
+.PHONY: demo test check bench clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,10 +18,14 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m noiserefine.demo --run-dir $(RUN_DIR) $(ARGS)
+	$(PY) -m noiserefine.digits.demo --run-dir $(RUN_DIR) $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The fast lane for the edit-test loop (< 2 minutes): unit tests only, no process-starting tests.
+check: $(STAMP)
+	$(PY) -m pytest -m "not gpu and not slow" -q $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	for b in bench/*.py; do $(PY) $$b || exit 1; done

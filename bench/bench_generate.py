@@ -5,7 +5,7 @@
 
 Measured side by side in one process, alternating the variants in every repeat:
 
-* ``shard_samples``: ``noiserefine.generate.shard_samples`` exactly as a Ray worker runs it
+* ``shard_samples``: ``noiserefine.targets.generate.shard_samples`` exactly as a Ray worker runs it
   (noise from seeds, prompt encoding, batched CFG rollouts, float16 targets, metadata), no IO;
 * ``bare forwards``: the same number of denoiser forwards of the same shape ``[2B, ...]`` on
   random inputs, without sampler, scheduler, guidance arithmetic or metadata;
@@ -59,11 +59,12 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     from noiserefine.backends import load_backend
-    from noiserefine.backends.digits import train_digits_teacher
-    from noiserefine.config import load_config, teacher_key
-    from noiserefine.generate import generate_shard, shard_samples
+    from noiserefine.digits.teacher import train_digits_teacher
+    from noiserefine.config import load_config
+    from noiserefine.targets.identity import teacher_key
+    from noiserefine.targets.generate import generate_shard, shard_samples
     from noiserefine.noise import noise_from_seed
-    from noiserefine.plan import Plan
+    from noiserefine.targets.plan import Plan
     from noiserefine.sampling import Guidance, rollout
 
     with tempfile.TemporaryDirectory(prefix="bench-generate-") as tmp:

@@ -21,10 +21,9 @@ import torch
 
 from noiserefine.backends import load_backend
 from noiserefine.config import load_config
-from noiserefine.data import TeacherStream
-from noiserefine.losses import compute_loss
+from noiserefine.train.stream import TeacherStream
+from noiserefine.losses import build_loss
 from noiserefine.refiner import Refiner
-from noiserefine.sampling import rollout_gain
 
 
 def main() -> None:
@@ -40,7 +39,7 @@ def main() -> None:
     backend = load_backend(cfg.model)
     refiner = Refiner(backend, cfg.refiner)
     optimizer = torch.optim.AdamW(refiner.trainable_parameters(), lr=cfg.train.learning_rate)
-    gain = rollout_gain(backend, cfg.student.num_steps)
+    loss_fn = build_loss(cfg, backend)
     stream = TeacherStream.from_config(cfg)
     batches = list(itertools.islice(stream.batches(), args.batches))
 
@@ -54,8 +53,7 @@ def main() -> None:
         started = time.perf_counter()
         for batch in batches[:3]:
             cond = backend.encode_prompts(batch["prompt"])
-            loss, _ = compute_loss("msd", backend, refiner(batch["noise"], cond), cond, batch["target"],
-                                   cfg.student.num_steps, gain=gain)
+            loss, _ = loss_fn(refiner(batch["noise"], cond), cond, batch["target"])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -23,10 +23,9 @@ CHILD = r"""
 import json, resource, sys, time, torch
 torch.set_num_threads(int(sys.argv[4]))
 from noiserefine.backends.digits import DigitsBackend, SCHEDULER_CONFIG, build_unet
-from noiserefine.config import RefinerConfig
-from noiserefine.losses import compute_loss
+from noiserefine.config import RefinerConfig, load_config
+from noiserefine.losses import build_loss
 from noiserefine.refiner import Refiner
-from noiserefine.sampling import rollout_gain
 loss_name, num_steps, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 torch.manual_seed(0)
 backend = DigitsBackend(build_unet([16, 32, 64], 64), torch.randn(11, 1, 64), SCHEDULER_CONFIG)
@@ -35,11 +34,9 @@ optimizer = torch.optim.AdamW(refiner.trainable_parameters(), lr=1e-4)
 noise = torch.randn(batch, *backend.latent_shape)
 target = torch.randn_like(noise)
 cond = backend.encode_prompts(["seven"] * batch)
-gain = rollout_gain(backend, num_steps)
+loss_fn = build_loss(load_config(overrides=[f"train.loss={loss_name}", f"student.num_steps={num_steps}"]), backend)
 def step():
-    refined = refiner(noise, cond)
-    options = {"gain": gain} if loss_name == "msd" else {}
-    loss, _ = compute_loss(loss_name, backend, refined, cond, target, num_steps, **options)
+    loss, _ = loss_fn(refiner(noise, cond), cond, target)
     optimizer.zero_grad(); loss.backward(); optimizer.step()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # model and inputs built, no step yet
 step()  # warm-up: allocator, lazy init

@@ -8,8 +8,6 @@ key and the file. The resolved config is saved next to every output.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +45,10 @@ class ModelConfig:
     revision: str = ""
     dtype: str = "float32"  # float32 | bfloat16 | float16 (GPU only)
     device: str = "cpu"
+    # pretrained: load model.path. random: build model.architecture at its published size with RANDOM
+    # WEIGHTS (for speed/memory measurements and smoke tests; samples are noise); model.path is ignored.
+    init: str = "pretrained"  # pretrained | random
+    architecture: str = ""  # with init=random: sd15 | sd21 | sd21_768 | sdxl | dit_xl2 | sit_xl2
     digits: DigitsTeacherConfig = field(default_factory=DigitsTeacherConfig)
 
 
@@ -103,7 +105,7 @@ class DataConfig:
 @dataclass
 class PipelineConfig:
     address: str = ""  # Ray address; empty = start a local Ray
-    num_workers: int = 1
+    num_workers: int = 1  # Ray actors; 0 = generate in this process, without Ray
     gpus_per_worker: float = 0.0
     cpus_per_worker: float = 1.0
     batch_size: int = 125
@@ -136,6 +138,9 @@ class EvalConfig:
     seed_offset: int = 10_000_000  # held-out seeds never used by the teacher cache
     batch_size: int = 250
     grid_columns: int = 10
+    prompts: list[str] = field(default_factory=list)  # cycled; empty = the plan's prompt draw
+    metrics: str = "none"  # none | digit_classifier (the embedded default's in-domain classifier)
+    classifier_dir: str = ""  # digit_classifier: where the classifier is trained once and cached
 
 
 @dataclass
@@ -162,21 +167,16 @@ class Config:
     demo: DemoConfig = field(default_factory=DemoConfig)
 
 
-# Fields that decide what the teacher cache contains. Everything else (training,
-# evaluation, Ray resources, how many samples were asked for) may change without
-# invalidating a cache: a larger num_samples only adds shards to the same plan.
-TEACHER_KEY_FIELDS = {
-    "model": None,
-    "teacher": None,
-    "data": ("sources", "shard_size", "base_seed", "dedup", "max_prompt_chars", "target_dtype"),
-}
-
 _CHOICES = {
     "model.backend": ("digits", "stable_diffusion", "sdxl", "sit"),
     "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.init": ("pretrained", "random"),
+    # "" or a directory of noiserefine/backends/architectures/ (tests/test_real_size.py keeps the two in step)
+    "model.architecture": ("", "sd15", "sd21", "sd21_768", "sdxl", "dit_xl2", "sit_xl2"),
     "teacher.guidance": ("cfg", "cfg_pag"),
     "data.target_dtype": ("float16", "float32"),
     "train.loss": ("msd", "full_gradient", "noise_space"),
+    "eval.metrics": ("none", "digit_classifier"),
 }
 
 
@@ -229,11 +229,14 @@ def validate(cfg: DictConfig) -> None:
         if value not in choices:
             raise ValueError(f"config key '{key}' is {value!r}; expected one of {choices}")
     for key in ("teacher.num_steps", "student.num_steps", "data.num_samples", "data.shard_size",
-                "pipeline.num_workers", "pipeline.batch_size", "train.max_steps", "train.batch_size",
+                "pipeline.batch_size", "train.max_steps", "train.batch_size",
                 "train.checkpoint_every", "eval.num_samples", "eval.batch_size"):
         value = OmegaConf.select(cfg, key)
         if value < 1:
             raise ValueError(f"config key '{key}' must be >= 1, got {value}")
+    if cfg.pipeline.num_workers < 0:
+        raise ValueError(f"config key 'pipeline.num_workers' must be >= 0 (0: in-process, no Ray), "
+                         f"got {cfg.pipeline.num_workers}")
     for index, source in enumerate(cfg.data.sources):
         if source.weight <= 0:
             raise ValueError(f"config key 'data.sources.{index}.weight' must be > 0, got {source.weight}")
@@ -248,21 +251,6 @@ def save_config(cfg: DictConfig, path: str | Path) -> Path:
     path = Path(path)
     write_text_atomic(path, to_yaml(cfg))
     return path
-
-
-def teacher_subtree(cfg: DictConfig) -> dict[str, Any]:
-    """The part of the config that decides the teacher cache's content."""
-    full = OmegaConf.to_container(cfg, resolve=True)
-    out: dict[str, Any] = {}
-    for section, keys in TEACHER_KEY_FIELDS.items():
-        out[section] = full[section] if keys is None else {k: full[section][k] for k in keys}
-    return out
-
-
-def teacher_key(cfg: DictConfig) -> str:
-    """``<backend>-<12 hex of sha256(teacher subtree)>``: the teacher cache's directory name."""
-    blob = json.dumps(teacher_subtree(cfg), sort_keys=True).encode()
-    return f"{cfg.model.backend}-{hashlib.sha256(blob).hexdigest()[:12]}"
 
 
 def config_from_container(container: dict[str, Any]) -> DictConfig:

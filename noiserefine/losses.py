@@ -1,14 +1,15 @@
-"""Training losses for the refiner: MSD (the default) and its two ablations.
+"""Training losses for the refiner, built once from the config: MSD (the default) and its two ablations.
 
-All are pure functions of ``refined`` = ``x̂_T`` (carrying the refiner's
-autograd graph; the refiner forward happens in the caller) and the teacher
-target ``x0_guide``. Each returns ``(loss, x0)`` where ``loss = mean((x0 -
-target)^2)`` in float32; targets may arrive as float16 and are cast.
+Each loss is a callable ``loss_fn(refined, cond, target) -> (loss, x0)`` holding its
+own options (rollout gain, checkpointing), so the training step never asks which
+one it runs. ``refined`` = ``x̂_T`` carries the refiner's autograd graph (the
+refiner forward happens in the caller); ``target`` is the cached ``x0_guide``.
+``loss = mean((x0 - target)^2)`` in float32; targets may arrive as float16.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -18,63 +19,71 @@ from .inversion import ddim_invert
 from .sampling import rollout, rollout_gain
 
 
+class LossFn(Protocol):
+    def __call__(self, refined: torch.Tensor, cond: Conditioning,
+                 target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+
+
 def _mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(prediction.float(), target.to(prediction.device, torch.float32))
 
 
-def msd_loss(backend: Backend, refined: torch.Tensor, cond: Conditioning, target: torch.Tensor,
-             num_steps: int, gain: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+class MSDLoss:
     """Multi-step Score Distillation.
 
-    ``x̂_0 = rollout_N(x̂_T)`` (unguided, run under ``no_grad``). With every network
-    output held fixed each step is affine, ``x_prev = a_t x_t + b_t sg(eps)``, so
-    ``d x̂_0 / d x̂_T ≈ K = sigma_init * prod_t a_t`` (``sampling.rollout_gain``).
-    Straight-through: ``x0 = K x̂_T + sg(rollout(x̂_T) - K x̂_T)``, whose value is
-    the rollout and whose gradient is ``K dL/dx0``. Only the refiner's graph is
-    kept, so memory does not grow with ``num_steps``. ``gain`` depends only on the
-    scheduler and ``num_steps``; pass it to skip recomputing it.
+    ``x̂_0 = rollout_N(x̂_T)`` (unguided, under ``no_grad``). With every network output
+    held fixed each step is affine, ``x_prev = a_t x_t + b_t sg(eps)``, so
+    ``d x̂_0 / d x̂_T = K = sigma_init * prod_t a_t`` (:func:`sampling.rollout_gain`).
+    Straight-through: ``x0 = K x̂_T + sg(rollout(x̂_T) - K x̂_T)``, whose value is the
+    rollout and whose gradient is ``K dL/dx0``. Only the refiner's graph is kept, so
+    memory does not grow with ``num_steps``.
     """
-    if gain is None:
-        gain = rollout_gain(backend, num_steps)
-    with torch.no_grad():
-        sampled = rollout(backend, refined.detach(), cond, num_steps)
-        offset = sampled - gain * refined.detach()
-    x0 = gain * refined + offset
-    return _mse(x0, target), x0
+
+    def __init__(self, backend: Backend, num_steps: int):
+        self.backend, self.num_steps = backend, num_steps
+        self.gain = rollout_gain(backend, num_steps)  # depends on the scheduler and N only
+
+    def __call__(self, refined, cond, target):
+        with torch.no_grad():
+            sampled = rollout(self.backend, refined.detach(), cond, self.num_steps)
+            offset = sampled - self.gain * refined.detach()
+        x0 = self.gain * refined + offset
+        return _mse(x0, target), x0
 
 
-def full_gradient_loss(backend: Backend, refined: torch.Tensor, cond: Conditioning, target: torch.Tensor,
-                       num_steps: int, checkpoint_steps: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+class FullGradientLoss:
     """Ablation: backpropagate through all ``num_steps`` network calls of ``x̂_0 = rollout_N(x̂_T)``.
 
     Activation memory grows linearly with ``num_steps``; ``checkpoint_steps``
     recomputes each network call in backward instead of storing its activations.
     """
-    x0 = rollout(backend, refined, cond, num_steps, checkpoint_steps=checkpoint_steps)
-    return _mse(x0, target), x0
+
+    def __init__(self, backend: Backend, num_steps: int, checkpoint_steps: bool = False):
+        self.backend, self.num_steps, self.checkpoint_steps = backend, num_steps, checkpoint_steps
+
+    def __call__(self, refined, cond, target):
+        x0 = rollout(self.backend, refined, cond, self.num_steps, checkpoint_steps=self.checkpoint_steps)
+        return _mse(x0, target), x0
 
 
-def noise_space_loss(backend: Backend, refined: torch.Tensor, cond: Conditioning, target: torch.Tensor,
-                     num_steps: int, inverted: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
-    """Ablation: regress ``x̂_T`` onto ``DDIM-invert_N(x0_guide)``: ``mean((x̂_T - inv(x0_guide))^2)``.
+class NoiseSpaceLoss:
+    """Ablation: regress ``x̂_T`` onto ``DDIM-invert_N(x0_guide)``: ``mean((x̂_T - inv(x0_guide))^2)``."""
 
-    ``inverted`` may be precomputed (it does not depend on the refiner).
-    """
-    if inverted is None:
-        inverted = ddim_invert(backend, target.to(torch.float32), cond, num_steps)
-    return _mse(refined, inverted.detach()), None
+    def __init__(self, backend: Backend, num_steps: int):
+        self.backend, self.num_steps = backend, num_steps
 
-
-LOSSES: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor | None]]] = {
-    "msd": msd_loss,
-    "full_gradient": full_gradient_loss,
-    "noise_space": noise_space_loss,
-}
+    def __call__(self, refined, cond, target):
+        inverted = ddim_invert(self.backend, target.to(torch.float32), cond, self.num_steps)
+        return _mse(refined, inverted.detach()), None
 
 
-def compute_loss(name: str, backend: Backend, refined: torch.Tensor, cond: Conditioning,
-                 target: torch.Tensor, num_steps: int, **options) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Dispatch to ``LOSSES[name]``; ``options`` are that loss's keyword arguments."""
-    if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; expected one of {sorted(LOSSES)}")
-    return LOSSES[name](backend, refined, cond, target, num_steps, **options)
+def build_loss(cfg, backend: Backend) -> LossFn:
+    """The loss named by ``train.loss`` over ``student.num_steps`` unguided steps."""
+    name, num_steps = cfg.train.loss, int(cfg.student.num_steps)
+    if name == "msd":
+        return MSDLoss(backend, num_steps)
+    if name == "full_gradient":
+        return FullGradientLoss(backend, num_steps, checkpoint_steps=bool(cfg.train.gradient_checkpointing))
+    if name == "noise_space":
+        return NoiseSpaceLoss(backend, num_steps)
+    raise ValueError(f"train.loss {name!r} is not one of msd, full_gradient, noise_space")

@@ -148,53 +148,70 @@ def decode_sample(sample: dict, *, source: str = "") -> dict:
     return {"key": key, "meta": meta, "arrays": arrays}
 
 
-def _iter_raw(path: Path) -> Iterator[dict]:
-    """Group members of one plain tar into raw sample dicts, detecting truncation."""
-    url, seen, cur = str(path), set(), None
+class ShardFormatError(ValueError):
+    """The bytes are not a complete plain tar (truncated, corrupt header): damage, not content."""
+
+
+def _iter_raw(data: bytes, source: str) -> Iterator[dict]:
+    """The one tar parser: group the members of one shard (held in memory) into raw sample dicts.
+
+    Refuses what the writer never writes: non-regular members (links, devices,
+    directories), names that are not ``<key>.<ext>`` with a valid key (no ``/``, no
+    leading ``_`` or ``.``), a key that appears again after another key, a repeated
+    member, compressed tars, and members whose declared size runs past the end.
+    """
+    seen, current = set(), None
     try:
-        with tarfile.open(path, "r:") as tar:
-            for ti in tar:
-                if not ti.isreg():
-                    raise ValueError(f"{path}: refusing non-regular member {ti.name!r}")
-                key, dot, ext = ti.name.partition(".")
-                if not dot or "/" in ti.name or not key or not ext:
-                    raise ValueError(f"{path}: refusing member {ti.name!r}: expected <key>.<ext>")
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            for member in tar:
+                if not member.isreg():
+                    raise ValueError(f"{source}: refusing non-regular member {member.name!r}")
+                key, dot, ext = member.name.partition(".")
+                if not dot or not ext or not _KEY_RE.match(key):
+                    raise ValueError(f"{source}: refusing member {member.name!r}: expected <key>.<ext>")
+                if member.offset_data + member.size > len(data):
+                    raise ShardFormatError(f"{source}: member {member.name!r} declares {member.size} bytes, "
+                                           "past the end of the shard (truncated or corrupt)")
                 ext = ext.lower()
-                if cur is None or cur["__key__"] != key:
-                    if cur is not None:
-                        yield cur
+                if current is None or current["__key__"] != key:
+                    if current is not None:
+                        yield current
                     if key in seen:
-                        raise ValueError(f"{path}: key {key!r} appears twice")
+                        raise ValueError(f"{source}: key {key!r} appears twice")
                     seen.add(key)
-                    cur = {"__key__": key, "__url__": url}
-                if ext in cur:
-                    raise ValueError(f"{path}: duplicate member {ti.name!r}")
-                cur[ext] = tar.extractfile(ti).read()
+                    current = {"__key__": key, "__url__": source}
+                if ext in current:
+                    raise ValueError(f"{source}: duplicate member {member.name!r}")
+                current[ext] = tar.extractfile(member).read()
             end = tar.offset
-        # tarfile silently stops at a missing header: demand the 1024-byte zero end marker.
-        with open(path, "rb") as f:
-            f.seek(end)
-            if f.read(1024) != bytes(1024):
-                raise ValueError(f"{path}: truncated shard (missing end-of-archive marker)")
-    except (tarfile.TarError, EOFError) as e:
-        raise ValueError(f"{path}: corrupt or truncated shard: {e}") from e
-    if cur is not None:
-        yield cur
+    except (tarfile.TarError, EOFError) as error:
+        raise ShardFormatError(f"{source}: corrupt or truncated shard: {error}") from None
+    # tarfile silently stops at a missing header: demand the 1024-byte zero end marker.
+    if data[end:end + 1024] != bytes(1024):
+        raise ShardFormatError(f"{source}: truncated shard (missing end-of-archive marker)")
+    if current is not None:
+        yield current
+
+
+def iter_samples(data: bytes, source: str) -> Iterator[ShardSample]:
+    """The decoded samples of one shard's bytes (pickle-free; see :func:`decode_sample`)."""
+    for raw in _iter_raw(data, source):
+        decoded = decode_sample(raw, source=source)
+        yield ShardSample(decoded["key"], decoded["meta"], decoded["arrays"])
 
 
 def read_shard(path) -> Iterator[ShardSample]:
-    """Iterate the samples of one shard with ``tarfile`` (same refusal rules as decode_sample)."""
+    """Iterate the samples of the shard file ``path``."""
     path = Path(path)
-    for raw in _iter_raw(path):
-        d = decode_sample(raw, source=str(path))
-        yield ShardSample(d["key"], d["meta"], d["arrays"])
+    return iter_samples(path.read_bytes(), str(path))
 
 
 def shard_info(path) -> ShardInfo:
-    """Count (distinct keys), size and sha256 of an existing shard."""
+    """Count (distinct keys), size and sha256 of an existing shard (parsed and decoded whole)."""
     path = Path(path)
-    n = sum(1 for _ in _iter_raw(path))
-    return ShardInfo(path.name, n, path.stat().st_size, file_sha256(path))
+    data = path.read_bytes()
+    count = sum(1 for _ in iter_samples(data, str(path)))
+    return ShardInfo(path.name, count, len(data), hashlib.sha256(data).hexdigest())
 
 
 def verify_shard(cache_dir: Path, info: ShardInfo) -> bool:

@@ -36,7 +36,7 @@ def trained_teacher_dir(tmp_path_factory) -> Path:
 
     NOISEREFINE_TEST_TEACHER may point at an existing teacher directory to skip training.
     """
-    from noiserefine.backends.digits import ensure_digits_teacher
+    from noiserefine.digits.teacher import ensure_digits_teacher
     from noiserefine.config import load_config
 
     existing = os.environ.get("NOISEREFINE_TEST_TEACHER")

@@ -15,11 +15,12 @@ from pathlib import Path
 import pytest
 
 from noiserefine.backends import load_backend
-from noiserefine.backends.digits import ensure_digits_teacher
-from noiserefine.cache import prepare_cache_dir, record_shards, scan_cache
-from noiserefine.config import load_config, teacher_key
-from noiserefine.generate import generate_shard
-from noiserefine.plan import Plan
+from noiserefine.digits.teacher import ensure_digits_teacher
+from noiserefine.targets.cache import prepare_cache_dir, record_shards, scan_cache
+from noiserefine.config import load_config
+from noiserefine.targets.identity import teacher_key
+from noiserefine.targets.generate import generate_shard
+from noiserefine.targets.plan import Plan
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS_YAML = REPO / "configs" / "digits.yaml"
@@ -80,6 +81,6 @@ def tiny_root(tmp_path_factory, tiny_teacher) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_cache(tiny_root, tiny_teacher) -> Path:
-    from noiserefine.cache import cache_dir_for
+    from noiserefine.targets.cache import cache_dir_for
 
     return cache_dir_for(tiny_config(tiny_root, tiny_teacher))

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from noiserefine.analysis import low_frequency_fraction, radial_power_spectrum
-from noiserefine.eval import gap_closed
+from noiserefine.evaluation.spectrum import low_frequency_fraction, radial_power_spectrum
+from noiserefine.evaluation.scores import gap_closed
 
 
 def test_white_noise_energy_is_spread_by_area():

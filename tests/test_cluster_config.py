@@ -13,8 +13,9 @@ to AWS (``ray.autoscaler._private.commands._bootstrap_config``):
 
 What ``ray up`` does afterwards (autodetecting node resources via the EC2 API,
 ``bootstrap_aws``: IAM role, key pair, subnets, security groups) needs AWS and
-is not exercised here.  The semantic checks below cover what the schema does
-not.
+is not exercised here. Beyond Ray's checks only two facts are tested: the
+local paths of ``file_mounts`` exist (``ray up`` asserts it) and the documented
+``ray submit`` overrides are valid keys of our own config.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ import yaml
 
 try:
     import jsonschema
-    import ray
     from ray.autoscaler._private.util import prepare_config, validate_config
 except ImportError as exc:  # deliberately not importorskip: a moved API must fail loudly
     raise ImportError(
@@ -45,8 +45,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = REPO_ROOT / "infra" / "cluster.yaml"
 README = REPO_ROOT / "infra" / "README.md"
 
-AMI_ID = re.compile(r"^ami-(?:[0-9a-f]{8}|[0-9a-f]{17})$")
-MIN_ROOT_VOLUME_GIB = 100  # the EC2 default (8 GiB) cannot even hold the DLAMI
 
 
 def load_raw() -> dict:
@@ -100,17 +98,6 @@ def repo_mount(config: dict) -> str:
 
 
 # --------------------------------------------------------------------------- Ray's validation
-
-
-def test_loads_as_yaml_for_aws(raw):
-    assert isinstance(raw, dict), "infra/cluster.yaml is not a YAML mapping"
-    assert raw["cluster_name"] == "noiserefine"
-    provider = raw["provider"]
-    assert provider["type"] == "aws"
-    assert re.fullmatch(r"[a-z]{2}(-[a-z]+)+-\d", provider.get("region", "")), provider
-    assert isinstance(provider.get("cache_stopped_nodes"), bool)
-    for key in ("max_workers", "upscaling_speed", "idle_timeout_minutes"):
-        assert key in raw, f"{key} should be set explicitly"
 
 
 def test_passes_ray_validation_offline(raw, no_network):
@@ -191,42 +178,7 @@ def test_broken_copy_fails_ray_validation(case, no_network):
     assert fragment in str(info.value)
 
 
-# --------------------------------------------------------------------------- what the schema does not check
-
-
-def test_head_node_type_is_an_available_node_type(raw):
-    assert raw["head_node_type"] in raw["available_node_types"], (
-        f"head_node_type {raw['head_node_type']!r} not in {sorted(raw['available_node_types'])}"
-    )
-
-
-def test_head_is_cpu_only_and_workers_have_gpus(raw):
-    head = raw["available_node_types"][raw["head_node_type"]]
-    assert head["resources"].get("CPU", 0) >= 1, "head should advertise its CPUs"
-    assert head["resources"].get("GPU", 0) == 0, "the head is the CPU node"
-    workers = worker_types(raw)
-    assert workers, "no worker node type"
-    for name, node_type in workers.items():
-        resources = node_type["resources"]
-        assert resources.get("GPU", 0) >= 1, f"worker type {name} has no GPU resources"
-        assert resources.get("CPU", 0) >= 1, f"worker type {name} has no CPU resources"
-
-
-def test_node_configs_are_plausible_ec2_launch_configs(raw):
-    for name, node_type in raw["available_node_types"].items():
-        node_config = node_type["node_config"]
-        assert isinstance(node_config.get("InstanceType"), str), f"{name}: InstanceType"
-        assert AMI_ID.fullmatch(str(node_config.get("ImageId", ""))), (
-            f"{name}: ImageId {node_config.get('ImageId')!r} is not an AMI id"
-        )
-        volumes = [
-            mapping["Ebs"]["VolumeSize"]
-            for mapping in node_config.get("BlockDeviceMappings", [])
-            if mapping.get("DeviceName") in ("/dev/sda1", "/dev/xvda")
-        ]
-        assert volumes and volumes[0] >= MIN_ROOT_VOLUME_GIB, (
-            f"{name}: needs a root-volume BlockDeviceMapping >= {MIN_ROOT_VOLUME_GIB} GiB"
-        )
+# --------------------------------------------------------------------------- what `ray up` and our config check
 
 
 def test_file_mounts_map_a_path_to_the_repo_root(raw):
@@ -239,59 +191,11 @@ def test_file_mounts_map_a_path_to_the_repo_root(raw):
         )
 
 
-def test_setup_commands_pip_install_the_mounted_project_on_every_node(raw):
-    remote = re.escape(repo_mount(raw).rstrip("/"))
-    install = re.compile(rf"\bpip install\b[^;&|]*\s-e\s+{remote}/?(?=\s|$|[;&|])")
-    # Global setup_commands run on the head and on every worker.
-    assert any(install.search(cmd) for cmd in raw["setup_commands"]), raw["setup_commands"]
-    # A node type's own worker_setup_commands REPLACE the global ones on that type.
-    for name, node_type in raw["available_node_types"].items():
-        override = node_type.get("worker_setup_commands")
-        if override is not None:
-            assert any(install.search(cmd) for cmd in override), (
-                f"{name}.worker_setup_commands overrides setup_commands without installing the project"
-            )
-
-
-def test_setup_commands_pin_the_local_ray_version(raw):
-    pins = re.findall(r"ray\[default\]==([0-9][^\s\"']*)", " ".join(raw["setup_commands"]))
-    assert pins == [ray.__version__], (
-        f"setup_commands pin ray {pins}, but `ray up` runs with ray {ray.__version__}; "
-        "the cluster's Ray must match the local one"
-    )
-
-
 def test_head_setup_installs_boto3(raw, no_network):
     # Overriding head_setup_commands drops Ray's default boto3 install, and the
     # autoscaler on the head needs boto3 to launch workers.
     prepared = ray_validate(raw)
     assert any("boto3" in cmd for cmd in prepared["head_setup_commands"])
-
-
-def test_start_commands(raw):
-    head = " ; ".join(raw["head_start_ray_commands"])
-    assert raw["head_start_ray_commands"][0].strip() == "ray stop"
-    for flag in ("ray start --head", "--port=6379", "--autoscaling-config=~/ray_bootstrap_config.yaml"):
-        assert flag in head, f"head_start_ray_commands lacks {flag}"
-    worker = " ; ".join(raw["worker_start_ray_commands"])
-    assert raw["worker_start_ray_commands"][0].strip() == "ray stop"
-    assert "ray start --address=$RAY_HEAD_IP:6379" in worker
-
-
-def test_worker_bounds(raw):
-    global_max = raw["max_workers"]
-    assert isinstance(global_max, int) and global_max >= 1
-    for name, node_type in raw["available_node_types"].items():
-        low, high = node_type.get("min_workers"), node_type.get("max_workers")
-        assert isinstance(low, int) and isinstance(high, int), f"{name}: set min/max_workers"
-        assert 0 <= low <= high <= global_max, f"{name}: need 0 <= {low} <= {high} <= {global_max}"
-    assert any(t["max_workers"] >= 1 for t in worker_types(raw).values()), "workers cannot scale up"
-    assert sum(t["min_workers"] for t in raw["available_node_types"].values()) <= global_max
-
-
-def test_rsync_never_uploads_the_local_venv_or_git(raw):
-    excludes = {pattern.strip("/") for pattern in raw.get("rsync_exclude", [])}
-    assert {".venv", ".git"} <= excludes, raw.get("rsync_exclude")
 
 
 @pytest.mark.parametrize("doc", [CLUSTER_YAML, README], ids=lambda p: p.name)

@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from helpers_cache import NUM_SHARDS, SHARD_SIZE, copy_cache, tiny_cache, tiny_config, tiny_root, tiny_teacher  # noqa: F401
-from noiserefine.data import DataPosition, TeacherStream, open_cache, rank_shards
+from noiserefine.targets.cache import open_cache
+from noiserefine.train.stream import DataPosition, TeacherStream, rank_shards
 from noiserefine.noise import noise_from_seed
 from noiserefine.shards import ShardInfo, ShardSample, read_manifest, read_shard, write_manifest, write_shard
-from noiserefine.cache import record_shards
+from noiserefine.targets.cache import record_shards
 
 ALL_IDS = set(range(NUM_SHARDS * SHARD_SIZE))
 

@@ -6,13 +6,16 @@ import subprocess
 import sys
 
 from conftest import REPO
+import pytest
+
+pytestmark = pytest.mark.slow  # subprocesses, Ray, DeepSpeed or teacher training: `make test` only
 
 
 def test_quick_demo_writes_report(tmp_path):
     run_dir = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("RAY_ADDRESS", None)
-    result = subprocess.run([sys.executable, "-m", "noiserefine.demo", "--quick", "--run-dir", str(run_dir)],
+    result = subprocess.run([sys.executable, "-m", "noiserefine.digits.demo", "--quick", "--run-dir", str(run_dir)],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for name in ("report.md", "metrics.json", "config.yaml", "samples.png", "transfer.png", "spectrum.png",
@@ -33,7 +36,7 @@ def test_quick_demo_writes_report(tmp_path):
     assert not (run_dir / "ablation-msd").exists()
     assert (run_dir / "refiner-msd" / "snapshots" / "step00000002" / "refiner.safetensors").is_file()
     # re-running reuses everything: no new teacher training, no new shards, training already done
-    again = subprocess.run([sys.executable, "-m", "noiserefine.demo", "--quick", "--run-dir", str(run_dir)],
+    again = subprocess.run([sys.executable, "-m", "noiserefine.digits.demo", "--quick", "--run-dir", str(run_dir)],
                            cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stdout[-3000:]
     assert "0 to generate" in again.stdout

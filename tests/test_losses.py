@@ -4,7 +4,8 @@ import torch
 from conftest import tiny_digits_backend
 from noiserefine.config import RefinerConfig
 from noiserefine.inversion import ddim_invert, inverse_scheduler
-from noiserefine.losses import LOSSES, compute_loss, full_gradient_loss, msd_loss, noise_space_loss
+from noiserefine.config import load_config
+from noiserefine.losses import FullGradientLoss, MSDLoss, NoiseSpaceLoss, build_loss
 from noiserefine.noise import noise_from_seeds
 from noiserefine.refiner import Refiner
 from noiserefine.sampling import make_scheduler, rollout, rollout_gain
@@ -28,9 +29,9 @@ def _input_independent(backend):
     return denoise
 
 
-def _grad(loss_fn, backend, noise, cond, target, num_steps, **options):
+def _grad(loss_class, backend, noise, cond, target, num_steps, **options):
     refined = noise.clone().requires_grad_(True)
-    loss, x0 = loss_fn(backend, refined, cond, target, num_steps, **options)
+    loss, x0 = loss_class(backend, num_steps, **options)(refined, cond, target)
     loss.backward()
     return refined.grad, loss, x0
 
@@ -40,26 +41,25 @@ def test_msd_gradient_is_gain_times_output_gradient(tiny_backend):
     num_steps = 5
     gain = rollout_gain(tiny_backend, num_steps)
     assert abs(gain - 1) > 0.5  # a gain of 1 would make the check below weak
-    grad, loss, x0 = _grad(msd_loss, tiny_backend, noise, cond, target.half(), num_steps)
+    grad, loss, x0 = _grad(MSDLoss, tiny_backend, noise, cond, target.half(), num_steps)
+    assert MSDLoss(tiny_backend, num_steps).gain == gain
     assert loss.dtype == torch.float32
     with torch.no_grad():
         torch.testing.assert_close(x0, rollout(tiny_backend, noise, cond, num_steps), rtol=1e-5, atol=1e-5)
     expected = gain * 2 * (x0.detach() - target.half().float()) / x0.numel()
     torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-9)
-    grad_given, _, _ = _grad(msd_loss, tiny_backend, noise, cond, target.half(), num_steps, gain=gain)
-    assert torch.equal(grad_given, grad)
 
 
 def test_msd_equals_full_gradient_for_input_independent_denoiser(tiny_backend, monkeypatch):
     noise, cond, target = _inputs(tiny_backend)
-    real_msd, _, _ = _grad(msd_loss, tiny_backend, noise, cond, target, 6)
-    real_full, _, _ = _grad(full_gradient_loss, tiny_backend, noise, cond, target, 6)
+    real_msd, _, _ = _grad(MSDLoss, tiny_backend, noise, cond, target, 6)
+    real_full, _, _ = _grad(FullGradientLoss, tiny_backend, noise, cond, target, 6)
     # for the real network the Jacobian of the rollout is not K * I, so the two differ
     assert (real_msd - real_full).abs().max() > 1e-2 * real_full.abs().max()
 
     monkeypatch.setattr(tiny_backend, "denoise", _input_independent(tiny_backend))
-    msd, _, _ = _grad(msd_loss, tiny_backend, noise, cond, target, 6)
-    full, _, _ = _grad(full_gradient_loss, tiny_backend, noise, cond, target, 6)
+    msd, _, _ = _grad(MSDLoss, tiny_backend, noise, cond, target, 6)
+    full, _, _ = _grad(FullGradientLoss, tiny_backend, noise, cond, target, 6)
     torch.testing.assert_close(msd, full, rtol=1e-4, atol=1e-9)
 
 
@@ -80,10 +80,11 @@ def _train_step_bytes(loss_name, num_steps):
     backend = tiny_digits_backend()
     refiner = Refiner(backend, RefinerConfig())
     noise, cond, target = _inputs(backend)
+    loss_fn = build_loss(load_config(overrides=[f"train.loss={loss_name}", f"student.num_steps={num_steps}"]), backend)
 
     def step():
         refined = refiner(noise, cond)
-        loss, _ = compute_loss(loss_name, backend, refined, cond, target, num_steps)
+        loss, _ = loss_fn(refined, cond, target)
         loss.backward()
 
     return _saved_bytes(step)
@@ -100,8 +101,8 @@ def test_msd_memory_does_not_grow_with_steps():
 
 def test_checkpointed_full_gradient_matches(tiny_backend):
     noise, cond, target = _inputs(tiny_backend)
-    plain, loss_plain, _ = _grad(full_gradient_loss, tiny_backend, noise, cond, target, 4)
-    checkpointed, loss_checkpointed, _ = _grad(full_gradient_loss, tiny_backend, noise, cond, target, 4,
+    plain, loss_plain, _ = _grad(FullGradientLoss, tiny_backend, noise, cond, target, 4)
+    checkpointed, loss_checkpointed, _ = _grad(FullGradientLoss, tiny_backend, noise, cond, target, 4,
                                                checkpoint_steps=True)
     assert plain.abs().max() > 0
     torch.testing.assert_close(loss_checkpointed, loss_plain)
@@ -111,9 +112,9 @@ def test_checkpointed_full_gradient_matches(tiny_backend):
 def test_noise_space_loss_is_zero_at_the_inverted_target(tiny_backend):
     noise, cond, target = _inputs(tiny_backend)
     inverted = ddim_invert(tiny_backend, target, cond, 5)
-    loss, x0 = noise_space_loss(tiny_backend, inverted.clone().requires_grad_(True), cond, target.half(), 5)
+    loss, x0 = NoiseSpaceLoss(tiny_backend, 5)(inverted.clone().requires_grad_(True), cond, target.half())
     assert x0 is None and loss.item() < 1e-6
-    grad, loss_noise, _ = _grad(noise_space_loss, tiny_backend, noise, cond, target, 5, inverted=inverted)
+    grad, loss_noise, _ = _grad(NoiseSpaceLoss, tiny_backend, noise, cond, target, 5)
     assert loss_noise.item() > 0.1
     torch.testing.assert_close(grad, 2 * (noise - inverted) / noise.numel())
 
@@ -152,12 +153,16 @@ def test_inversion_refuses_linspace_spacing():
         inverse_scheduler(backend, 5)
 
 
-def test_compute_loss_dispatch(tiny_backend):
+@pytest.mark.parametrize("name, loss_class", [("msd", MSDLoss), ("full_gradient", FullGradientLoss),
+                                              ("noise_space", NoiseSpaceLoss)])
+def test_build_loss_holds_the_configured_options(tiny_backend, name, loss_class):
+    cfg = load_config(overrides=[f"train.loss={name}", "student.num_steps=3", "train.gradient_checkpointing=true"])
+    loss_fn = build_loss(cfg, tiny_backend)
+    assert type(loss_fn) is loss_class and loss_fn.num_steps == 3
+    if name == "full_gradient":
+        assert loss_fn.checkpoint_steps is True
     noise, cond, target = _inputs(tiny_backend)
-    assert set(LOSSES) == {"msd", "full_gradient", "noise_space"}
     with torch.no_grad():
-        direct, _ = msd_loss(tiny_backend, noise, cond, target, 3)
-        dispatched, _ = compute_loss("msd", tiny_backend, noise, cond, target, 3)
-    assert torch.equal(direct, dispatched)
-    with pytest.raises(ValueError, match="'nope'"):
-        compute_loss("nope", tiny_backend, noise, cond, target, 3)
+        built, _ = loss_fn(noise, cond, target)
+        direct, _ = loss_class(tiny_backend, 3)(noise, cond, target)
+    assert torch.equal(built, direct)

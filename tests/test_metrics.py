@@ -1,4 +1,4 @@
-"""Tests for noiserefine.metrics: FID / IS formulas, the digit classifier and its cache, image grids."""
+"""FID / IS formulas (evaluation.scores), the digit classifier and its cache (digits.classifier), image grids."""
 
 from __future__ import annotations
 
@@ -12,18 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from noiserefine import metrics
-from noiserefine.digits_data import load_digit_images
-from noiserefine.metrics import (
-    DigitMetrics,
-    conditional_accuracy,
-    digit_split,
-    feature_statistics,
-    frechet_distance,
-    inception_score,
-    load_or_train_classifier,
-    save_image_grid,
-)
+from noiserefine.digits import classifier as metrics
+from noiserefine.digits.classifier import DigitMetrics, digit_split, load_or_train_classifier
+from noiserefine.digits.data import load_digit_images
+from noiserefine.evaluation.grids import save_image_grid
+from noiserefine.evaluation.scores import conditional_accuracy, feature_statistics, frechet_distance, inception_score
 
 TEST_STEPS = 300  # small training budget for the test classifier
 
@@ -47,9 +40,10 @@ def digit_metrics(cached):
 
 @pytest.fixture(scope="module")
 def heldout():
+    """Held-out real digits in [0, 1] and prompts naming their digits."""
     images, labels = load_digit_images()
     _, test_idx = digit_split()
-    return (images[test_idx] + 1) / 2, labels[test_idx]
+    return (images[test_idx] + 1) / 2, [f"a handwritten digit {int(d)}" for d in labels[test_idx]]
 
 
 # --------------------------------------------------------------------------- Frechet distance
@@ -158,6 +152,15 @@ def test_digit_metrics_real_vs_noise_vs_black(digit_metrics, heldout):
     assert black["inception_score"] == pytest.approx(1.0, abs=1e-6)
 
 
+def test_accuracy_counts_only_prompts_that_name_a_digit(digit_metrics, heldout):
+    images, prompts = heldout
+    some = digit_metrics(images[:50], prompts[:50])
+    mixed = digit_metrics(images[:50], prompts[:25] + ["a cat"] * 25)
+    first = digit_metrics(images[:25], prompts[:25])
+    assert mixed["accuracy"] == first["accuracy"] and some["num_samples"] == mixed["num_samples"] == 50
+    assert math.isnan(digit_metrics(images[:10], ["a cat"] * 10)["accuracy"])
+
+
 def test_digit_metrics_batching_does_not_change_results(cached, digit_metrics, heldout):
     images, labels = heldout
     small = DigitMetrics(cached[1], batch_size=37)
@@ -236,7 +239,8 @@ def test_save_image_grid_with_row_labels_and_rgb(tmp_path):
 
 def test_rows_grid_has_one_line_per_row_even_with_fewer_samples_than_columns(tmp_path):
     from conftest import tiny_digits_backend
-    from noiserefine.eval import Row, save_rows_grid
+    from noiserefine.evaluation.grids import save_rows_grid
+    from noiserefine.evaluation.rows import Row
 
     backend = tiny_digits_backend()
     rows = [Row(name, 10, torch.randn(3, *backend.latent_shape), 0.0) for name in ("unguided", "refined")]

@@ -1,4 +1,4 @@
-"""Tests for noiserefine.prompts: real-format fixtures are written into tmp_path."""
+"""Tests for noiserefine.targets.prompts: real-format fixtures are written into tmp_path."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from noiserefine import prompts as P
-from noiserefine.prompts import (
+
+from noiserefine.targets.prompts import (
     DIGIT_WORDS,
     PromptStats,
     digit_prompts,
@@ -306,6 +306,23 @@ def test_digit_prompts():
     assert out == prompts and st.num_kept == 20 and st.num_read == 20
 
 
-def test_no_pickle_in_module():
-    src = open(P.__file__, encoding="utf-8").read()
-    assert "pickle" not in src
+class _Payload:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickapic_reads_captions_without_unpickling_other_columns(tmp_path):
+    """A parquet's other columns (and its pandas metadata) may hold pickles: only `caption` is read."""
+    import pickle
+
+    marker = tmp_path / "code-ran"
+    blob = pickle.dumps(_Payload(marker))
+    table = pa.table({"caption": ["a red bus", "a red bus", "two dogs"], "jpg_0": [blob] * 3})
+    table = table.replace_schema_metadata({b"pandas": json.dumps({"columns": [], "note": blob.hex()}).encode()})
+    pq.write_table(table, tmp_path / "part.parquet")
+    prompts, stats = load_prompt_source("pickapic", tmp_path / "part.parquet")
+    assert prompts == ["a red bus", "two dogs"] and stats.num_duplicates == 1
+    assert not marker.exists()

@@ -4,11 +4,15 @@
 import torch
 
 from conftest import REPO
-from noiserefine.backends.digits import DigitsBackend, parse_digit, train_digits_teacher
+from noiserefine.backends.digits import DigitsBackend, parse_digit
+from noiserefine.digits.teacher import train_digits_teacher
 from noiserefine.config import load_config
-from noiserefine.eval import eval_set, sample_row, score_rows
-from noiserefine.metrics import DigitMetrics, load_or_train_classifier
+from noiserefine.evaluation.rows import eval_set, sample_row, score_rows
+from noiserefine.digits.classifier import DigitMetrics, load_or_train_classifier
 from noiserefine.sampling import Guidance
+import pytest
+
+pytestmark = pytest.mark.slow  # subprocesses, Ray, DeepSpeed or teacher training: `make test` only
 
 
 def test_parse_digit():

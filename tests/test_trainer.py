@@ -13,21 +13,26 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from helpers_cache import REPO, tiny_cache, tiny_overrides, tiny_root, tiny_teacher  # noqa: F401
 from noiserefine.config import load_config
-from noiserefine.distributed import free_port
-from noiserefine.training import EXIT_AFTER_STEP_ENV, _trim_csv, _trim_jsonl, resume_mismatch, LOG_FIELDS
+from noiserefine.train.distributed import free_port
 
 TIMEOUT = 600
+pytestmark = pytest.mark.slow  # subprocesses, Ray, DeepSpeed or teacher training: `make test` only
+HOOKS = REPO / "tests" / "hooks"  # sitecustomize.py: test-only fault injection in child processes
+EXIT_AFTER_STEP_ENV = "NOISEREFINE_TRAIN_EXIT_AFTER_STEP"
 
 
 def child_env(**extra: str) -> dict:
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_SIZE",
                         EXIT_AFTER_STEP_ENV)}
+    if any(k.startswith("NOISEREFINE_") and k != "NOISEREFINE_TEST_TEACHER" for k in extra):
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HOOKS), env.get("PYTHONPATH")]))
     return {**env, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1", **extra}
 
 
@@ -179,39 +184,9 @@ def test_missing_cache_fails_with_hint(tiny_root, tiny_teacher, tmp_path):
     assert "nowhere" in text and "generate_targets.py" in text
 
 
-def test_resume_mismatch_lists_training_changes_only():
-    base = {"model": {"path": "m"}, "teacher": {}, "student": {"num_steps": 3}, "refiner": {"lora_rank": 4},
-            "data": {"cache_root": "a"}, "train": {"max_steps": 10, "learning_rate": 0.01, "log_every": 1}}
-    changed = json.loads(json.dumps(base))
-    changed["train"].update(max_steps=20, log_every=5)
-    changed["data"]["cache_root"] = "b"
-    assert resume_mismatch(base, changed) == []
-    changed["train"]["learning_rate"] = 0.02
-    changed["refiner"]["lora_rank"] = 8
-    assert resume_mismatch(base, changed) == ["refiner.lora_rank", "train.learning_rate"]
-
-
-def test_log_trimming_keeps_steps_up_to_checkpoint(tmp_path):
-    samples = tmp_path / "samples_rank0.jsonl"
-    samples.write_text("".join(json.dumps({"step": s, "sample_ids": [s]}) + "\n" for s in range(1, 6))
-                       + '{"step": 6, "sampl')  # torn last line
-    _trim_jsonl(samples, 3)
-    assert [r["step"] for r in read_samples(samples)] == [1, 2, 3]
-    log = tmp_path / "train_log.csv"
-    with open(log, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(LOG_FIELDS))
-        writer.writeheader()
-        for step in (2, 4, 6):
-            writer.writerow({f: step for f in LOG_FIELDS})
-    _trim_csv(log, 4, LOG_FIELDS)
-    assert [int(r["step"]) for r in read_log(log)] == [2, 4]
-    _trim_csv(tmp_path / "new.csv", 0, LOG_FIELDS)
-    assert read_log(tmp_path / "new.csv") == []
-
-
 def test_cpu_process_group_is_gloo_without_building_the_shm_op():
     """On CPU, DeepSpeed's inference-only shared-memory op is not JIT-built (g++, ~80 s per new machine)."""
-    code = ("from noiserefine import distributed; info = distributed.init(); "
+    code = ("from noiserefine.train import distributed; info = distributed.init(); "
             "import deepspeed.comm.comm as comm; print(info.backend, comm.cdb.shm_comm_op); distributed.shutdown()")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=child_env(), capture_output=True,
                             text=True, timeout=TIMEOUT)
@@ -228,7 +203,8 @@ def test_resume_refuses_foreign_pickles_and_tags_outside_the_checkpoint_dir(tmp_
 import sys
 from pathlib import Path
 import torch
-from noiserefine.distributed import load_checkpoint
+from noiserefine.train.checkpoint import latest_tag
+from noiserefine.train.distributed import read_client_state
 
 class NotAllowlisted:  # weights_only does not know it: a stand-in for any code a pickle could run
     pass
@@ -240,7 +216,7 @@ torch.save({"module": {}, "payload": NotAllowlisted()}, ckpt / "step00000001" / 
 for tag in ("step00000001", "../outside", "step1", "step00000002"):
     (ckpt / "latest").write_text(tag)
     try:
-        load_checkpoint(None, ckpt)  # never reaches the engine
+        read_client_state(ckpt, latest_tag(ckpt))  # before any engine sees it
         print(tag, "LOADED")
     except ValueError as error:
         print(tag, "refused:", error)

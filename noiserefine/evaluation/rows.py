@@ -1,39 +1,45 @@
-"""Evaluation on a fixed held-out seed set: the same seeds and prompts for every row.
+"""Sampling rows on a fixed held-out set: the same seeds and prompts for every row.
 
 Held-out seeds are ``sample_seed(data.base_seed, eval.seed_offset + i)``: sample
-ids the teacher cache never reaches. Prompts cycle over the ten digits, so
-conditional accuracy is measured against the prompted digit.
+ids beyond the teacher cache's plan. Prompts are ``eval.prompts`` cycled, or, when
+that list is empty, the plan's own prompt draw for those held-out sample ids.
+Scores come from a metric function the caller injects; nothing here knows a model.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from .backends.base import Backend
-from .metrics import save_image_grid
-from .noise import noise_from_seeds, sample_seed
-from .prompts import DIGIT_WORDS
-from .sampling import Guidance, UNGUIDED, rollout
+from ..backends.base import Backend
+from ..noise import noise_from_seeds, sample_seed
+from ..sampling import UNGUIDED, Guidance, rollout
+
+# (images in [0, 1], their prompts) -> {"metric name": value, ...}
+MetricFn = Callable[[torch.Tensor, Sequence[str]], dict]
 
 
 @dataclass(frozen=True)
 class EvalSet:
     seeds: list[int]
     prompts: list[str]
-    labels: torch.Tensor  # prompted digit
 
 
 def eval_set(cfg) -> EvalSet:
-    count = cfg.eval.num_samples
-    seeds = [sample_seed(cfg.data.base_seed, cfg.eval.seed_offset + i) for i in range(count)]
-    labels = torch.arange(count) % 10
-    prompts = [f"a handwritten {DIGIT_WORDS[int(d)]}" for d in labels]
-    return EvalSet(seeds, prompts, labels)
+    """The held-out seeds and prompts of ``cfg.eval`` (see the module docstring)."""
+    count, offset = cfg.eval.num_samples, cfg.eval.seed_offset
+    seeds = [sample_seed(cfg.data.base_seed, offset + i) for i in range(count)]
+    if cfg.eval.prompts:
+        prompts = [cfg.eval.prompts[i % len(cfg.eval.prompts)] for i in range(count)]
+    else:
+        from ..targets.plan import Plan  # the prompt sources of the cache's own plan
+
+        plan = Plan.from_config(cfg.data)
+        prompts = [plan.sample(offset + i).prompt for i in range(count)]
+    return EvalSet(seeds, prompts)
 
 
 @dataclass
@@ -65,18 +71,12 @@ def sample_row(name: str, backend: Backend, evals: EvalSet, num_steps: int, *,
     return Row(name, guidance.num_branches * num_steps + extra_nfe, torch.cat(outputs), seconds)
 
 
-def score_rows(rows: list[Row], backend: Backend, evals: EvalSet, digit_metrics) -> None:
-    """Fill each row's metrics (FID, Inception-style score, accuracy) in place."""
+def score_rows(rows: list[Row], backend: Backend, evals: EvalSet, metric_fn: MetricFn) -> None:
+    """Fill each row's metrics in place: ``metric_fn(decoded images, prompts)`` plus NFE and timing."""
     for row in rows:
         images = backend.decode(row.latents)
-        row.metrics = {**digit_metrics(images, evals.labels), "nfe": row.nfe,
+        row.metrics = {**metric_fn(images, evals.prompts), "nfe": row.nfe,
                        "seconds_per_sample": row.seconds_per_sample}
-
-
-def gap_closed(fid_unguided: float, fid_method: float, fid_guided: float) -> float:
-    """(FID_unguided - FID_method) / (FID_unguided - FID_guided): 1 = matches guided, >1 = beats it."""
-    denominator = fid_unguided - fid_guided
-    return float("nan") if denominator == 0 else (fid_unguided - fid_method) / denominator
 
 
 def markdown_table(rows: list[Row]) -> str:
@@ -92,10 +92,3 @@ def markdown_table(rows: list[Row]) -> str:
             line += f" {m['gap_closed']:.2f} |"
         lines.append(line)
     return "\n".join(lines)
-
-
-def save_rows_grid(rows: list[Row], backend: Backend, num_columns: int, path: Path) -> None:
-    """The first ``num_columns`` samples of every row (same seeds) side by side, a PNG row per method."""
-    columns = max(1, min(num_columns, len(rows[0].latents)))
-    images = torch.cat([backend.decode(row.latents[:columns]) for row in rows])
-    save_image_grid(images, path, nrow=columns, row_labels=[row.name for row in rows])

@@ -1,37 +1,26 @@
-"""Streaming the teacher-target cache into training batches (WebDataset), deterministic and resumable.
+"""The teacher cache as an infinite, deterministic, resumable batch stream per rank (WebDataset pipeline).
 
-Order. Epoch ``e`` permutes the manifest's shard list with a generator seeded by
-``(train.seed, e)``; rank ``r`` of ``W`` takes the permuted shards ``r, r+W, ...``
-(disjoint, every shard of the epoch on exactly one rank), and the DataLoader's
-workers split a rank's shards further (:func:`split_by_loader_worker`). Samples keep
-their order inside a shard. Batches never cross an epoch boundary (the last
-batch of a rank's epoch may be short), and each batch carries ``(epoch,
-index)``. The stream of a rank is infinite (epochs are chained), so every rank
-runs exactly ``train.max_steps`` steps whatever the shard sizes: no collective
-waits on a rank that ran out of data.
+Order: epoch ``e`` permutes the manifest's shards with a generator seeded by
+``(train.seed, e)``; rank ``r`` of ``W`` takes entries ``r, r+W, ...``, DataLoader
+workers split those further, samples keep their order in a shard, and batches never
+cross an epoch. Epochs are chained, so every rank runs exactly ``train.max_steps``
+steps and no collective waits on a rank that ran out of data.
 
-Resume. :class:`DataPosition` ``(epoch, batches consumed in that epoch)`` goes
-into the checkpoint; :meth:`TeacherStream.batches` rebuilds that epoch and drops
-the consumed batches, so a resumed run sees exactly the batches, in the same
-order, that an uninterrupted run would have seen. (Dropping costs reading at
-most one epoch of one rank; WebDataset has no exact mid-epoch resume of its own.)
+Resume: a :class:`DataPosition` (epoch, batches consumed) in the checkpoint; the epoch
+is rebuilt and the consumed batches dropped, so a resumed run sees exactly the batches
+an uninterrupted one would (WebDataset has no exact mid-epoch resume of its own).
 
-Integrity. Every shard is read whole and checked against the manifest (byte
-size and sha256) before any of its samples is used, then parsed by WebDataset's
-tar iterators and decoded with :func:`shards.decode_sample` only (no
-``.decode()``, no pickle; a pickled member is refused). ``x_T`` is regenerated
-from the stored seed and must match the stored fingerprint. A damaged shard
-(truncated, modified, missing, unreadable tar) raises ``ValueError`` naming it,
-or, with ``train.skip_corrupt_shards``, its unread samples are skipped, counted
-(:attr:`TeacherStream.corrupt_skipped`) and reported. Content errors (pickle,
-fingerprint or teacher mismatch) are never skipped: they mean the cache is not
-what this config expects.
+Integrity: each shard is read whole and checked against the manifest (size, sha256),
+parsed by the one strict tar reader (``shards.iter_samples``: no pickle, no links, no
+odd names), and each ``x_T`` regenerated from its seed must match the stored
+fingerprint. Damage (missing, truncated, modified, unreadable tar) raises naming the
+shard, or with ``train.skip_corrupt_shards`` its samples are skipped and counted;
+content errors (fingerprint, teacher, refused members) are never skipped.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import itertools
 import sys
 from collections.abc import Iterable, Iterator
@@ -40,30 +29,10 @@ from pathlib import Path
 
 import torch
 
-from .cache import TEACHER_FILE, cache_dir_for, check_teacher
-from .config import teacher_key
-from .noise import fingerprint, noise_from_seed
-from .shards import ShardInfo, decode_sample, read_manifest
-
-GENERATE_HINT = "run `python pipeline/generate_targets.py --config <same config>` first"
-
-
-def open_cache(cfg) -> tuple[Path, dict[str, ShardInfo]]:
-    """The teacher cache of ``cfg`` (``data.cache_dir`` or ``data.cache_root/<teacher key>``) and its manifest.
-
-    ``FileNotFoundError`` if there is none, ``ValueError`` naming the differing
-    fields if it was made by another teacher, ``ValueError`` if it has no shards.
-    """
-    cache_dir = cache_dir_for(cfg)
-    if not (cache_dir / TEACHER_FILE).is_file():
-        raise FileNotFoundError(f"no teacher cache at {cache_dir} ({TEACHER_FILE} missing); {GENERATE_HINT}")
-    check_teacher(cache_dir, cfg)
-    manifest = read_manifest(cache_dir)
-    if not manifest:
-        raise ValueError(f"teacher cache {cache_dir} has an empty or missing manifest (no complete shards); "
-                         f"{GENERATE_HINT}")
-    return cache_dir, manifest
-
+from ..noise import fingerprint, noise_from_seed
+from ..shards import ShardFormatError, ShardInfo, ShardSample, iter_samples
+from ..targets.cache import open_cache
+from ..targets.identity import teacher_key
 
 @dataclass(frozen=True)
 class DataPosition:
@@ -128,15 +97,6 @@ def _read_verified(path: Path, info: ShardInfo) -> bytes:
     return data
 
 
-def _raw_samples(url: str, data: bytes) -> Iterator[dict]:
-    """WebDataset's own tar expansion and key grouping, on one shard held in memory."""
-    from webdataset.filters import reraise_exception
-    from webdataset.tariterators import group_by_keys, tar_file_expander
-
-    source = [{"url": url, "stream": io.BytesIO(data)}]
-    return group_by_keys(tar_file_expander(source, handler=reraise_exception), handler=reraise_exception)
-
-
 class _ShardReader:
     """Stage: ``{"url"}`` dicts -> decoded, verified samples, and :class:`SkipEvent` items."""
 
@@ -166,24 +126,23 @@ class _ShardReader:
         except _ShardDamaged as damage:
             yield self._damaged(path, 0, str(damage))
             return
-        raw = _raw_samples(str(path), data)
+        samples = iter_samples(data, str(path))
         used = 0
         while True:
             try:
-                sample = next(raw)
+                sample = next(samples)
             except StopIteration:
                 break
-            except Exception as error:  # tar format errors: the bytes match the manifest, the tar does not
+            except ShardFormatError as error:  # the bytes match the manifest, the tar does not
                 yield self._damaged(path, used, f"unreadable tar: {error}")
                 return
-            yield self.decode(sample, path)  # content errors are never skipped
+            yield self.check(sample, path)  # content errors are never skipped
             used += 1
         if used != info.num_samples:
             yield self._damaged(path, used, f"holds {used} samples but the manifest says {info.num_samples}")
 
-    def decode(self, raw: dict, path: Path) -> dict:
-        sample = decode_sample(raw, source=str(path))
-        key, meta, arrays = sample["key"], sample["meta"], sample["arrays"]
+    def check(self, sample: ShardSample, path: Path) -> dict:
+        key, meta, arrays = sample.key, sample.meta, sample.arrays
         where = f"sample {key!r} of shard {path}"
         if "target" not in arrays:
             raise ValueError(f"{where} has no target array (members: {sorted(arrays)})")

@@ -7,24 +7,25 @@ features)"), its softmax the role of Inception's class posterior, and its argmax
 class-conditional accuracy of label-conditioned samples.
 
 Generated images are float tensors in [0, 1] of shape (B, 1, 16, 16); real digits from
-:func:`noiserefine.digits_data.load_digit_images` are in [-1, 1] and are mapped with (x+1)/2.
+:func:`noiserefine.digits.data.load_digit_images` are in [-1, 1] and are mapped with (x+1)/2.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import scipy.linalg
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from noiserefine.digits_data import IMAGE_SIZE, load_digit_images
-from noiserefine.files import atomic_path, write_text_atomic
+from ..backends.digits import parse_digit
+from ..evaluation.scores import conditional_accuracy, feature_statistics, frechet_distance, inception_score
+from ..files import atomic_path, write_text_atomic
+from .data import IMAGE_SIZE, load_digit_images
 
 FORMAT_VERSION = 1
 DEFAULT_NUM_STEPS = 500
@@ -139,73 +140,6 @@ def load_or_train_classifier(
     return model
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
-    """Frechet distance between N(mu1, S1) and N(mu2, S2) (Heusel et al. 2017, Eq. for FID):
-
-        d^2 = ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^{1/2}).
-
-    If the product is singular (sqrtm result not finite or inaccurate), eps*I is added to both
-    covariances; a negligible imaginary part of the square root is dropped, a large one raises.
-    """
-    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
-    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
-        raise ValueError(f"shape mismatch: {mu1.shape}, {mu2.shape}, {s1.shape}, {s2.shape}")
-    diff = mu1 - mu2
-
-    def sqrt_prod(a, b):
-        prod = a @ b
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            root = scipy.linalg.sqrtm(prod)
-        ok = np.isfinite(root).all()
-        if ok:
-            scale = max(np.linalg.norm(prod), 1e-12)
-            ok = np.linalg.norm(root @ root - prod) / scale < 1e-3
-        return root, ok
-
-    covmean, ok = sqrt_prod(s1, s2)
-    if not ok:
-        offset = np.eye(s1.shape[0]) * eps
-        covmean, _ = sqrt_prod(s1 + offset, s2 + offset)
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"imaginary component {np.max(np.abs(covmean.imag))} in sqrtm")
-        covmean = covmean.real
-    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
-
-
-def feature_statistics(features) -> tuple[np.ndarray, np.ndarray]:
-    """(mean, covariance) of (N, F) features in float64; covariance is np.cov(rowvar=False)."""
-    feats = np.asarray(features.detach().cpu() if torch.is_tensor(features) else features, np.float64)
-    if feats.ndim != 2 or feats.shape[0] < 2:
-        raise ValueError(f"need (N>=2, F) features, got shape {feats.shape}")
-    return feats.mean(axis=0), np.cov(feats, rowvar=False)
-
-
-def inception_score(probs, eps: float = 1e-12) -> float:
-    """IS = exp( mean_i KL(p(y|x_i) || p(y)) ) with p(y) = mean_i p(y|x_i) (Salimans et al. 2016).
-
-    Single split: the paper-standard mean over 10 splits is not used because samples are few.
-    """
-    p = np.asarray(probs.detach().cpu() if torch.is_tensor(probs) else probs, np.float64)
-    if p.ndim != 2 or (p < 0).any():
-        raise ValueError("probs must be a non-negative (N, K) array")
-    p = p / p.sum(axis=1, keepdims=True)
-    py = p.mean(axis=0, keepdims=True)
-    kl = (p * (np.log(p + eps) - np.log(py + eps))).sum(axis=1)
-    return float(np.exp(kl.mean()))
-
-
-def conditional_accuracy(logits_or_probs, labels) -> float:
-    """Fraction of samples whose argmax class equals the conditioning label."""
-    scores = torch.as_tensor(np.asarray(logits_or_probs) if not torch.is_tensor(logits_or_probs) else logits_or_probs)
-    labels = torch.as_tensor(np.asarray(labels) if not torch.is_tensor(labels) else labels)
-    if scores.shape[0] != labels.shape[0] or scores.shape[0] == 0:
-        raise ValueError(f"need matching non-empty batches, got {scores.shape} and {labels.shape}")
-    return float((scores.argmax(dim=1).cpu() == labels.cpu().long()).double().mean())
-
-
 class DigitMetrics:
     """FID (classifier features) against all real digits, Inception Score, conditional accuracy."""
 
@@ -226,12 +160,16 @@ class DigitMetrics:
             logits.append(self.classifier.fc2(f).cpu())
         return torch.cat(feats).double().numpy(), torch.cat(logits)
 
-    def __call__(self, images01: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
+    def __call__(self, images01: torch.Tensor, prompts: Sequence[str] | None = None) -> dict:
+        """Scores of ``images01``; accuracy against the digit each prompt names (samples whose
+        prompt names none are left out of it; NaN if no prompt names one)."""
         if images01.ndim != 4 or images01.shape[1] != 1:
             raise ValueError(f"expected (B, 1, H, W) images in [0, 1], got {tuple(images01.shape)}")
         feats, logits = self._run(images01.detach())
         fid = frechet_distance(*feature_statistics(feats), self.ref_mu, self.ref_sigma)
-        acc = conditional_accuracy(logits, labels) if labels is not None else math.nan
+        digits = [parse_digit(p) for p in prompts] if prompts is not None else []
+        named = [i for i, d in enumerate(digits) if d is not None]
+        acc = conditional_accuracy(logits[named], torch.tensor([digits[i] for i in named])) if named else math.nan
         return {
             "fid": fid,
             "inception_score": inception_score(torch.softmax(logits.double(), dim=1)),
@@ -240,45 +178,8 @@ class DigitMetrics:
         }
 
 
-def save_image_grid(
-    images01: torch.Tensor, path: Path, *, nrow: int, row_labels: list[str] | None = None,
-    scale: int = 4, pad: int = 2,
-) -> None:
-    """Write a PNG grid: ``nrow`` images per row, nearest-neighbour upscaled by ``scale``,
-    ``pad``-px white separators; optional ``row_labels`` drawn left of each row.
-
-    Size: width = label_w + pad + ncol*(W*scale + pad), height = pad + rows*(H*scale + pad),
-    where label_w is 0 without labels, else the widest label's width + 2*pad.
-    """
-    from PIL import Image, ImageDraw, ImageFont
-
-    x = images01.detach().cpu().float()
-    if x.ndim != 4 or x.shape[1] not in (1, 3) or nrow < 1:
-        raise ValueError(f"expected (B, 1|3, H, W) images and nrow >= 1, got {tuple(x.shape)}")
-    b, c, h, w = x.shape
-    rows, ncol = math.ceil(b / nrow), min(nrow, b)
-    if row_labels is not None and len(row_labels) != rows:
-        raise ValueError(f"{len(row_labels)} row labels for {rows} rows")
-    arr = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    arr = arr.repeat(scale, axis=1).repeat(scale, axis=2)
-    if c == 1:
-        arr = arr.repeat(3, axis=3)
-    font = ImageFont.load_default()
-    label_w = 0
-    if row_labels:
-        probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-        label_w = max(probe.textbbox((0, 0), s, font=font)[2] for s in row_labels) + 2 * pad
-    cell_h, cell_w = h * scale + pad, w * scale + pad
-    canvas = Image.new("RGB", (label_w + pad + ncol * cell_w, pad + rows * cell_h), (255, 255, 255))
-    for i in range(b):
-        r, col = divmod(i, nrow)
-        canvas.paste(Image.fromarray(arr[i]), (label_w + pad + col * cell_w, pad + r * cell_h))
-    if row_labels:
-        draw = ImageDraw.Draw(canvas)
-        for r, text in enumerate(row_labels):
-            top = draw.textbbox((0, 0), text, font=font)
-            y = pad + r * cell_h + (h * scale - (top[3] - top[1])) // 2 - top[1]
-            draw.text((pad, y), text, fill=(0, 0, 0), font=font)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path, format="PNG")
+def digit_metrics(cfg) -> DigitMetrics:
+    """The scores of ``eval.metrics=digit_classifier``: the classifier cached in ``eval.classifier_dir``."""
+    if not cfg.eval.classifier_dir:
+        raise ValueError("eval.metrics=digit_classifier needs eval.classifier_dir (where the classifier is cached)")
+    return DigitMetrics(load_or_train_classifier(Path(cfg.eval.classifier_dir).expanduser()))

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-IMAGE_SIZE = 16
+from ..backends.digits import IMAGE_SIZE
 
 
 @functools.lru_cache(maxsize=4)

@@ -6,18 +6,14 @@ process (those variables default to a world of one on 127.0.0.1 and a free
 port). Without CUDA, ``DS_ACCELERATOR=cpu`` is set before DeepSpeed is
 imported and the process group uses gloo; with CUDA it uses nccl.
 
-Checkpoints are DeepSpeed's own (``engine.save_checkpoint`` on every rank, tag
-``step%08d``, frozen base weights excluded): torch pickles written and read
-back by this same training job; before DeepSpeed unpickles one, every file must
-pass ``torch.load(weights_only=True)`` (:func:`load_checkpoint`). The exported refiner is
-safetensors (:func:`noiserefine.refiner.save_refiner`).
+Checkpoints are DeepSpeed's own (frozen base weights excluded); before DeepSpeed
+unpickles one, every file must pass ``torch.load(weights_only=True)``
+(:func:`read_client_state`). Cadence, tags and retention: ``train/checkpoint.py``.
 """
 
 from __future__ import annotations
 
 import os
-import re
-import shutil
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +22,6 @@ from typing import Any
 import torch
 
 _deepspeed = None
-CHECKPOINT_PREFIX = "step"
 SHM_COMM_OP = "deepspeed_shm_comm"  # ShareMemCommBuilder.NAME
 
 
@@ -169,23 +164,10 @@ def build_engine(refiner: torch.nn.Module, cfg):
     return engine
 
 
-def checkpoint_tag(step: int) -> str:
-    return f"{CHECKPOINT_PREFIX}{step:08d}"
-
-
-def save_checkpoint(engine, ckpt_dir: str | Path, step: int, client_state: dict, keep: int = 2) -> str:
-    """Save on EVERY rank (DeepSpeed synchronises inside); rank 0 then keeps the newest ``keep`` tags."""
-    ckpt_dir = Path(ckpt_dir)
-    tag = checkpoint_tag(step)
+def save_checkpoint(engine, ckpt_dir: str | Path, tag: str, client_state: dict) -> None:
+    """DeepSpeed's checkpoint ``ckpt_dir/tag``: call on EVERY rank (DeepSpeed synchronises inside)."""
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, exclude_frozen_parameters=True)
     barrier()
-    if rank() == 0 and keep > 0:
-        tags = sorted(p for p in ckpt_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir())
-        for old in tags[:-keep]:
-            if old.name != tag:
-                shutil.rmtree(old, ignore_errors=True)
-    barrier()
-    return tag
 
 
 def _checkpoint_classes() -> list:
@@ -199,35 +181,38 @@ def _checkpoint_classes() -> list:
     return [LossScaler, ZeroStageEnum, fragment_address]
 
 
-def load_checkpoint(engine, ckpt_dir: str | Path) -> tuple[str | None, dict | None]:
-    """Load the newest checkpoint (``latest``) if there is one: ``(path, client_state)``, else ``(None, None)``.
+def read_client_state(ckpt_dir: str | Path, tag: str) -> dict:
+    """The client state of checkpoint ``tag``, after every file of it passed ``torch.load(weights_only=True)``.
 
-    DeepSpeed unpickles checkpoints with ``weights_only=False``, and joins whatever ``latest``
-    says to the directory. So the tag must be one this job writes, inside ``ckpt_dir``, and
-    every file of it must first load with ``torch.load(weights_only=True)`` (tensors,
-    containers and :func:`_checkpoint_classes` only): a checkpoint copied in from elsewhere
-    that references any other Python object is refused before DeepSpeed unpickles it.
+    DeepSpeed unpickles checkpoints with ``weights_only=False``: a checkpoint copied in
+    from elsewhere that references any Python object other than tensors, containers and
+    :func:`_checkpoint_classes` is refused here, before DeepSpeed ever opens it.
     """
-    ckpt_dir = Path(ckpt_dir)
-    latest = ckpt_dir / "latest"
-    if not latest.is_file():
-        return None, None
-    tag = latest.read_text().strip()
-    if not re.fullmatch(rf"{CHECKPOINT_PREFIX}\d{{8}}", tag) or not (ckpt_dir / tag).is_dir():
-        raise ValueError(f"{latest} names {tag!r}, not a checkpoint directory of this trainer "
-                         f"({CHECKPOINT_PREFIX}NNNNNNNN inside {ckpt_dir})")
-    deepspeed_classes = _checkpoint_classes()
-    for part in sorted((ckpt_dir / tag).glob("*.pt")):
-        try:
-            with torch.serialization.safe_globals(deepspeed_classes):
-                torch.load(part, map_location="cpu", weights_only=True)
-        except Exception as error:
-            raise ValueError(f"{part}: refused, it does not load with torch.load(weights_only=True) "
-                             f"({type(error).__name__}); only checkpoints written by this trainer are resumed") from None
+    directory = Path(ckpt_dir) / tag
+    parts = sorted(directory.glob("*.pt"))
+    model_states = directory / "mp_rank_00_model_states.pt"
+    if model_states not in parts:
+        raise ValueError(f"{directory}: no {model_states.name} (incomplete checkpoint)")
+    loaded = {}
+    with torch.serialization.safe_globals(_checkpoint_classes()):
+        for part in parts:
+            try:
+                loaded[part] = torch.load(part, map_location="cpu", weights_only=True)
+            except Exception as error:
+                raise ValueError(f"{part}: refused, it does not load with torch.load(weights_only=True) "
+                                 f"({type(error).__name__}: {str(error)[:200]})") from None
+    state = loaded[model_states]
+    if not isinstance(state, dict):
+        raise ValueError(f"{model_states}: not a DeepSpeed model-states dict")
+    return state
+
+
+def load_checkpoint(engine, ckpt_dir: str | Path, tag: str) -> dict:
+    """Load checkpoint ``tag`` into ``engine`` (check it with :func:`read_client_state` first)."""
     path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=False)
     if path is None:
         raise ValueError(f"{ckpt_dir}: checkpoint {tag} could not be loaded")
-    return path, client_state
+    return client_state
 
 
 def shutdown() -> None:

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import sys
 
-from .backends.digits import ensure_digits_teacher
-from .config import parse_cli, save_config
+from .teacher import ensure_digits_teacher
+from ..config import parse_cli, save_config
 
 
 def main(argv: list[str] | None = None) -> int:

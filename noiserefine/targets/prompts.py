@@ -22,7 +22,8 @@ from typing import Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+from ..backends.digits import DIGIT_WORDS
+
 PROMPT_KINDS = ("coco", "pickapic", "text", "digits")
 
 

@@ -1,6 +1,6 @@
 """The main job on the embedded default (``make demo``): teacher -> cache -> MSD training -> evaluation.
 
-    python -m noiserefine.demo --run-dir runs/demo [--quick] [--config extra.yaml] [key=value ...]
+    python -m noiserefine.digits.demo --run-dir runs/demo [--quick] [--config extra.yaml] [key=value ...]
 
 Every stage reuses what exists, so a re-run recomputes nothing: the digit
 teacher (and its fine-tuned variants) are trained once, the teacher-target
@@ -22,14 +22,14 @@ from pathlib import Path
 
 import torch
 
-from .backends import load_backend
-from .backends.digits import ensure_digits_teacher
-from .config import load_config, save_config
-from .files import write_text_atomic
-from .metrics import DigitMetrics, load_or_train_classifier
+from ..backends import load_backend
+from .teacher import ensure_digits_teacher
+from ..config import load_config, save_config
+from ..files import write_text_atomic
+from .classifier import digit_metrics
 from .report import evaluate, write_report
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # --quick: a smoke run of every stage on a tiny budget, isolated in the run directory.
 QUICK = ["model.digits.train_steps=30", "data.num_samples=64", "data.shard_size=16", "pipeline.batch_size=16",
@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = list(args.overrides)
     if args.quick:  # isolated artifacts: a smoke run never pollutes the real teacher or cache
         overrides = QUICK + [f"model.path={run_dir / 'artifacts' / 'digits-teacher'}",
+                             f"eval.classifier_dir={run_dir / 'artifacts' / 'digit-classifier'}",
                              f"data.cache_root={run_dir / 'cache'}"] + overrides
     # Children run in this working directory with the same relative paths, exactly as a
     # user typing the commands would: the teacher key (which includes model.path) matches.
@@ -149,8 +150,7 @@ def main(argv: list[str] | None = None) -> int:
 
     stage("evaluation")
     backend = load_backend(cfg.model)
-    digit_metrics = DigitMetrics(load_or_train_classifier(Path(cfg.data.cache_root) / "classifier"))
-    results = evaluate(cfg, backend, digit_metrics, run_dir, refiner_dir=main_dir / "refiner",
+    results = evaluate(cfg, backend, digit_metrics(cfg), run_dir, refiner_dir=main_dir / "refiner",
                        distilled_path=distilled_path, thick_path=thick_path,
                        noise_space_dir=noise_space_dir,
                        gradient_dirs={"msd": main_dir, "full_gradient": full_gradient_dir}, gradient_steps=short)

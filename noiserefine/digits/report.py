@@ -11,16 +11,18 @@ from pathlib import Path
 
 import torch
 
-from .analysis import low_frequency_fraction, plot_spectra, radial_power_spectrum
+from ..evaluation.spectrum import low_frequency_fraction, plot_spectra, radial_power_spectrum
 from omegaconf import OmegaConf
 
-from .backends import Backend, load_backend
-from .distributed import checkpoint_tag
-from .eval import Row, eval_set, gap_closed, markdown_table, sample_row, save_rows_grid, score_rows
-from .files import write_text_atomic
-from .noise import noise_from_seeds, sample_seed
-from .refiner import load_refiner
-from .sampling import Guidance
+from ..backends import Backend, load_backend
+from ..train.checkpoint import checkpoint_tag
+from ..evaluation.grids import save_rows_grid
+from ..evaluation.rows import Row, eval_set, markdown_table, sample_row, score_rows
+from ..evaluation.scores import gap_closed
+from ..files import write_text_atomic
+from ..noise import noise_from_seeds, sample_seed
+from ..refiner import load_refiner
+from ..sampling import Guidance
 
 UNGUIDED, GUIDED = "Gaussian noise, unguided", "Gaussian noise, guided (CFG)"
 DISTILLED, REFINED = "Guidance distillation (fine-tuned denoiser)", "Refined noise, unguided (ours)"

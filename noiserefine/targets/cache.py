@@ -1,9 +1,9 @@
-"""The teacher-target cache directory: ``<cache_root>/<backend>-<teacher hash>/``.
+"""The teacher-target cache directory: ``<cache_root>/<teacher key>/`` (key: ``identity.py``).
 
-It holds ``teacher.yaml`` (the teacher-relevant config and its key), the shards,
-and ``manifest.parquet`` (one row per shard: name, count, bytes, sha256). Two
-experiments with the same teacher config share one directory; a different
-teacher config gets a different one. Re-running skips shards already complete.
+It holds ``teacher.yaml`` (the teacher's identity and key, plus the generation
+settings that fix the target bytes), the shards, and ``manifest.parquet`` (one row per
+shard: name, count, bytes, sha256). Experiments with the same teacher share one
+directory. Re-running the generator skips shards already complete.
 """
 
 from __future__ import annotations
@@ -13,12 +13,13 @@ from pathlib import Path
 
 import yaml
 
-from .config import teacher_key, teacher_subtree
-from .files import write_text_atomic
+from ..files import write_text_atomic
+from ..shards import ShardInfo, read_manifest, shard_info, shard_name, verify_shard, write_manifest
+from .identity import teacher_key, teacher_record
 from .plan import Plan
-from .shards import ShardInfo, read_manifest, shard_info, shard_name, verify_shard, write_manifest
 
 TEACHER_FILE = "teacher.yaml"
+GENERATE_HINT = "run `python pipeline/generate_targets.py --config <same config>` first"
 
 
 def cache_dir_for(cfg) -> Path:
@@ -28,18 +29,26 @@ def cache_dir_for(cfg) -> Path:
     return Path(cfg.data.cache_root).expanduser() / teacher_key(cfg)
 
 
-def teacher_record(cfg) -> dict:
-    return {"teacher_key": teacher_key(cfg), **teacher_subtree(cfg)}
+def generation_settings(cfg) -> dict:
+    """Settings that change target bits but not the teacher: pinned per cache, not keyed.
+
+    Batched network calls round differently at another batch size, so a shard made at
+    another ``pipeline.batch_size`` would not be byte-identical to its retry.
+    """
+    return {"batch_size": int(cfg.pipeline.batch_size)}
 
 
 def read_teacher_record(cache_dir: Path) -> dict:
     path = Path(cache_dir) / TEACHER_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"no teacher cache at {cache_dir} ({TEACHER_FILE} missing); "
-                                "run pipeline/generate_targets.py with the same teacher config first")
-    record = yaml.safe_load(path.read_text())
-    if not isinstance(record, dict) or "teacher_key" not in record:
-        raise ValueError(f"{path}: not a teacher record (no 'teacher_key')")
+        raise FileNotFoundError(f"no teacher cache at {cache_dir} ({TEACHER_FILE} missing); {GENERATE_HINT}")
+    try:
+        record = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: unreadable teacher record: {str(error).splitlines()[0]}") from None
+    if not isinstance(record, dict) or not isinstance(record.get("teacher_key"), str) \
+            or not all(isinstance(record.get(section), dict) for section in ("model", "teacher", "data")):
+        raise ValueError(f"{path}: not a teacher record (needs teacher_key and model/teacher/data mappings)")
     return record
 
 
@@ -49,11 +58,26 @@ def check_teacher(cache_dir: Path, cfg) -> dict:
     expected = teacher_record(cfg)
     if record["teacher_key"] != expected["teacher_key"]:
         differing = sorted(f"{section}.{key}" for section in ("model", "teacher", "data")
-                           for key in set(record.get(section, {})) | set(expected[section])
-                           if record.get(section, {}).get(key) != expected[section].get(key))
+                           for key in set(record[section]) | set(expected[section])
+                           if record[section].get(key) != expected[section].get(key))
         raise ValueError(f"{cache_dir / TEACHER_FILE}: teacher key {record['teacher_key']} does not match "
                          f"this config's {expected['teacher_key']} (differs in: {', '.join(differing)})")
     return record
+
+
+def open_cache(cfg) -> tuple[Path, dict[str, ShardInfo]]:
+    """The existing teacher cache of ``cfg`` and its manifest, for reading (the trainer).
+
+    ``FileNotFoundError`` if there is none, ``ValueError`` naming the differing fields if
+    it was made by another teacher or if it has no complete shard.
+    """
+    cache_dir = cache_dir_for(cfg)
+    check_teacher(cache_dir, cfg)
+    manifest = read_manifest(cache_dir)
+    if not manifest:
+        raise ValueError(f"teacher cache {cache_dir} has an empty or missing manifest (no complete shards); "
+                         f"{GENERATE_HINT}")
+    return cache_dir, manifest
 
 
 def prepare_cache_dir(cfg) -> Path:
@@ -61,9 +85,14 @@ def prepare_cache_dir(cfg) -> Path:
     cache_dir = cache_dir_for(cfg)
     cache_dir.mkdir(parents=True, exist_ok=True)
     if (cache_dir / TEACHER_FILE).exists():
-        check_teacher(cache_dir, cfg)
+        pinned = check_teacher(cache_dir, cfg).get("generation", {})
+        if pinned and pinned != generation_settings(cfg):
+            raise ValueError(f"{cache_dir / TEACHER_FILE}: this cache was generated with {pinned}, this run "
+                             f"has {generation_settings(cfg)}; retried shards would not be byte-identical. "
+                             "Use the recorded settings (e.g. pipeline.batch_size) or another data.cache_root")
     else:
-        write_text_atomic(cache_dir / TEACHER_FILE, yaml.safe_dump(teacher_record(cfg), sort_keys=True))
+        record = {**teacher_record(cfg), "generation": generation_settings(cfg)}
+        write_text_atomic(cache_dir / TEACHER_FILE, yaml.safe_dump(record, sort_keys=True))
     return cache_dir
 
 

@@ -9,7 +9,6 @@ worker made it or how many workers there are.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -17,26 +16,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .backends.base import Backend
-from .noise import fingerprint, noise_from_seeds
+from ..backends.base import Backend
+from ..noise import fingerprint, noise_from_seeds
+from ..sampling import Guidance, rollout
+from ..shards import ShardInfo, ShardSample, sample_key, shard_name, write_shard
 from .plan import PlannedSample
-from .sampling import Guidance, rollout
-from .shards import ShardInfo, ShardSample, sample_key, shard_name, write_shard
-
-# Test hook for fault tolerance: if set to a file path that does not exist yet, the
-# first process to start a shard creates that file and exits hard, like a killed worker.
-FAULT_ENV = "NOISEREFINE_FAULT_EXIT_ONCE"
-
-
-def _maybe_die() -> None:
-    marker = os.environ.get(FAULT_ENV)
-    if marker:
-        try:
-            with open(marker, "x") as handle:
-                handle.write(str(os.getpid()))
-        except FileExistsError:
-            return
-        os._exit(17)
 
 
 def shard_samples(backend: Backend, samples: Sequence[PlannedSample], *, guidance: Guidance,
@@ -58,8 +42,6 @@ def shard_samples(backend: Backend, samples: Sequence[PlannedSample], *, guidanc
                     "noise_fingerprint": fingerprint(noise_cpu[i])}
             yield ShardSample(sample_key(sample.sample_id), meta, {"target": x0[i].astype(dtype)})
         bar.update(len(batch))
-        if start == 0:
-            _maybe_die()  # mid-shard: the temp file is half written
     bar.close()
 
 

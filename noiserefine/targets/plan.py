@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from .noise import sample_seed
+from ..noise import sample_seed
 from .prompts import PromptStats, load_prompt_source
 
 

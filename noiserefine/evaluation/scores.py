@@ -1,0 +1,86 @@
+"""Metric formulas on features and class posteriors: generic, model-agnostic.
+
+Feature extractors are the caller's (the digit classifier of the embedded default,
+Inception or CLIP for real models); these functions only see arrays.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import scipy.linalg
+import torch
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+    """Frechet distance between N(mu1, S1) and N(mu2, S2) (Heusel et al. 2017, Eq. for FID):
+
+        d^2 = ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^{1/2}).
+
+    If the product is singular (sqrtm result not finite or inaccurate), eps*I is added to both
+    covariances; a negligible imaginary part of the square root is dropped, a large one raises.
+    """
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
+        raise ValueError(f"shape mismatch: {mu1.shape}, {mu2.shape}, {s1.shape}, {s2.shape}")
+    diff = mu1 - mu2
+
+    def sqrt_prod(a, b):
+        prod = a @ b
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            root = scipy.linalg.sqrtm(prod)
+        ok = np.isfinite(root).all()
+        if ok:
+            scale = max(np.linalg.norm(prod), 1e-12)
+            ok = np.linalg.norm(root @ root - prod) / scale < 1e-3
+        return root, ok
+
+    covmean, ok = sqrt_prod(s1, s2)
+    if not ok:
+        offset = np.eye(s1.shape[0]) * eps
+        covmean, _ = sqrt_prod(s1 + offset, s2 + offset)
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"imaginary component {np.max(np.abs(covmean.imag))} in sqrtm")
+        covmean = covmean.real
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+def feature_statistics(features) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, covariance) of (N, F) features in float64; covariance is np.cov(rowvar=False)."""
+    feats = np.asarray(features.detach().cpu() if torch.is_tensor(features) else features, np.float64)
+    if feats.ndim != 2 or feats.shape[0] < 2:
+        raise ValueError(f"need (N>=2, F) features, got shape {feats.shape}")
+    return feats.mean(axis=0), np.cov(feats, rowvar=False)
+
+
+def inception_score(probs, eps: float = 1e-12) -> float:
+    """IS = exp( mean_i KL(p(y|x_i) || p(y)) ) with p(y) = mean_i p(y|x_i) (Salimans et al. 2016).
+
+    Single split: the paper-standard mean over 10 splits is not used because samples are few.
+    """
+    p = np.asarray(probs.detach().cpu() if torch.is_tensor(probs) else probs, np.float64)
+    if p.ndim != 2 or (p < 0).any():
+        raise ValueError("probs must be a non-negative (N, K) array")
+    p = p / p.sum(axis=1, keepdims=True)
+    py = p.mean(axis=0, keepdims=True)
+    kl = (p * (np.log(p + eps) - np.log(py + eps))).sum(axis=1)
+    return float(np.exp(kl.mean()))
+
+
+def conditional_accuracy(logits_or_probs, labels) -> float:
+    """Fraction of samples whose argmax class equals the conditioning label."""
+    scores = torch.as_tensor(np.asarray(logits_or_probs) if not torch.is_tensor(logits_or_probs) else logits_or_probs)
+    labels = torch.as_tensor(np.asarray(labels) if not torch.is_tensor(labels) else labels)
+    if scores.shape[0] != labels.shape[0] or scores.shape[0] == 0:
+        raise ValueError(f"need matching non-empty batches, got {scores.shape} and {labels.shape}")
+    return float((scores.argmax(dim=1).cpu() == labels.cpu().long()).double().mean())
+
+
+def gap_closed(fid_unguided: float, fid_method: float, fid_guided: float) -> float:
+    """(FID_unguided - FID_method) / (FID_unguided - FID_guided): 1 = matches guided, >1 = beats it."""
+    denominator = fid_unguided - fid_guided
+    return float("nan") if denominator == 0 else (fid_unguided - fid_method) / denominator

@@ -1,0 +1,174 @@
+"""Refiner training: stream the teacher cache, refine ``x_T``, roll out the unguided student, match ``x0_guide``.
+
+One short loop around a named :func:`train_step` (torchtitan / nanoGPT style)::
+
+    x̂_T = g_phi(x_T, c)                         refiner forward (the only autograd graph)
+    loss = || rollout_N(x̂_T) - x0_guide ||^2     MSD straight-through (or an ablation loss)
+    engine.backward(loss); engine.step()          DeepSpeed: gradient all-reduce, clipping, AdamW
+
+Outputs in ``train.output_dir``: ``config.yaml``, ``train_log.csv`` (loss = mean over
+ranks and the steps since the previous row), ``samples_rank{r}.jsonl`` (the sample ids
+of every step of rank r), ``eval_log.csv`` + ``eval_step{N}.png`` (rank 0, every
+``train.eval_every`` steps), ``checkpoints/`` and ``snapshots/`` (``checkpoint.py``),
+``refiner/`` (the final exported refiner) and ``done.json``. Re-running the same
+command resumes from the newest checkpoint, or exits at once if the run is finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
+
+from ..backends import load_backend
+from ..config import save_config
+from ..evaluation.evaluator import EVAL_LOG, Evaluator
+from ..evaluation.rows import MetricFn
+from ..files import write_text_atomic
+from ..losses import LossFn, build_loss
+from ..refiner import Refiner, save_refiner
+from ..targets.cache import open_cache
+from . import distributed
+from .checkpoint import Checkpointer, finished_run
+from .logs import LOG_FIELDS, LogWindow, append_csv, trim_csv, trim_jsonl
+from .stream import TeacherStream
+
+
+def train_step(engine, refiner: Refiner, loss_fn: LossFn, backend, batch: dict) -> dict:
+    """One optimisation step on ``batch``; returns ``{"loss", "grad_norm"}`` (this rank)."""
+    noise = batch["noise"].to(backend.device)
+    target = batch["target"].to(backend.device)
+    cond = backend.encode_prompts(batch["prompt"])
+    loss, _ = loss_fn(engine(noise, cond), cond, target)  # the refiner's forward through the engine
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"non-finite loss {loss.item()} on samples {batch['sample_id']}")
+    engine.backward(loss)
+    grads = [p.grad for p in refiner.trainable_parameters() if p.grad is not None]
+    local_norm = torch.linalg.vector_norm(torch.stack([g.detach().float().norm() for g in grads])).item() \
+        if grads else float("nan")  # ZeRO 1/2 keep partitioned gradients elsewhere: the engine knows
+    engine.step()
+    engine_norm = engine.get_global_grad_norm()
+    return {"loss": float(loss.detach()), "grad_norm": float(engine_norm) if engine_norm is not None else local_norm}
+
+
+def _set_threads(world: int) -> None:
+    """Several ranks on one machine: split the cores (oversubscribed OpenMP is many times slower)."""
+    local = int(os.environ.get("LOCAL_SIZE", world))
+    if local > 1:
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) // local)))
+
+
+def train(cfg, metric_factory: Callable[[], MetricFn] | None = None) -> dict:
+    """Train (or resume, or recognise as finished) the refiner of ``cfg``; returns the final stats.
+
+    ``metric_factory()`` builds, on rank 0 only, what scores the periodic evaluation's
+    samples (grids only without it).
+    """
+    done = finished_run(cfg)
+    if done is not None:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"{cfg.train.output_dir}: already trained to step {done['max_steps']} (done.json); "
+                  "nothing to do", flush=True)
+        return done
+    cache_dir, manifest = open_cache(cfg)  # fail fast, before any process group exists
+    info = distributed.init()
+    rank, world, is_main = info.rank, info.world_size, info.is_main
+    _set_threads(world)
+    output_dir = Path(cfg.train.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    backend = load_backend(OmegaConf.merge(cfg.model, {"device": distributed.device_for(cfg.model.device)}))
+    torch.manual_seed(cfg.train.seed)  # LoRA A is random: the same on every rank and in every resumed run
+    refiner = Refiner(backend, cfg.refiner)
+    engine = distributed.build_engine(refiner, cfg)
+    checkpointer = Checkpointer(cfg, engine, refiner)
+    resume = checkpointer.resume(rank, world)
+    start, elapsed = (resume.step, resume.seconds) if resume else (0, 0.0)
+    stream = TeacherStream.from_config(cfg, rank, world, shards=resume.shards if resume else None,
+                                       cache=(cache_dir, manifest))
+    window = LogWindow()
+    if resume:
+        stream.load_state_dict(resume.data_state)
+        window.load_state_dict(resume.data_state.get("log_window", {}))
+    samples_path = output_dir / f"samples_rank{rank}.jsonl"
+    trim_jsonl(samples_path, start)
+    if is_main:
+        if resume:
+            print(f"resuming from {resume.path} at step {start}", flush=True)
+        (output_dir / "done.json").unlink(missing_ok=True)
+        save_config(cfg, output_dir / "config.yaml")
+        trim_csv(output_dir / "train_log.csv", start)
+        trim_csv(output_dir / EVAL_LOG, start)
+        print(f"teacher cache {cache_dir}: {len(stream.shard_names)} shards, {stream.samples_per_epoch} "
+              f"samples/epoch; {world} rank(s) x batch {cfg.train.batch_size}, loss {cfg.train.loss}, "
+              f"steps {start}->{cfg.train.max_steps}", flush=True)
+    distributed.barrier()
+
+    loss_fn = build_loss(cfg, backend)
+    evaluator = None
+    if is_main and cfg.train.eval_every > 0:
+        evaluator = Evaluator(cfg, backend, output_dir, metric_factory() if metric_factory else None)
+    batches = stream.batches(stream.position)
+    started = time.perf_counter() - elapsed
+    last_row: dict = {}
+    bar = tqdm(total=cfg.train.max_steps, initial=start, desc="train refiner", unit="step", disable=not is_main,
+               dynamic_ncols=True)
+    with open(samples_path, "a") as samples_log:
+        for step in range(start + 1, cfg.train.max_steps + 1):
+            batch = next(batches)
+            stats = train_step(engine, refiner, loss_fn, backend, batch)
+            samples_log.write(json.dumps({"step": step, "epoch": batch["epoch"], "index": batch["index"],
+                                          "sample_ids": batch["sample_id"]}) + "\n")
+            samples_log.flush()
+            window.add(stats["loss"], len(batch["sample_id"]))
+            if (cfg.train.log_every > 0 and step % cfg.train.log_every == 0) or step == cfg.train.max_steps:
+                last_row = _log_row(step, stats, window, stream, started, output_dir if is_main else None)
+            if evaluator is not None and step % cfg.train.eval_every == 0:
+                tqdm.write(evaluator(refiner, step)["text"])
+            if checkpointer.due(step):
+                checkpointer.save(step, {**stream.state_dict(), "log_window": window.state_dict()},
+                                  time.perf_counter() - started, stream.shard_names)
+            bar.update(1)
+    bar.close()
+    return _finish(cfg, refiner, stream, last_row, started, is_main)
+
+
+def _log_row(step: int, stats: dict, window: LogWindow, stream: TeacherStream, started: float,
+             output_dir: Path | None) -> dict:
+    """All ranks: reduce the window; rank 0 (``output_dir`` given) appends the row and prints it."""
+    loss_sum, steps, samples, skipped = distributed.all_reduce_sum(
+        [window.loss, window.steps, window.samples, stream.corrupt_skipped])
+    row = {"step": step, "loss": loss_sum / steps, "grad_norm": stats["grad_norm"],
+           "samples_per_s": samples / max(window.seconds(), 1e-9),
+           "seconds": round(time.perf_counter() - started, 3), "corrupt_skipped": int(skipped)}
+    window.reset()
+    if output_dir is not None:
+        append_csv(output_dir / "train_log.csv", LOG_FIELDS, row)
+        tqdm.write(f"step {step} loss {row['loss']:.6f} grad_norm {row['grad_norm']:.4f} "
+                   f"{row['samples_per_s']:.1f} samples/s {row['seconds']:.1f}s corrupt_skipped {row['corrupt_skipped']}")
+    return row
+
+
+def _finish(cfg, refiner: Refiner, stream: TeacherStream, last_row: dict, started: float, is_main: bool) -> dict:
+    """Export the refiner and write ``done.json`` (rank 0); every rank leaves the process group."""
+    total_skipped = int(distributed.all_reduce_sum([stream.corrupt_skipped])[0])
+    peak_mb = max(distributed.all_gather_object(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0))
+    output_dir = Path(cfg.train.output_dir)
+    stats = {"max_steps": cfg.train.max_steps, "world_size": distributed.world_size(),
+             "batch_size": cfg.train.batch_size, "loss": cfg.train.loss, "final_loss": last_row.get("loss"),
+             "seconds": round(time.perf_counter() - started, 1), "peak_rss_mb": round(peak_mb, 1),
+             "corrupt_skipped": total_skipped, "refiner_dir": str(output_dir / "refiner")}
+    if is_main:
+        save_refiner(refiner, output_dir / "refiner", cfg)
+        write_text_atomic(output_dir / "done.json", json.dumps(stats, indent=2) + "\n")
+        print(f"done: {cfg.train.max_steps} steps, final loss {stats['final_loss']}, refiner in "
+              f"{stats['refiner_dir']}", flush=True)
+    distributed.shutdown()
+    return stats
