@@ -37,7 +37,9 @@ def test_bf16_guided_rollout_close_to_fp32(cuda):
     with torch.no_grad():
         a = rollout(fp32, noise.to(cuda), fp32.encode_prompts(prompts), 5, Guidance("cfg", 3.0))
         b = rollout(bf16, noise.to(cuda, torch.bfloat16), bf16.encode_prompts(prompts), 5, Guidance("cfg", 3.0))
-    assert (a - b.float()).abs().mean() < 0.1
+    # relative: the tiny random model's outputs are large (mean |x0| ~14); bf16 carries ~3 significant
+    # digits per op, compounded over 5 CFG steps (measured on CPU: 2.1-2.3%, on an H200: mean abs 0.33)
+    assert (a - b.float()).norm() / a.norm() < 0.05
 
 
 def cuda_bf16_digits() -> DigitsBackend:

@@ -499,10 +499,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deadline", type=float, required=True, help="epoch seconds: skip what does not fit")
     parser.add_argument("--results", type=Path, required=True)
     parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--sample-batch", type=int, default=0, help="override the sampling case's batch")
     args = parser.parse_args(argv)
     spec, results = MODELS[args.model], Results(args.results, args.model)
     if args.tiny:
         spec = tiny_spec(spec)
+    if args.sample_batch:
+        spec = dataclasses.replace(spec, sample_batch=args.sample_batch)
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.cuda.set_device(device.index or 0)
