@@ -152,27 +152,47 @@ class ShardFormatError(ValueError):
     """The bytes are not a complete plain tar (truncated, corrupt header): damage, not content."""
 
 
+_COMPRESSED = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd",
+               b"\x04\x22\x4d\x18": "lz4"}
+_PLAIN_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE)  # not CONTTYPE/GNUTYPE_SPARSE: "regular" to tarfile only
+
+
+def _check_member_name(name: str, source: str) -> tuple[str, str]:
+    """``<key>.json`` or ``<key>.<array>.npy`` (extension case-insensitive, as webdataset): key and extension."""
+    key, dot, ext = name.partition(".")
+    if not dot or not ext or not _KEY_RE.match(key):
+        raise ValueError(f"{source}: refusing member {name!r}: expected <key>.<ext> with a plain key")
+    ext = ext.lower()
+    if ext != "json" and not (ext.endswith(".npy") and _ARRAY_RE.match(ext[:-4])):
+        raise ValueError(f"{source}: refusing member {name!r}: only .json and <name>.npy are allowed")
+    return key, ext
+
+
 def _iter_raw(data: bytes, source: str) -> Iterator[dict]:
     """The one tar parser: group the members of one shard (held in memory) into raw sample dicts.
 
-    Refuses what the writer never writes: non-regular members (links, devices,
-    directories), names that are not ``<key>.<ext>`` with a valid key (no ``/``, no
-    leading ``_`` or ``.``), a key that appears again after another key, a repeated
-    member, compressed tars, and members whose declared size runs past the end.
+    Refuses what the writer never writes: compressed tars, members that are not plain
+    regular files (links, devices, directories, FIFOs, contiguous or sparse files),
+    names that are not ``<key>.json`` / ``<key>.<array>.npy`` with a valid key (no ``/``,
+    no leading ``_`` or ``.``, no ``__key__``-like extension), a key that appears again
+    after another key, a repeated member, members whose declared size runs past the end,
+    and anything but zeros after the end-of-archive marker. Damage (truncation, corrupt
+    headers) raises :class:`ShardFormatError`; refused content raises plain ``ValueError``.
     """
+    for magic, kind in _COMPRESSED.items():
+        if data.startswith(magic):
+            raise ValueError(f"{source}: refusing a compressed ({kind}) tar: shards are plain tars")
     seen, current = set(), None
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
             for member in tar:
-                if not member.isreg():
-                    raise ValueError(f"{source}: refusing non-regular member {member.name!r}")
-                key, dot, ext = member.name.partition(".")
-                if not dot or not ext or not _KEY_RE.match(key):
-                    raise ValueError(f"{source}: refusing member {member.name!r}: expected <key>.<ext>")
+                if member.type not in _PLAIN_TYPES or member.sparse is not None:
+                    raise ValueError(f"{source}: refusing non-regular member {member.name!r} "
+                                     f"(tar type {member.type!r}{', sparse' if member.sparse is not None else ''})")
+                key, ext = _check_member_name(member.name, source)
                 if member.offset_data + member.size > len(data):
                     raise ShardFormatError(f"{source}: member {member.name!r} declares {member.size} bytes, "
                                            "past the end of the shard (truncated or corrupt)")
-                ext = ext.lower()
                 if current is None or current["__key__"] != key:
                     if current is not None:
                         yield current
@@ -189,6 +209,10 @@ def _iter_raw(data: bytes, source: str) -> Iterator[dict]:
     # tarfile silently stops at a missing header: demand the 1024-byte zero end marker.
     if data[end:end + 1024] != bytes(1024):
         raise ShardFormatError(f"{source}: truncated shard (missing end-of-archive marker)")
+    # the writer pads with zeros only; anything else (an appended archive) is invisible to tarfile
+    if data[end + 1024:].strip(b"\0"):
+        raise ValueError(f"{source}: refusing {len(data) - end - 1024} bytes after the end-of-archive marker "
+                         "that are not zero padding")
     if current is not None:
         yield current
 
