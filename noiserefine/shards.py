@@ -269,10 +269,15 @@ def read_manifest(cache_dir: Path) -> dict[str, ShardInfo]:
     import pyarrow.parquet as pq
 
     p = Path(cache_dir) / MANIFEST_NAME
-    if not p.exists():
+    try:
+        # one open, one read: pq.read_table(path) may open the file more than once, and a manifest
+        # replaced by rename in between gives a torn read ("Page was smaller than expected")
+        with open(p, "rb") as handle:
+            data = handle.read()
+    except FileNotFoundError:
         return {}
     try:
-        table = pq.read_table(p)
+        table = pq.read_table(pa.BufferReader(data))
     except (pa.ArrowException, OSError) as e:
         raise ValueError(f"{p}: unreadable manifest: {e}") from e
     missing = [c for c in MANIFEST_COLUMNS if c not in table.column_names]

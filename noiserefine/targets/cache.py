@@ -10,13 +10,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from ..files import write_text_atomic
 from ..shards import ShardInfo, read_manifest, shard_info, shard_name, verify_shard, write_manifest
 from .identity import teacher_key, teacher_record
-from .plan import Plan
+from .lock import manifest_lock
+
+if TYPE_CHECKING:  # plan imports torch: not needed to read or lock a cache
+    from .plan import Plan
 
 TEACHER_FILE = "teacher.yaml"
 GENERATE_HINT = "run `python pipeline/generate_targets.py --config <same config>` first"
@@ -153,7 +157,8 @@ def scan_cache(cache_dir: Path, plan: Plan, *, verify: bool = False) -> CacheSta
 
 
 def record_shards(cache_dir: Path, infos: list[ShardInfo]) -> None:
-    """Merge finished shards into the manifest (written atomically by the driver only)."""
-    manifest = read_manifest(cache_dir)
-    manifest.update({info.name: info for info in infos})
-    write_manifest(cache_dir, list(manifest.values()))
+    """Merge finished shards into the manifest (written atomically; concurrent recorders serialised)."""
+    with manifest_lock(cache_dir):
+        manifest = read_manifest(cache_dir)
+        manifest.update({info.name: info for info in infos})
+        write_manifest(cache_dir, list(manifest.values()))

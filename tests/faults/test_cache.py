@@ -1,0 +1,166 @@
+"""Fault tests of stage 1 (the teacher-target generator and its cache directory) under adversarial use.
+
+The generator runs in this process exactly as a user types it
+(``pipeline/generate_targets.py --config configs/digits.yaml ... pipeline.num_workers=0``),
+against tiny random-weight digit teachers saved to disk (no training, no Ray): one job
+takes well under a second. Each test names the issue item it covers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import io
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_digits_backend
+from noiserefine.config import load_config
+from noiserefine.shards import (MANIFEST_NAME, ShardInfo, ShardSample, file_sha256, read_manifest, read_shard,
+                                verify_shard, write_manifest, write_shard)
+from noiserefine.targets import generate as generate_module
+from noiserefine.targets import identity
+from noiserefine.targets.cache import cache_dir_for, open_cache, prepare_cache_dir, record_shards
+from noiserefine.train.stream import TeacherStream
+
+REPO = Path(__file__).resolve().parents[2]
+DIGITS_YAML = REPO / "configs" / "digits.yaml"
+_spec = importlib.util.spec_from_file_location("generate_targets_entry", REPO / "pipeline" / "generate_targets.py")
+entry = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(entry)
+
+
+@pytest.fixture(autouse=True)
+def private_hash_memo(tmp_path, monkeypatch):
+    monkeypatch.setenv("NOISEREFINE_HASH_CACHE", str(tmp_path / "memo" / "file_hashes.json"))
+
+
+@pytest.fixture
+def teacher(tmp_path) -> Path:
+    path = tmp_path / "teacher"
+    tiny_digits_backend(seed=0).save_pretrained(path)
+    return path
+
+
+def job_args(teacher: Path, root: Path, *extra: str, num_samples: int = 6) -> list[str]:
+    """6 samples in shards of 4 (4 + a partial 2), batches of 2, 2 sampler steps, no Ray."""
+    return ["--config", str(DIGITS_YAML), f"model.path={teacher}", f"data.cache_root={root}",
+            f"data.num_samples={num_samples}", "data.shard_size=4", "pipeline.batch_size=2", "teacher.num_steps=2",
+            "pipeline.num_workers=0", *extra]
+
+
+def config_of(args: list[str]):
+    return load_config(args[1], args[2:])
+
+
+def run_job(args: list[str], capsys) -> tuple[Path, str]:
+    """Run the generator; return the cache directory it printed last and its stdout."""
+    assert entry.main(args) == 0
+    out = capsys.readouterr().out
+    return Path(out.strip().splitlines()[-1]), out
+
+
+def snapshot(directory: Path) -> dict[str, tuple]:
+    """Name -> (inode, mtime_ns, bytes) of every entry (recursively): changes if anything is touched."""
+    out = {}
+    for path in sorted(directory.rglob("*")):
+        st = path.lstat()
+        out[str(path.relative_to(directory))] = (st.st_ino, st.st_mtime_ns,
+                                                 path.read_bytes() if path.is_file() else None)
+    return out
+
+
+def sample_ids(cache_dir: Path) -> list[int]:
+    """The sample ids a trainer would see in one epoch: every manifest row's shard, in name order."""
+    return [s.meta["sample_id"] for name in sorted(read_manifest(cache_dir)) for s in read_shard(cache_dir / name)]
+
+
+def rejected_files(cache_dir: Path) -> list[Path]:
+    return sorted(cache_dir.glob("rejected-*"))
+
+
+# ----------------------------------------------------------------------------- item 2: the manifest under concurrency
+
+def rows(count: int, prefix: str = "shard") -> list[ShardInfo]:
+    return [ShardInfo(f"{prefix}-{i:06d}.tar", i, 100 * i, f"{i:064x}") for i in range(count)]
+
+
+def test_manifest_reads_never_tear_while_it_is_replaced(tmp_path):
+    write_manifest(tmp_path, rows(5))
+    stop, errors, reads = threading.Event(), [], [0]
+
+    def writer():
+        n = 0
+        while not stop.is_set():
+            n += 1
+            write_manifest(tmp_path, rows(5 + n % 200))
+
+    def reader():
+        while not stop.is_set():
+            try:
+                manifest = read_manifest(tmp_path)
+                assert len(manifest) >= 5
+                reads[0] += 1
+            except Exception as error:  # noqa: BLE001
+                errors.append(repr(error))
+
+    threads = [threading.Thread(target=writer)] + [threading.Thread(target=reader) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    time.sleep(2.0)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    assert reads[0] > 100
+    assert errors == [], f"{len(errors)} of {reads[0] + len(errors)} reads failed, e.g. {errors[:2]}"
+
+
+RECORDER = """
+import sys
+from pathlib import Path
+from noiserefine.shards import ShardInfo
+from noiserefine.targets.cache import record_shards
+cache_dir, prefix, count = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+print("ready", flush=True)
+sys.stdin.readline()  # all recorders start together
+for i in range(count):
+    record_shards(cache_dir, [ShardInfo(f"{prefix}-{i:06d}.tar", i, 100 * i, f"{i:064x}")])
+"""
+
+
+def test_concurrent_recorders_lose_no_rows(tmp_path):
+    """Three threads of this process and two other processes record 15 shards each, one at a time."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    processes = [subprocess.Popen([sys.executable, "-c", RECORDER, str(tmp_path), f"proc{p}", "15"], env=env,
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for p in range(2)]
+    assert [p.stdout.readline().strip() for p in processes] == ["ready", "ready"]
+
+    def record_many(prefix):
+        for info in rows(15, prefix):
+            record_shards(tmp_path, [info])
+
+    threads = [threading.Thread(target=record_many, args=(f"thread{t}",)) for t in range(3)]
+    for process in processes:
+        process.stdin.write("go\n")
+        process.stdin.flush()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert [p.wait(120) for p in processes] == [0, 0]
+    names = set(read_manifest(tmp_path))
+    expected = {info.name for prefix in ("thread0", "thread1", "thread2", "proc0", "proc1")
+                for info in rows(15, prefix)}
+    assert names == expected, f"lost {len(expected - names)} of {len(expected)} rows"
