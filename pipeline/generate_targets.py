@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from noiserefine.backends import load_backend  # noqa: E402
 from noiserefine.config import config_from_container, parse_cli, save_config  # noqa: E402
-from noiserefine.targets.cache import prepare_cache_dir, record_shards, scan_cache  # noqa: E402
+from noiserefine.targets.cache import hold_cache, record_shards, scan_cache  # noqa: E402
 from noiserefine.targets.generate import generate_shard  # noqa: E402
 from noiserefine.targets.identity import teacher_key  # noqa: E402
 from noiserefine.targets.plan import Plan  # noqa: E402
@@ -82,23 +82,23 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.model.backend == "digits" and not Path(cfg.model.path).expanduser().is_dir():
         raise FileNotFoundError(f"model.path {cfg.model.path} is not a directory (train the digit teacher "
                                 "with `python -m noiserefine.digits.train_teacher --config ...`)")
-    cache_dir = prepare_cache_dir(cfg)
-    save_config(cfg, cache_dir / "generate_config.yaml")
     plan = Plan.from_config(cfg.data)
     for source in plan.sources:
         print(f"prompts[{source.kind}]: {source.stats}", flush=True)
-    state = scan_cache(cache_dir, plan, verify=cfg.pipeline.verify)
-    print(f"cache {cache_dir}: {len(state.complete)}/{plan.num_shards} shards complete, "
-          f"{len(state.missing)} to generate" + (f", rejected {state.rejected}" if state.rejected else "")
-          + (f", removed {len(state.stale_temps)} stale temp files" if state.stale_temps else ""), flush=True)
-    started, num_samples = time.perf_counter(), 0
-    if state.missing:
-        generate = generate_with_ray if cfg.pipeline.num_workers > 0 else generate_in_process
-        results = generate(cfg, cache_dir, teacher_key(cfg), plan, state.missing)
-        for info in tqdm(results, total=len(state.missing), desc="shards", unit="shard"):
-            record_shards(cache_dir, [info])  # per shard: a crashed driver loses nothing
-            num_samples += info.num_samples
-    seconds = time.perf_counter() - started
+    with hold_cache(cfg) as cache_dir:  # the job lock, held until every shard is recorded
+        save_config(cfg, cache_dir / "generate_config.yaml")
+        state = scan_cache(cache_dir, plan, verify=cfg.pipeline.verify)
+        print(f"cache {cache_dir}: {len(state.complete)}/{plan.num_shards} shards complete, "
+              f"{len(state.missing)} to generate" + (f", rejected {state.rejected}" if state.rejected else "")
+              + (f", removed {len(state.stale_temps)} stale temp files" if state.stale_temps else ""), flush=True)
+        started, num_samples = time.perf_counter(), 0
+        if state.missing:
+            generate = generate_with_ray if cfg.pipeline.num_workers > 0 else generate_in_process
+            results = generate(cfg, cache_dir, teacher_key(cfg), plan, state.missing)
+            for info in tqdm(results, total=len(state.missing), desc="shards", unit="shard"):
+                record_shards(cache_dir, [info])  # per shard: a crashed driver loses nothing
+                num_samples += info.num_samples
+        seconds = time.perf_counter() - started
     print(f"generated {num_samples} samples in {len(state.missing)} shards in {seconds:.1f} s "
           f"({num_samples / seconds if num_samples else 0.0:.1f} samples/s); cache holds {plan.num_samples} "
           f"samples in {plan.num_shards} shards", flush=True)

@@ -8,6 +8,8 @@ directory. Re-running the generator skips shards already complete.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,7 +19,7 @@ import yaml
 from ..files import write_text_atomic
 from ..shards import ShardInfo, read_manifest, shard_info, shard_name, verify_shard, write_manifest
 from .identity import teacher_key, teacher_record
-from .lock import manifest_lock
+from .lock import cache_lock, manifest_lock
 
 if TYPE_CHECKING:  # plan imports torch: not needed to read or lock a cache
     from .plan import Plan
@@ -84,20 +86,39 @@ def open_cache(cfg) -> tuple[Path, dict[str, ShardInfo]]:
     return cache_dir, manifest
 
 
-def prepare_cache_dir(cfg) -> Path:
-    """Create the cache directory and its ``teacher.yaml``; refuse a directory of another teacher."""
+def _check_generation(cache_dir: Path, cfg) -> None:
+    pinned = check_teacher(cache_dir, cfg).get("generation", {})
+    if pinned and pinned != generation_settings(cfg):
+        raise ValueError(f"{cache_dir / TEACHER_FILE}: this cache was generated with {pinned}, this run "
+                         f"has {generation_settings(cfg)}; retried shards would not be byte-identical. "
+                         "Use the recorded settings (e.g. pipeline.batch_size) or another data.cache_root")
+
+
+@contextmanager
+def hold_cache(cfg) -> Iterator[Path]:
+    """The cache directory of ``cfg``, created with its ``teacher.yaml`` and held for writing.
+
+    The job lock (``.lock``, see ``lock.py``) is held until the block ends: a second job on
+    the same directory fails at once naming the first one. Refuses a directory of another
+    teacher, or made with other generation settings.
+    """
     cache_dir = cache_dir_for(cfg)
+    if (cache_dir / TEACHER_FILE).exists():  # checked before anything is created or locked
+        _check_generation(cache_dir, cfg)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    if (cache_dir / TEACHER_FILE).exists():
-        pinned = check_teacher(cache_dir, cfg).get("generation", {})
-        if pinned and pinned != generation_settings(cfg):
-            raise ValueError(f"{cache_dir / TEACHER_FILE}: this cache was generated with {pinned}, this run "
-                             f"has {generation_settings(cfg)}; retried shards would not be byte-identical. "
-                             "Use the recorded settings (e.g. pipeline.batch_size) or another data.cache_root")
-    else:
-        record = {**teacher_record(cfg), "generation": generation_settings(cfg)}
-        write_text_atomic(cache_dir / TEACHER_FILE, yaml.safe_dump(record, sort_keys=True))
-    return cache_dir
+    with cache_lock(cache_dir):
+        if (cache_dir / TEACHER_FILE).exists():
+            _check_generation(cache_dir, cfg)
+        else:
+            record = {**teacher_record(cfg), "generation": generation_settings(cfg)}
+            write_text_atomic(cache_dir / TEACHER_FILE, yaml.safe_dump(record, sort_keys=True))
+        yield cache_dir
+
+
+def prepare_cache_dir(cfg) -> Path:
+    """Create the cache directory and its ``teacher.yaml`` (under the job lock); see :func:`hold_cache`."""
+    with hold_cache(cfg) as cache_dir:
+        return cache_dir
 
 
 @dataclass
@@ -115,9 +136,14 @@ def scan_cache(cache_dir: Path, plan: Plan, *, verify: bool = False) -> CacheSta
     manifest update) is adopted, and recorded in the manifest, if it reads back whole with
     the plan's sample count: shards only ever appear by atomic rename once complete. Temp
     files of shards (``.shard-*.tar.*.tmp``) are leftovers of killed workers (a retried
-    shard writes a new temp) and are deleted, like rejected shards: one job at a time owns
-    a cache directory.
+    shard writes a new temp) and are deleted, like rejected shards: only the job holding the
+    directory's lock (taken here if the calling thread does not hold it yet) deletes anything.
     """
+    with cache_lock(cache_dir):
+        return _scan_locked(Path(cache_dir), plan, verify)
+
+
+def _scan_locked(cache_dir: Path, plan: Plan, verify: bool) -> CacheState:
     manifest = read_manifest(cache_dir)
     state = CacheState()
     adopted = []

@@ -91,6 +91,77 @@ def rejected_files(cache_dir: Path) -> list[Path]:
     return sorted(cache_dir.glob("rejected-*"))
 
 
+# ----------------------------------------------------------------------------- item 1: two jobs, one cache
+
+def test_second_job_on_a_busy_cache_is_refused_and_the_first_finishes(teacher, tmp_path, monkeypatch, capsys):
+    args = job_args(teacher, tmp_path / "cache")
+    cache_dir = cache_dir_for(config_of(args))
+    paused, resume = threading.Event(), threading.Event()
+    original = generate_module.shard_samples
+
+    def pausing_shard_samples(*a, **k):  # job A stops after its first sample, its temp shard half written
+        for count, sample in enumerate(original(*a, **k), start=1):
+            yield sample
+            if threading.current_thread().name == "job-A" and count == 1 and not paused.is_set():
+                paused.set()
+                assert resume.wait(60)
+
+    monkeypatch.setattr(generate_module, "shard_samples", pausing_shard_samples)
+    outcome = {}
+
+    def job_a():
+        try:
+            outcome["a"] = entry.main(args)
+        except BaseException as error:  # noqa: BLE001 - reported below
+            outcome["a"] = error
+
+    thread = threading.Thread(target=job_a, name="job-A")
+    thread.start()
+    try:
+        assert paused.wait(60), "job A never started writing"
+        temps = sorted(cache_dir.glob(".shard-*.tmp"))
+        assert temps, "job A has no temp shard"
+        lock = cache_dir / ".lock"
+        lock_text = lock.read_text() if lock.exists() else ""
+        try:
+            entry.main(args)
+            outcome["b"] = None
+        except Exception as error:  # noqa: BLE001
+            outcome["b"] = error
+        temps_kept = all(t.exists() for t in temps)
+    finally:
+        resume.set()
+        thread.join(120)
+    assert outcome["b"] is not None, f"job B ran on a cache another job was writing; job A: {outcome['a']!r}"
+    assert outcome["a"] == 0, f"job A failed: {outcome['a']!r}"
+    assert temps_kept, "job B deleted job A's temp shard"
+    message = str(outcome["b"])
+    assert f"another job (pid {os.getpid()} on host {socket.gethostname()}, since " in message, message
+    assert f"is writing this cache {cache_dir}" in message, message
+    assert f'"pid": {os.getpid()}' in lock_text and socket.gethostname() in lock_text
+    _, out = run_job(args, capsys)  # the lock is released when job A ends
+    assert "2/2 shards complete, 0 to generate" in out
+
+
+def test_a_killed_job_releases_the_lock(teacher, tmp_path, capsys):
+    """The lock is an flock held by the process: a job that dies (SIGKILL) leaves no stale lock behind."""
+    args = job_args(teacher, tmp_path / "cache")
+    cache_dir = prepare_cache_dir(config_of(args))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from noiserefine.targets.lock import cache_lock\n"
+         f"with cache_lock({str(cache_dir)!r}):\n    print('locked', flush=True); time.sleep(600)"],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RuntimeError, match=rf"another job \(pid {holder.pid} on host .*is writing this cache"):
+            entry.main(args)
+    finally:
+        holder.kill()
+        holder.wait(30)
+    _, out = run_job(args, capsys)
+    assert "0/2 shards complete, 2 to generate" in out
+
+
 # ----------------------------------------------------------------------------- item 2: the manifest under concurrency
 
 def rows(count: int, prefix: str = "shard") -> list[ShardInfo]:
