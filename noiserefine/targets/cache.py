@@ -19,7 +19,7 @@ import yaml
 from ..files import write_text_atomic
 from ..shards import ShardInfo, read_manifest, shard_info, shard_name, verify_shard, write_manifest
 from .identity import teacher_key, teacher_record
-from .lock import cache_lock, manifest_lock
+from .lock import LOCK_FILES, cache_lock, manifest_lock
 
 if TYPE_CHECKING:  # plan imports torch: not needed to read or lock a cache
     from .plan import Plan
@@ -94,6 +94,25 @@ def _check_generation(cache_dir: Path, cfg) -> None:
                          "Use the recorded settings (e.g. pipeline.batch_size) or another data.cache_root")
 
 
+def _refuse_foreign(cache_dir: Path) -> None:
+    """A directory is ours if it is new, empty (but for our lock files) or holds a ``teacher.yaml``.
+
+    Anything else (``data.cache_dir`` pointed at a dataset, a home directory...) is refused
+    before a single file in it is created, deleted, renamed or adopted.
+    """
+    if not cache_dir.exists() or (cache_dir / TEACHER_FILE).is_file():
+        return
+    if not cache_dir.is_dir():
+        raise ValueError(f"teacher cache {cache_dir} exists and is not a directory")
+    entries = sorted(p.name for p in cache_dir.iterdir() if p.name not in LOCK_FILES)
+    if entries:
+        shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+        raise ValueError(f"{cache_dir} is not empty and has no {TEACHER_FILE}: it is not a teacher cache of ours; "
+                         f"refusing to write, delete or adopt anything in it (it holds {shown}). Point "
+                         "data.cache_dir at a new or empty directory, or leave it empty to use "
+                         "data.cache_root/<teacher key>")
+
+
 @contextmanager
 def hold_cache(cfg) -> Iterator[Path]:
     """The cache directory of ``cfg``, created with its ``teacher.yaml`` and held for writing.
@@ -103,10 +122,12 @@ def hold_cache(cfg) -> Iterator[Path]:
     teacher, or made with other generation settings.
     """
     cache_dir = cache_dir_for(cfg)
-    if (cache_dir / TEACHER_FILE).exists():  # checked before anything is created or locked
+    _refuse_foreign(cache_dir)  # checked before anything is created or locked
+    if (cache_dir / TEACHER_FILE).exists():
         _check_generation(cache_dir, cfg)
     cache_dir.mkdir(parents=True, exist_ok=True)
     with cache_lock(cache_dir):
+        _refuse_foreign(cache_dir)
         if (cache_dir / TEACHER_FILE).exists():
             _check_generation(cache_dir, cfg)
         else:
@@ -144,6 +165,7 @@ def scan_cache(cache_dir: Path, plan: Plan, *, verify: bool = False) -> CacheSta
 
 
 def _scan_locked(cache_dir: Path, plan: Plan, verify: bool) -> CacheState:
+    read_teacher_record(cache_dir)  # positively a cache of ours, or nothing is touched
     manifest = read_manifest(cache_dir)
     state = CacheState()
     adopted = []

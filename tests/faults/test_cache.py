@@ -235,3 +235,43 @@ def test_concurrent_recorders_lose_no_rows(tmp_path):
     expected = {info.name for prefix in ("thread0", "thread1", "thread2", "proc0", "proc1")
                 for info in rows(15, prefix)}
     assert names == expected, f"lost {len(expected - names)} of {len(expected)} rows"
+
+
+# ----------------------------------------------------------------------------- item 3: a foreign directory
+
+def foreign_shard(path: Path, num_samples: int = 20) -> None:
+    """Somebody else's WebDataset shard: jpg + json samples keyed 000000 .. 000019."""
+    with tarfile.open(path, "w") as tar:
+        for i in range(num_samples):
+            for ext, payload in (("jpg", b"\xff\xd8\xff\xe0 not really a jpeg"), ("json", b'{"label": 3}')):
+                info = tarfile.TarInfo(f"{i:06d}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+
+
+def test_a_foreign_directory_is_refused_and_left_untouched(teacher, tmp_path, capsys):
+    foreign = tmp_path / "my-dataset"
+    foreign.mkdir()
+    foreign_shard(foreign / "shard-000000.tar")
+    (foreign / "notes.tmp").write_text("my notes")
+    (foreign / ".shard-000001.tar.123-abcdef012345.tmp").write_text("looks like one of our temp files")
+    (foreign / "sub").mkdir()
+    (foreign / "sub" / "photo.jpg").write_bytes(b"\xff\xd8")
+    before = snapshot(foreign)
+    args = job_args(teacher, tmp_path / "unused", f"data.cache_dir={foreign}")
+    with pytest.raises(ValueError, match=rf"{foreign}.*not .*teacher cache.*refusing") as error:
+        entry.main(args)
+    assert "teacher.yaml" in str(error.value)
+    assert snapshot(foreign) == before, "the generator changed a directory that is not a cache of ours"
+    # the trainer's side refuses it as well (no teacher.yaml)
+    with pytest.raises(FileNotFoundError, match=str(foreign)):
+        open_cache(config_of(args))
+
+
+def test_an_empty_or_new_directory_becomes_the_cache(teacher, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for directory in (empty, tmp_path / "new" / "dir"):
+        cache_dir, out = run_job(job_args(teacher, tmp_path / "unused", f"data.cache_dir={directory}"), capsys)
+        assert cache_dir == directory and "0/2 shards complete, 2 to generate" in out
+        assert sample_ids(directory) == list(range(6))
