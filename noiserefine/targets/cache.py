@@ -49,9 +49,10 @@ def read_teacher_record(cache_dir: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"no teacher cache at {cache_dir} ({TEACHER_FILE} missing); {GENERATE_HINT}")
     try:
-        record = yaml.safe_load(path.read_text())
+        with open(path, encoding="utf-8") as handle:  # YAML's error marks then name the file, not "<unicode string>"
+            record = yaml.safe_load(handle)  # safe: a !!python tag is an error, never executed
     except (yaml.YAMLError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path}: unreadable teacher record: {str(error).splitlines()[0]}") from None
+        raise ValueError(f"{path}: unreadable teacher record: {' '.join(str(error).split())}") from None
     if not isinstance(record, dict) or not isinstance(record.get("teacher_key"), str) \
             or not all(isinstance(record.get(section), dict) for section in ("model", "teacher", "data")):
         raise ValueError(f"{path}: not a teacher record (needs teacher_key and model/teacher/data mappings)")

@@ -275,3 +275,35 @@ def test_an_empty_or_new_directory_becomes_the_cache(teacher, tmp_path, capsys):
         cache_dir, out = run_job(job_args(teacher, tmp_path / "unused", f"data.cache_dir={directory}"), capsys)
         assert cache_dir == directory and "0/2 shards complete, 2 to generate" in out
         assert sample_ids(directory) == list(range(6))
+
+
+# ----------------------------------------------------------------------------- item 18: teacher.yaml
+
+@pytest.mark.parametrize("text,pattern", [
+    ("teacher_key: [unclosed\n", r"unreadable teacher record: while parsing .* line 2"),
+    ("teacher_key: digits-0\nmodel: sd15\nteacher: {}\ndata: {}\n", r"not a teacher record"),
+    ("- just\n- a list\n", r"not a teacher record"),
+])
+def test_a_broken_teacher_yaml_is_an_error_naming_the_file(teacher, tmp_path, text, pattern):
+    args = job_args(teacher, tmp_path / "cache")
+    cache_dir = cache_dir_for(config_of(args))
+    cache_dir.mkdir(parents=True)
+    (cache_dir / "teacher.yaml").write_text(text)
+    before = snapshot(cache_dir)
+    for call in (lambda: entry.main(args), lambda: open_cache(config_of(args))):
+        with pytest.raises(ValueError, match=pattern) as error:
+            call()
+        assert str(cache_dir / "teacher.yaml") in str(error.value) and "<unicode string>" not in str(error.value)
+    assert snapshot(cache_dir) == before
+
+
+def test_a_python_tagged_teacher_yaml_is_refused_not_executed(teacher, tmp_path):
+    args = job_args(teacher, tmp_path / "cache")
+    cache_dir = cache_dir_for(config_of(args))
+    cache_dir.mkdir(parents=True)
+    marker = tmp_path / "executed"
+    (cache_dir / "teacher.yaml").write_text(f"teacher_key: !!python/object/apply:os.system ['touch {marker}']\n")
+    for call in (lambda: entry.main(args), lambda: open_cache(config_of(args))):
+        with pytest.raises(ValueError, match=rf"{cache_dir / 'teacher.yaml'}: .*python/object/apply.* line 1"):
+            call()
+    assert not marker.exists(), "the YAML tag was executed"
