@@ -91,6 +91,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cache {cache_dir}: {len(state.complete)}/{plan.num_shards} shards complete, "
               f"{len(state.missing)} to generate" + (f", rejected {state.rejected}" if state.rejected else "")
               + (f", removed {len(state.stale_temps)} stale temp files" if state.stale_temps else ""), flush=True)
+        for name in state.rejected:
+            print(f"  rejected {name}: {state.reasons[name]}; moved aside as {state.moved[name]} (not deleted)",
+                  flush=True)
+        if state.adopted:
+            print(f"  adopted {state.adopted}: complete and matching the plan but unrecorded; recorded now", flush=True)
         started, num_samples = time.perf_counter(), 0
         if state.missing:
             generate = generate_with_ray if cfg.pipeline.num_workers > 0 else generate_in_process

@@ -8,6 +8,10 @@ directory. Re-running the generator skips shards already complete.
 
 from __future__ import annotations
 
+import hashlib
+import os
+import re
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -17,7 +21,7 @@ from typing import TYPE_CHECKING
 import yaml
 
 from ..files import write_text_atomic
-from ..shards import ShardInfo, read_manifest, shard_info, shard_name, verify_shard, write_manifest
+from ..shards import ShardInfo, file_sha256, iter_samples, read_manifest, sample_key, shard_name, write_manifest
 from .identity import teacher_key, teacher_record
 from .lock import LOCK_FILES, cache_lock, manifest_lock
 
@@ -147,59 +151,122 @@ def prepare_cache_dir(cfg) -> Path:
 class CacheState:
     complete: dict[int, ShardInfo] = field(default_factory=dict)
     missing: list[int] = field(default_factory=list)
-    rejected: list[str] = field(default_factory=list)  # present but wrong: deleted, to be rebuilt
+    rejected: list[str] = field(default_factory=list)  # present but wrong: moved aside, to be rebuilt
+    reasons: dict[str, str] = field(default_factory=dict)  # rejected name -> why
+    moved: dict[str, str] = field(default_factory=dict)  # rejected name -> its name now (``rejected-...``)
+    adopted: list[str] = field(default_factory=list)  # complete but unrecorded, matching the plan: recorded now
     stale_temps: list[str] = field(default_factory=list)  # half-written by killed workers: deleted
 
 
-def scan_cache(cache_dir: Path, plan: Plan, *, verify: bool = False) -> CacheState:
-    """Which shards of ``plan`` are complete. ``verify`` re-hashes every shard against the manifest.
+# ``atomic_path``'s temp names: ``.<name>.<pid>-<12 hex>.tmp``
+_TEMP_RE = re.compile(r"^\..+\.\d+-[0-9a-f]{12}\.tmp$")
 
-    A shard on disk but not in the manifest (the job died between its rename and the
-    manifest update) is adopted, and recorded in the manifest, if it reads back whole with
-    the plan's sample count: shards only ever appear by atomic rename once complete. Temp
-    files of shards (``.shard-*.tar.*.tmp``) are leftovers of killed workers (a retried
-    shard writes a new temp) and are deleted, like rejected shards: only the job holding the
-    directory's lock (taken here if the calling thread does not hold it yet) deletes anything.
+
+def scan_cache(cache_dir: Path, plan: Plan, *, verify: bool = False) -> CacheState:
+    """Which shards of ``plan`` are complete. ``verify`` re-hashes every recorded shard.
+
+    A recorded shard is complete if its file has the recorded size (and, with ``verify``,
+    sha256). A shard file on disk but not in the manifest (the job died between its
+    rename and the manifest update) is adopted, and recorded, only if every sample
+    matches the plan: key, sample id, seed, prompt, source, teacher key, noise
+    fingerprint, a finite target of the cache's dtype, and the plan's count. Nothing is
+    deleted: a rejected file (damaged, or not what the plan says) is renamed
+    ``rejected-<name>.<UTC time>`` and the shard rebuilt. Temp files of ``atomic_path``
+    are leftovers of killed workers (a retried shard writes a new temp) and are deleted.
+    All of this happens only in a directory with our ``teacher.yaml`` and under its job
+    lock (taken here if the calling thread does not hold it yet).
     """
     with cache_lock(cache_dir):
         return _scan_locked(Path(cache_dir), plan, verify)
 
 
+def _move_aside(path: Path) -> str:
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target, count = path.with_name(f"rejected-{path.name}.{stamp}"), 1
+    while target.exists():
+        target, count = path.with_name(f"rejected-{path.name}.{stamp}-{count}"), count + 1
+    os.rename(path, target)
+    return target.name
+
+
+def check_against_plan(path: Path, plan: Plan, index: int, record: dict) -> ShardInfo:
+    """The manifest row of the shard file ``path`` if it holds exactly shard ``index`` of ``plan`` as
+    made by the teacher of ``record``; ``ValueError`` naming the first sample that differs otherwise."""
+    import numpy as np
+
+    from ..noise import fingerprint, noise_from_seed
+
+    data = path.read_bytes()
+    samples = list(iter_samples(data, str(path)))  # ValueError if damaged or refused
+    ids = list(plan.shard_sample_ids(index))
+    if len(samples) != len(ids):
+        raise ValueError(f"{path}: holds {len(samples)} samples, shard {index} of the plan has {len(ids)}")
+    dtype = np.dtype(record["data"]["target_dtype"])
+    for sample, sample_id in zip(samples, ids):
+        planned = plan.sample(sample_id)
+        where = f"{path}: sample {sample.key!r}"
+        want = {"key": sample_key(sample_id), "sample_id": sample_id, "seed": planned.seed, "prompt": planned.prompt,
+                "source": planned.source, "teacher_key": record["teacher_key"]}
+        got = {**sample.meta, "key": sample.key}
+        differing = [f"{k} {got.get(k)!r} (the plan's: {v!r})" for k, v in want.items() if got.get(k) != v]
+        if differing:
+            raise ValueError(f"{where} is not the plan's sample {sample_id} of shard {index}: "
+                             + ", ".join(differing))
+        target = sample.arrays.get("target")
+        if set(sample.arrays) != {"target"} or target.dtype != dtype or not np.isfinite(target).all():
+            raise ValueError(f"{where}: needs one finite target of dtype {dtype}, has "
+                             f"{ {k: str(a.dtype) for k, a in sample.arrays.items()} }"
+                             + ("" if target is None or np.isfinite(target).all() else " with non-finite values"))
+        if sample.meta.get("noise_fingerprint") != fingerprint(noise_from_seed(planned.seed, target.shape)):
+            raise ValueError(f"{where}: its noise fingerprint is not that of seed {planned.seed}")
+    return ShardInfo(path.name, len(samples), len(data), hashlib.sha256(data).hexdigest())
+
+
 def _scan_locked(cache_dir: Path, plan: Plan, verify: bool) -> CacheState:
-    read_teacher_record(cache_dir)  # positively a cache of ours, or nothing is touched
+    record = read_teacher_record(cache_dir)  # positively a cache of ours, or nothing is touched
     manifest = read_manifest(cache_dir)
     state = CacheState()
     adopted = []
-    for stale in sorted(Path(cache_dir).glob(".shard-*.tar.*.tmp")):
+    for stale in sorted(p for p in cache_dir.iterdir() if _TEMP_RE.match(p.name)):
         stale.unlink(missing_ok=True)
         state.stale_temps.append(stale.name)
+
+    def reject(path: Path, reason: str) -> None:
+        state.rejected.append(path.name)
+        state.reasons[path.name] = reason
+        state.moved[path.name] = _move_aside(path)
+
     for index in range(plan.num_shards):
         name = shard_name(index)
         path = cache_dir / name
         expected_count = len(plan.shard_sample_ids(index))
+        info = manifest.get(name)
         if not path.exists():
             state.missing.append(index)
-            continue
-        info = manifest.get(name)
-        if info is None:
-            try:
-                info = shard_info(path)
-            except ValueError:  # damaged: rebuilt like any rejected shard
-                good = False
+        elif info is not None:
+            if path.stat().st_size != info.num_bytes:
+                reject(path, f"{path.stat().st_size} bytes, the manifest says {info.num_bytes}")
+                state.missing.append(index)
+            elif verify and file_sha256(path) != info.sha256:
+                reject(path, "sha256 differs from the manifest")
+                state.missing.append(index)
+            elif info.num_samples < expected_count:
+                reject(path, f"{info.num_samples} samples, the plan has {expected_count}")
+                state.missing.append(index)
             else:
-                good = True
-        else:
-            good = path.stat().st_size == info.num_bytes and (not verify or verify_shard(cache_dir, info))
-        # more samples than planned: written for a larger num_samples of the same plan, whose
-        # shards start with exactly these samples; kept rather than rebuilt shorter
-        if good and info.num_samples >= expected_count:
-            state.complete[index] = info
-            if name not in manifest:
+                # more samples than planned: written for a larger num_samples of the same plan, whose
+                # shards start with exactly these samples; kept rather than rebuilt shorter
+                state.complete[index] = info
+        else:  # unrecorded
+            try:
+                info = check_against_plan(path, plan, index, record)
+            except ValueError as error:
+                reject(path, f"unrecorded and not the plan's shard: {error}")
+                state.missing.append(index)
+            else:
+                state.complete[index] = info
+                state.adopted.append(name)
                 adopted.append(info)
-        else:
-            state.rejected.append(name)
-            state.missing.append(index)
-            path.unlink()
     if adopted:
         record_shards(cache_dir, adopted)
     return state

@@ -277,6 +277,134 @@ def test_an_empty_or_new_directory_becomes_the_cache(teacher, tmp_path, capsys):
         assert sample_ids(directory) == list(range(6))
 
 
+# ----------------------------------------------------------------------------- items 11, 12: unrecorded shards
+
+def rewrite(path: Path, change) -> None:
+    """Rewrite the shard at ``path`` with ``change(sample) -> sample`` applied to each sample."""
+    samples = [change(s) for s in read_shard(path)]
+    path.unlink()
+    write_shard(path, samples)
+
+
+def meta_changed(**changes):
+    return lambda s: ShardSample(s.key, {**s.meta, **changes}, s.arrays)
+
+
+def huge_member(path: Path) -> None:
+    """Replace ``path`` by a tar whose second member declares 10**12 bytes (only a few exist)."""
+    good = list(read_shard(path))[0]
+    buffer = io.BytesIO()
+    np.save(buffer, good.arrays["target"], allow_pickle=False)
+    with tarfile.open(path, "w") as tar:
+        info = tarfile.TarInfo(f"{good.key}.json")
+        payload = b"{}"
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+    data = path.read_bytes().rstrip(b"\0")
+    data = data + bytes(-len(data) % 512)
+    info = tarfile.TarInfo(f"{good.key}.target.npy")
+    info.size = 10 ** 12
+    path.write_bytes(data + info.tobuf(format=tarfile.GNU_FORMAT) + buffer.getvalue()[:100] + bytes(1024))
+
+
+TAMPERINGS = {
+    "copy of shard 0": None,  # handled in the test: shard 0's bytes under shard 1's name
+    "other seeds": lambda p: rewrite(p, lambda s: ShardSample(s.key, {**s.meta, "seed": s.meta["seed"] + 1},
+                                                              s.arrays)),
+    "other prompts": lambda p: rewrite(p, meta_changed(prompt="a handwritten eight")),
+    "other teacher": lambda p: rewrite(p, meta_changed(teacher_key="digits-0123456789ab")),
+    "non-finite target": lambda p: rewrite(p, lambda s: ShardSample(
+        s.key, s.meta, {"target": np.full_like(s.arrays["target"], np.inf)})),
+    "huge declared member": huge_member,
+}
+
+
+@pytest.mark.parametrize("tampering", list(TAMPERINGS))
+def test_an_unrecorded_shard_is_adopted_only_if_it_matches_the_plan(teacher, tmp_path, capsys, tampering):
+    """Shard 1 is on disk but not in the manifest (the driver died before recording it); since then
+    it was replaced by something else. It must not be adopted, nor deleted: it is moved aside."""
+    args = job_args(teacher, tmp_path / "cache", num_samples=8)
+    cache_dir, _ = run_job(args, capsys)
+    genuine = {name: file_sha256(cache_dir / name) for name in read_manifest(cache_dir)}
+    (name0, info0), (name1, info1) = sorted(read_manifest(cache_dir).items())
+    write_manifest(cache_dir, [info0])  # shard 1 unrecorded
+    if tampering == "copy of shard 0":
+        shutil.copyfile(cache_dir / name0, cache_dir / name1)
+    else:
+        TAMPERINGS[tampering](cache_dir / name1)
+    planted = (cache_dir / name1).read_bytes()
+    _, out = run_job(args, capsys)
+    assert "1/2 shards complete, 1 to generate" in out, out
+    assert f"rejected ['{name1}']" in out, out
+    assert sample_ids(cache_dir) == list(range(8)), "the trainer would see other samples than the plan's"
+    assert {name: file_sha256(cache_dir / name) for name in read_manifest(cache_dir)} == genuine
+    (moved,) = rejected_files(cache_dir)
+    assert moved.name.startswith(f"rejected-{name1}.") and moved.read_bytes() == planted
+    assert f"moved aside as {moved.name}" in out, out
+
+
+def test_a_genuine_unrecorded_shard_is_adopted_unchanged(teacher, tmp_path, capsys):
+    args = job_args(teacher, tmp_path / "cache", num_samples=8)
+    cache_dir, _ = run_job(args, capsys)
+    recorded = read_manifest(cache_dir)
+    write_manifest(cache_dir, [recorded[min(recorded)]])
+    before = snapshot(cache_dir)
+    _, out = run_job(args, capsys)
+    assert "2/2 shards complete, 0 to generate" in out and "adopted" in out, out
+    assert read_manifest(cache_dir) == recorded
+    after = snapshot(cache_dir)
+    assert {k: v for k, v in after.items() if k.startswith("shard-")} == \
+        {k: v for k, v in before.items() if k.startswith("shard-")}
+
+
+# ----------------------------------------------------------------------------- item 7: verify
+
+def flip_byte(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_verify_rebuilds_exactly_a_bit_flipped_shard(teacher, tmp_path, capsys):
+    args = job_args(teacher, tmp_path / "cache", num_samples=12)
+    cache_dir, _ = run_job(args, capsys)
+    recorded = read_manifest(cache_dir)
+    names = sorted(recorded)
+    damaged = cache_dir / names[1]
+    original = damaged.read_bytes()
+    with tarfile.open(damaged) as tar:
+        target = next(m for m in tar if m.name.endswith(".npy"))
+    flip_byte(damaged, target.offset_data + target.size - 7)  # inside a target: same size, a valid tar
+    flipped = damaged.read_bytes()
+    assert list(read_shard(damaged)) and not verify_shard(cache_dir, recorded[names[1]])
+    _, out = run_job(args, capsys)
+    assert "3/3 shards complete, 0 to generate" in out  # without verify only sizes are checked
+    before = snapshot(cache_dir)
+    _, out = run_job([*args, "pipeline.verify=true"], capsys)
+    assert f"2/3 shards complete, 1 to generate, rejected ['{names[1]}']" in out, out
+    assert damaged.read_bytes() == original  # rebuilt byte-identical
+    assert read_manifest(cache_dir) == recorded
+    after = snapshot(cache_dir)
+    for name in (names[0], names[2]):  # exactly the damaged shard was rebuilt
+        assert after[name] == before[name]
+    (moved,) = rejected_files(cache_dir)
+    assert moved.read_bytes() == flipped  # the damaged bytes are kept for inspection, not deleted
+
+
+def test_verify_rebuilds_a_shard_whose_manifest_row_is_wrong(teacher, tmp_path, capsys):
+    args = job_args(teacher, tmp_path / "cache", num_samples=12)
+    cache_dir, _ = run_job(args, capsys)
+    recorded = read_manifest(cache_dir)
+    name = sorted(recorded)[2]
+    original = (cache_dir / name).read_bytes()
+    wrong = ShardInfo(name, recorded[name].num_samples, recorded[name].num_bytes, "0" * 64)
+    write_manifest(cache_dir, [*(i for n, i in recorded.items() if n != name), wrong])
+    _, out = run_job([*args, "pipeline.verify=true"], capsys)
+    assert f"rejected ['{name}']" in out, out
+    assert read_manifest(cache_dir) == recorded
+    assert (cache_dir / name).read_bytes() == original
+
+
 # ----------------------------------------------------------------------------- item 18: teacher.yaml
 
 @pytest.mark.parametrize("text,pattern", [
