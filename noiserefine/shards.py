@@ -34,10 +34,35 @@ _RAW_META = {"__key__", "__url__", "__local_path__"}
 _TAR_KW = dict(user="noiserefine", group="noiserefine", mode=0o444, mtime=0, compress=False, encoder=False)
 
 
-def shard_name(index: int) -> str:
+_SHARD_NAME_RE = re.compile(r"^shard-(\d{6,})(?:-n(\d+))?\.tar$")
+
+
+def shard_name(index: int, num_samples: int | None = None) -> str:
+    """``shard-000003.tar``, or ``shard-000003-n8.tar`` for a shard named by its sample count.
+
+    A partial (last) shard carries its count, so a shard grown by a larger
+    ``data.num_samples`` gets a new name and a recorded file is never rewritten.
+    """
     if index < 0:
         raise ValueError(f"shard index must be >= 0, got {index}")
-    return f"shard-{index:06d}.tar"
+    if num_samples is None:
+        return f"shard-{index:06d}.tar"
+    if num_samples < 1:
+        raise ValueError(f"a shard holds at least one sample, got {num_samples}")
+    return f"shard-{index:06d}-n{num_samples}.tar"
+
+
+def planned_shard_name(index: int, num_samples: int, shard_size: int) -> str:
+    """The file name of shard ``index`` holding ``num_samples`` of ``shard_size``: the count only if partial."""
+    return shard_name(index, None if num_samples == shard_size else num_samples)
+
+
+def parse_shard_name(name: str) -> tuple[int, int | None] | None:
+    """``(index, count or None)`` of a name made by :func:`shard_name`; None for any other name."""
+    match = _SHARD_NAME_RE.match(name)
+    if match is None:
+        return None
+    return int(match.group(1)), None if match.group(2) is None else int(match.group(2))
 
 
 def sample_key(sample_id: int) -> str:

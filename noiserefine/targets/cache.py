@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING
 import yaml
 
 from ..files import write_text_atomic
-from ..shards import ShardInfo, file_sha256, iter_samples, read_manifest, sample_key, shard_name, write_manifest
+from ..shards import (ShardInfo, file_sha256, iter_samples, parse_shard_name, read_manifest, sample_key,
+                      shard_name, write_manifest)
 from .identity import teacher_key, teacher_record
 from .lock import LOCK_FILES, cache_lock, manifest_lock
 
@@ -155,6 +156,8 @@ class CacheState:
     reasons: dict[str, str] = field(default_factory=dict)  # rejected name -> why
     moved: dict[str, str] = field(default_factory=dict)  # rejected name -> its name now (``rejected-...``)
     adopted: list[str] = field(default_factory=list)  # complete but unrecorded, matching the plan: recorded now
+    growing: list[str] = field(default_factory=list)  # recorded partial shards the plan now wants longer: kept
+    names: dict[int, str] = field(default_factory=dict)  # missing shard index -> the file name to write
     stale_temps: list[str] = field(default_factory=list)  # half-written by killed workers: deleted
 
 
@@ -236,45 +239,69 @@ def _scan_locked(cache_dir: Path, plan: Plan, verify: bool) -> CacheState:
         state.reasons[path.name] = reason
         state.moved[path.name] = _move_aside(path)
 
+    recorded: dict[int, ShardInfo] = {}  # shard index -> its manifest row (names of other forms: left alone)
+    for info in sorted(manifest.values(), key=lambda i: i.num_samples):
+        parsed = parse_shard_name(info.name)
+        if parsed is not None:
+            recorded[parsed[0]] = info
     for index in range(plan.num_shards):
-        name = shard_name(index)
-        path = cache_dir / name
         expected_count = len(plan.shard_sample_ids(index))
-        info = manifest.get(name)
-        if not path.exists():
-            state.missing.append(index)
-        elif info is not None:
-            if path.stat().st_size != info.num_bytes:
+        info = recorded.get(index)
+        if info is not None and info.num_samples >= expected_count:
+            # more samples than planned: written for a larger num_samples of the same plan, whose
+            # shards start with exactly these samples; kept rather than rebuilt shorter
+            path = cache_dir / info.name
+            if not path.exists():
+                pass  # deleted: rebuilt
+            elif path.stat().st_size != info.num_bytes:
                 reject(path, f"{path.stat().st_size} bytes, the manifest says {info.num_bytes}")
-                state.missing.append(index)
             elif verify and file_sha256(path) != info.sha256:
                 reject(path, "sha256 differs from the manifest")
-                state.missing.append(index)
-            elif info.num_samples < expected_count:
-                reject(path, f"{info.num_samples} samples, the plan has {expected_count}")
-                state.missing.append(index)
             else:
-                # more samples than planned: written for a larger num_samples of the same plan, whose
-                # shards start with exactly these samples; kept rather than rebuilt shorter
                 state.complete[index] = info
-        else:  # unrecorded
+                continue
+            if info.num_samples == expected_count:  # rebuilt under its recorded name: the same bytes
+                state.names[index] = info.name
+                state.missing.append(index)
+                continue
+            info = None  # rebuilt at the plan's length, under the plan's name (checked below)
+        # not recorded, or recorded shorter (num_samples grew): the recorded file stays as it is (a
+        # running trainer may read it) and the grown shard gets a name of its own
+        name = plan.shard_name(index)
+        if info is not None:
+            state.growing.append(info.name)
+            if info.name == name:  # a partial shard named before names carried counts
+                name = shard_name(index, expected_count)
+        state.names[index] = name
+        path = cache_dir / name
+        if path.exists():  # unrecorded: the job died between the rename and the manifest update?
             try:
-                info = check_against_plan(path, plan, index, record)
+                found = check_against_plan(path, plan, index, record)
             except ValueError as error:
                 reject(path, f"unrecorded and not the plan's shard: {error}")
-                state.missing.append(index)
             else:
-                state.complete[index] = info
+                state.complete[index] = found
                 state.adopted.append(name)
-                adopted.append(info)
+                adopted.append(found)
+                continue
+        state.missing.append(index)
     if adopted:
         record_shards(cache_dir, adopted)
     return state
 
 
 def record_shards(cache_dir: Path, infos: list[ShardInfo]) -> None:
-    """Merge finished shards into the manifest (written atomically; concurrent recorders serialised)."""
+    """Merge finished shards into the manifest (written atomically; concurrent recorders serialised).
+
+    A shard's row replaces the row of the same shard index under another name (a grown
+    partial shard): the manifest lists each shard once; the old file stays on disk.
+    """
     with manifest_lock(cache_dir):
         manifest = read_manifest(cache_dir)
-        manifest.update({info.name: info for info in infos})
+        for info in infos:
+            parsed = parse_shard_name(info.name)
+            if parsed is not None:
+                for name in [n for n in manifest if (parse_shard_name(n) or (None,))[0] == parsed[0]]:
+                    del manifest[name]
+            manifest[info.name] = info
         write_manifest(cache_dir, list(manifest.values()))

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from ..backends.base import Backend
 from ..noise import fingerprint, noise_from_seeds
 from ..sampling import Guidance, rollout
-from ..shards import ShardInfo, ShardSample, sample_key, shard_name, write_shard
+from ..shards import ShardInfo, ShardSample, planned_shard_name, sample_key, write_shard
 from .plan import PlannedSample
 
 
@@ -46,10 +46,13 @@ def shard_samples(backend: Backend, samples: Sequence[PlannedSample], *, guidanc
 
 
 def generate_shard(backend: Backend, cfg, samples: Sequence[PlannedSample], shard_index: int,
-                   cache_dir: Path, teacher_key: str, *, progress: bool = False) -> ShardInfo:
-    """Write shard ``shard_index`` of the cache atomically and return its manifest row."""
+                   cache_dir: Path, teacher_key: str, *, name: str | None = None,
+                   progress: bool = False) -> ShardInfo:
+    """Write shard ``shard_index`` of the cache atomically (as ``name``, by default the plan's name
+    for it: ``Plan.shard_name``) and return its manifest row."""
+    name = name or planned_shard_name(shard_index, len(samples), cfg.data.shard_size)
     stream = shard_samples(backend, samples, guidance=Guidance.from_teacher(cfg.teacher),
                            num_steps=cfg.teacher.num_steps, teacher_key=teacher_key,
                            batch_size=cfg.pipeline.batch_size, target_dtype=cfg.data.target_dtype,
                            progress=progress)
-    return write_shard(Path(cache_dir) / shard_name(shard_index), stream)
+    return write_shard(Path(cache_dir) / name, stream)

@@ -28,7 +28,7 @@ import torch
 
 from conftest import tiny_digits_backend
 from noiserefine.config import load_config
-from noiserefine.shards import (MANIFEST_NAME, ShardInfo, ShardSample, file_sha256, read_manifest, read_shard,
+from noiserefine.shards import (MANIFEST_NAME, ShardInfo, _check_plain_name, ShardSample, file_sha256, read_manifest, read_shard,
                                 verify_shard, write_manifest, write_shard)
 from noiserefine.targets import generate as generate_module
 from noiserefine.targets import identity
@@ -403,6 +403,52 @@ def test_verify_rebuilds_a_shard_whose_manifest_row_is_wrong(teacher, tmp_path, 
     assert f"rejected ['{name}']" in out, out
     assert read_manifest(cache_dir) == recorded
     assert (cache_dir / name).read_bytes() == original
+
+
+# ----------------------------------------------------------------------------- item 8: growing num_samples
+
+def test_growing_num_samples_never_rewrites_a_recorded_shard(teacher, tmp_path, capsys):
+    args = job_args(teacher, tmp_path / "cache", num_samples=6)
+    cache_dir, _ = run_job(args, capsys)
+    old_manifest = read_manifest(cache_dir)  # what a running trainer's checkpoint holds
+    old_bytes = {name: (cache_dir / name).read_bytes() for name in old_manifest}
+    old_stat = {name: (cache_dir / name).stat() for name in old_manifest}
+    _, out = run_job(job_args(teacher, tmp_path / "cache", num_samples=8), capsys)
+    assert "1/2 shards complete, 1 to generate" in out, out
+    for name, info in old_manifest.items():  # every file a checkpoint may name is still there, unchanged
+        assert (cache_dir / name).read_bytes() == old_bytes[name], f"{name} was rewritten"
+        assert (cache_dir / name).stat().st_ino == old_stat[name].st_ino
+        assert verify_shard(cache_dir, info)
+    new_manifest = read_manifest(cache_dir)
+    assert len(new_manifest) == 2 and sorted(i.num_samples for i in new_manifest.values()) == [4, 4]
+    assert sample_ids(cache_dir) == list(range(8))
+    grown = [name for name in new_manifest if name not in old_manifest]
+    assert len(grown) == 1 and grown[0].count(".") == 1 and _check_plain_name(grown[0]), grown
+    (partial,) = [name for name in old_manifest if name not in new_manifest]
+    old_samples = list(read_shard(cache_dir / partial))
+    new_samples = list(read_shard(cache_dir / grown[0]))
+    assert [s.meta for s in new_samples[:len(old_samples)]] == [s.meta for s in old_samples]
+    # a trainer resumed from a checkpoint naming the old rows still reads exactly them
+    stream = TeacherStream(cache_dir, old_manifest, teacher_key=cache_dir.name, seed=0, rank=0, world_size=1,
+                           batch_size=2)
+    assert sorted(i for batch in stream.epoch_batches(0) for i in batch["sample_id"]) == list(range(6))
+
+
+def test_growing_a_partial_shard_named_before_names_carried_counts(teacher, tmp_path, capsys):
+    """A cache made before partial shards carried their count: its 2-sample shard 1 is ``shard-000001.tar``,
+    the very name the grown (full) shard 1 would get. The recorded file is still left as it is."""
+    args = job_args(teacher, tmp_path / "cache", num_samples=6)
+    cache_dir, _ = run_job(args, capsys)
+    (name0, info0), (partial, info1) = sorted(read_manifest(cache_dir).items())
+    legacy = "shard-000001.tar"
+    os.rename(cache_dir / partial, cache_dir / legacy)
+    write_manifest(cache_dir, [info0, ShardInfo(legacy, info1.num_samples, info1.num_bytes, info1.sha256)])
+    old_bytes = (cache_dir / legacy).read_bytes()
+    _, out = run_job(job_args(teacher, tmp_path / "cache", num_samples=8), capsys)
+    assert f"growing ['{legacy}']" in out, out
+    assert (cache_dir / legacy).read_bytes() == old_bytes
+    assert sorted(read_manifest(cache_dir)) == [name0, "shard-000001-n4.tar"]
+    assert sample_ids(cache_dir) == list(range(8))
 
 
 # ----------------------------------------------------------------------------- item 18: teacher.yaml
