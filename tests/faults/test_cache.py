@@ -357,6 +357,31 @@ def test_a_genuine_unrecorded_shard_is_adopted_unchanged(teacher, tmp_path, caps
         {k: v for k, v in before.items() if k.startswith("shard-")}
 
 
+# ----------------------------------------------------------------------------- item 5: non-finite targets
+
+@pytest.mark.parametrize("poison", ["nan", "float16 overflow"])
+def test_non_finite_targets_are_refused_naming_samples_and_shard(tmp_path, capsys, poison):
+    teacher = tmp_path / "poisoned-teacher"
+    backend = tiny_digits_backend(seed=0)
+    with torch.no_grad():
+        if poison == "nan":
+            backend.denoiser.conv_out.bias.fill_(float("nan"))
+        else:  # |x0| ~ 5e5 > 65504: finite in float32, inf once cast to the cache's float16
+            backend.denoiser.conv_out.weight.mul_(1e4)
+            backend.denoiser.conv_out.bias.mul_(1e4)
+    backend.save_pretrained(teacher)
+    args = job_args(teacher, tmp_path / "cache")
+    cache_dir = cache_dir_for(config_of(args))
+    with pytest.raises(ValueError) as error:
+        entry.main(args)
+    message = str(error.value)
+    assert "shard-000000" in message and "sample ids [0, 1, 2, 3]" in message, message
+    assert ("float16" in message) == (poison == "float16 overflow"), message
+    assert not list(cache_dir.glob("shard-*")), "a shard with non-finite targets was written"
+    assert not list(cache_dir.glob(".shard-*")), "its temp file was left behind"
+    assert read_manifest(cache_dir) == {}
+
+
 # ----------------------------------------------------------------------------- item 7: verify
 
 def flip_byte(path: Path, offset: int) -> None:
