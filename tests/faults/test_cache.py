@@ -382,6 +382,52 @@ def test_non_finite_targets_are_refused_naming_samples_and_shard(tmp_path, capsy
     assert read_manifest(cache_dir) == {}
 
 
+# ----------------------------------------------------------------------------- item 6: inputs changed in place
+
+def test_a_teacher_retrained_in_place_gets_a_new_cache(teacher, tmp_path, capsys):
+    args = job_args(teacher, tmp_path / "cache")
+    old_dir, _ = run_job(args, capsys)
+    old = snapshot(old_dir)
+    shutil.rmtree(teacher)
+    tiny_digits_backend(seed=1).save_pretrained(teacher)  # retrained: other weights, same model.path
+    new_dir, out = run_job(args, capsys)  # same process: nothing remembered from the first run may leak
+    assert new_dir != old_dir and "0/2 shards complete, 2 to generate" in out, out
+    assert snapshot(old_dir) == old, "the old teacher's cache was changed"
+    new_targets = [s.arrays["target"] for s in read_shard(new_dir / sorted(read_manifest(new_dir))[0])]
+    old_targets = [s.arrays["target"] for s in read_shard(old_dir / sorted(read_manifest(old_dir))[0])]
+    assert not np.array_equal(new_targets[0], old_targets[0])
+
+
+def test_weights_replaced_with_the_same_size_and_mtime_get_a_new_cache(teacher, tmp_path, capsys):
+    """A reproducible archive (fixed mtimes) of a retrained model unpacked over the old one."""
+    args = job_args(teacher, tmp_path / "cache")
+    old_dir, _ = run_job(args, capsys)
+    weights = next(teacher.rglob("*.safetensors"))
+    stat = weights.stat()
+    other = tmp_path / "other"
+    tiny_digits_backend(seed=1).save_pretrained(other)
+    replacement = (other / weights.relative_to(teacher)).read_bytes()
+    assert len(replacement) == stat.st_size and replacement != weights.read_bytes()
+    weights.write_bytes(replacement)
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    new_dir, out = run_job(args, capsys)
+    assert new_dir != old_dir and "0/2 shards complete" in out, out
+
+
+def test_a_prompt_file_edited_in_place_gets_a_new_cache(teacher, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a handwritten seven\na handwritten two\n")
+    args = job_args(teacher, tmp_path / "cache", f"data.sources=[{{kind: text, path: {prompts}, weight: 1.0}}]")
+    old_dir, _ = run_job(args, capsys)
+    old = snapshot(old_dir)
+    prompts.write_text("a handwritten seven\na handwritten six\n")  # same size, edited in place
+    new_dir, out = run_job(args, capsys)
+    assert new_dir != old_dir and "0/2 shards complete, 2 to generate" in out, out
+    assert snapshot(old_dir) == old
+    new_prompts = {s.meta["prompt"] for name in read_manifest(new_dir) for s in read_shard(new_dir / name)}
+    assert "a handwritten two" not in new_prompts
+
+
 # ----------------------------------------------------------------------------- item 7: verify
 
 def flip_byte(path: Path, offset: int) -> None:
