@@ -552,3 +552,18 @@ def test_a_python_tagged_teacher_yaml_is_refused_not_executed(teacher, tmp_path)
         with pytest.raises(ValueError, match=rf"{cache_dir / 'teacher.yaml'}: .*python/object/apply.* line 1"):
             call()
     assert not marker.exists(), "the YAML tag was executed"
+
+
+# ----------------------------------------------------------------------------- item 19: generation batch size
+
+def test_another_batch_size_is_refused_by_the_generator(teacher, tmp_path, capsys):
+    args = job_args(teacher, tmp_path / "cache")
+    cache_dir, _ = run_job(args, capsys)
+    (cache_dir / sorted(read_manifest(cache_dir))[-1]).unlink()  # one shard to rebuild
+    before = snapshot(cache_dir)
+    with pytest.raises(ValueError, match=rf"{cache_dir / 'teacher.yaml'}.*generated with "
+                                         r"\{'batch_size': 2\}.*pipeline.batch_size"):
+        entry.main([*args, "pipeline.batch_size=3"])
+    assert snapshot(cache_dir) == before
+    _, out = run_job(args, capsys)  # the recorded batch size rebuilds it
+    assert "1/2 shards complete, 1 to generate" in out
