@@ -169,7 +169,9 @@ def scan_cache(cache_dir: Path, plan: Plan, *, verify: bool = False) -> CacheSta
     """Which shards of ``plan`` are complete. ``verify`` re-hashes every recorded shard.
 
     A recorded shard is complete if its file has the recorded size (and, with ``verify``,
-    sha256). A shard file on disk but not in the manifest (the job died between its
+    sha256). A recorded shard shorter than the plan's (``num_samples`` grew) is left as it is
+    (a running trainer may read it): the longer shard is written under its own name
+    (``Plan.shard_name``, in ``state.names``) and replaces its manifest row. A shard file on disk but not in the manifest (the job died between its
     rename and the manifest update) is adopted, and recorded, only if every sample
     matches the plan: key, sample id, seed, prompt, source, teacher key, noise
     fingerprint, a finite target of the cache's dtype, and the plan's count. Nothing is
