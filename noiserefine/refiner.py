@@ -17,9 +17,9 @@ noise lives on the same unit-variance scale as ``x_T`` (a small residual), so
 pass it as is and never pre-scale it.
 
 A saved refiner is ``refiner.safetensors`` (the LoRA), ``config.yaml`` (the
-resolved training config) and ``sampler.json`` (the denoiser class, latent
-shape, scheduler class and config and number of steps of the unguided student
-it was trained against). :func:`load_refiner` refuses a backend of another
+resolved training config) and ``sampler.json`` (the denoiser class, config and
+latent shape, and the scheduler class, config and number of steps of the
+unguided student it was trained against). :func:`load_refiner` refuses a backend of another
 architecture or, unless told otherwise, another sampler.
 
 Weights are saved with safetensors and read back with ``safetensors`` +
@@ -111,10 +111,13 @@ def _attach_adapter(denoiser: torch.nn.Module, config: LoraConfig) -> None:
     """
     before = {name: (list(m.active_adapters), m.disable_adapters) for name, m in denoiser.named_modules()
               if isinstance(m, BaseTunerLayer)}
+    # Layers new to PEFT take the model's state as diffusers reports it (its first tuner layer's), so that
+    # ``active_adapters()`` still names the style LoRA: those names are absent there and apply nothing.
+    default = next(iter(before.values()), ([], False))
     denoiser.add_adapter(config, adapter_name=ADAPTER_NAME)
     for name, module in denoiser.named_modules():
         if isinstance(module, BaseTunerLayer):
-            active, disabled = before.get(name, ([], False))
+            active, disabled = before.get(name, default)
             _set_active(module, [a for a in active if a != ADAPTER_NAME], disabled)
 
 
@@ -133,19 +136,29 @@ def diffusers_class_name(module: torch.nn.Module) -> str:
 
 
 def scheduler_record(scheduler_class: type | str, scheduler_config: dict) -> dict:
-    """A scheduler as stored in ``sampler.json``: class name and its config without private keys, defaults filled."""
+    """A scheduler as stored in ``sampler.json``: class name and the config keys the class takes, defaults filled
+    (keys carried over from another scheduler's config, e.g. PNDM's ``skip_prk_steps``, are dropped)."""
+    import inspect
+
     import diffusers
 
     cls = getattr(diffusers, scheduler_class) if isinstance(scheduler_class, str) else scheduler_class
     config = dict(cls.from_config(dict(scheduler_config)).config)
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
     return {"scheduler_class": cls.__name__,
-            "scheduler_config": json.loads(json.dumps({k: v for k, v in config.items() if not k.startswith("_")}))}
+            "scheduler_config": json.loads(json.dumps({k: v for k, v in config.items() if k in accepted}))}
+
+
+def denoiser_config(denoiser: torch.nn.Module) -> dict:
+    """The denoiser's public config (its architecture), JSON-safe."""
+    config = getattr(denoiser, "config", {}) or {}
+    return json.loads(json.dumps({k: v for k, v in dict(config).items() if not k.startswith("_")}, default=str))
 
 
 def sampler_record(backend: Backend, num_steps: int) -> dict:
     """What a refiner was trained against: the denoiser's architecture and the unguided student's sampler."""
     return {"backend": backend.name, "denoiser_class": diffusers_class_name(backend.denoiser),
-            "latent_shape": [int(n) for n in backend.latent_shape],
+            "denoiser_config": denoiser_config(backend.denoiser), "latent_shape": [int(n) for n in backend.latent_shape],
             **scheduler_record(backend.scheduler_class, backend.scheduler_config), "num_steps": int(num_steps)}
 
 
@@ -175,6 +188,9 @@ def check_architecture(record: dict, backend: Backend, source: str | Path) -> No
     here = {"denoiser_class": diffusers_class_name(backend.denoiser),
             "latent_shape": [int(n) for n in backend.latent_shape]}
     differing = _config_differences({k: record.get(k) for k in here}, here)
+    if not differing:  # same class: compare the config keys both know (a newer diffusers may add keys)
+        ours, theirs = record.get("denoiser_config", {}), denoiser_config(backend.denoiser)
+        differing = _config_differences(ours, theirs, sorted(set(ours) & set(theirs)))
     if differing:
         raise ValueError(f"{source}: the refiner was trained for another architecture ({record.get('backend')} "
                          f"{record['denoiser_class']}, latents {tuple(record['latent_shape'])}); this model is "
