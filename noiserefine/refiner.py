@@ -183,19 +183,24 @@ def _config_differences(ours: dict, theirs: dict, keys=None) -> list[str]:
     return [f"{key}: {ours.get(key)!r} vs {theirs.get(key)!r}" for key in keys if ours.get(key) != theirs.get(key)]
 
 
-def check_architecture(record: dict, backend: Backend, source: str | Path) -> None:
-    """``ValueError`` naming both architectures if ``backend``'s denoiser is not the one the refiner was trained on."""
+def _architecture_error(record: dict, backend: Backend, source: str | Path, differing: list[str]) -> ValueError:
+    return ValueError(f"{source}: the refiner was trained for another architecture ({record.get('backend')} "
+                      f"{record['denoiser_class']}, latents {tuple(record['latent_shape'])}); this model is "
+                      f"{backend.name} {diffusers_class_name(backend.denoiser)}, latents "
+                      f"{tuple(backend.latent_shape)} (differs in: {'; '.join(differing)})")
+
+
+def check_architecture(record: dict, backend: Backend, source: str | Path) -> list[str]:
+    """``ValueError`` naming both architectures if ``backend``'s denoiser class or latent shape is not the one the
+    refiner was trained on. Returns the differences of the denoiser configs on the keys both name (a newer
+    diffusers may add keys): the caller decides on them once it knows whether the weights fit."""
     here = {"denoiser_class": diffusers_class_name(backend.denoiser),
             "latent_shape": [int(n) for n in backend.latent_shape]}
     differing = _config_differences({k: record.get(k) for k in here}, here)
-    if not differing:  # same class: compare the config keys both know (a newer diffusers may add keys)
-        ours, theirs = record.get("denoiser_config", {}), denoiser_config(backend.denoiser)
-        differing = _config_differences(ours, theirs, sorted(set(ours) & set(theirs)))
     if differing:
-        raise ValueError(f"{source}: the refiner was trained for another architecture ({record.get('backend')} "
-                         f"{record['denoiser_class']}, latents {tuple(record['latent_shape'])}); this model is "
-                         f"{backend.name} {here['denoiser_class']}, latents {tuple(here['latent_shape'])} "
-                         f"(differs in: {'; '.join(differing)})")
+        raise _architecture_error(record, backend, source, differing)
+    ours, theirs = record.get("denoiser_config", {}), denoiser_config(backend.denoiser)
+    return _config_differences(ours, theirs, sorted(set(ours) & set(theirs)))
 
 
 def check_same_sampler(record: dict, backend: Backend, source: str | Path) -> None:
@@ -325,8 +330,9 @@ def load_refiner(directory: str | Path, backend: Backend, check_sampler: bool = 
     """Rebuild the refiner from ``config.yaml`` (its ``refiner`` section) and load its weights.
 
     Refuses (``ValueError``) a backend whose denoiser class or latent shape differ from
-    ``sampler.json``'s (another architecture) and, with ``check_sampler``, one whose
-    sampler differs (a refiner trained against one sampler must not silently meet
+    ``sampler.json``'s, or whose weights do not fit the LoRA (another architecture: the
+    error names the differing denoiser config keys) and, with ``check_sampler``, one
+    whose sampler differs (a refiner trained against one sampler must not silently meet
     another). A same-architecture model (a fine-tune, or the model with a style LoRA)
     loads it: zero-shot transfer. The backend is left as it was on any error.
     """
@@ -336,18 +342,27 @@ def load_refiner(directory: str | Path, backend: Backend, check_sampler: bool = 
         raise FileNotFoundError(f"no {WEIGHTS_FILE} in {directory}")
     cfg = load_config(directory / CONFIG_FILE)
     record = read_sampler_record(directory)
+    config_differences: list[str] = []
     if record is None:
         warnings.warn(f"{directory} has no {SAMPLER_FILE} (saved by an older version): its architecture and "
                       "sampler cannot be checked", stacklevel=2)
     else:
-        check_architecture(record, backend, directory)
-        if check_sampler:
-            check_same_sampler(record, backend, directory)
+        config_differences = check_architecture(record, backend, directory)
     refiner = Refiner(backend, cfg.refiner)
     try:
-        refiner.load_weights(load_file(str(weights), device=str(backend.device)), source=weights)
+        try:
+            refiner.load_weights(load_file(str(weights), device=str(backend.device)), source=weights)
+        except ValueError as error:
+            if config_differences:  # the weights do not fit and the configs say why
+                raise _architecture_error(record, backend, directory, config_differences) from error
+            raise
+        if record is not None and check_sampler:
+            check_same_sampler(record, backend, directory)
     except BaseException:
         detach_refiner(backend.denoiser)  # leave the backend as it was
         raise
+    if config_differences:  # every weight fits: the same architecture, spelled differently
+        warnings.warn(f"{directory}: the denoiser's config differs from the one the refiner was trained on in "
+                      f"{'; '.join(config_differences)}, but every refiner weight fits it; loaded", stacklevel=2)
     refiner.sampler = record if record is not None else {"num_steps": int(cfg.student.num_steps)}
     return refiner

@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                          out / "compare" / name)
         bar.update(len(batch))
     bar.close()
-    print(f"{len(jobs)} images ({len(prompts)} prompts x {len(seeds)} seeds, {steps} steps) in {out}"
+    print(f"{len(jobs)} images ({len(prompts)} prompt(s) x {len(seeds)} seed(s), {steps} steps) in {out}"
           + (" (compare/: guided | unguided | refined)" if args.compare else ""), flush=True)
     return 0
 

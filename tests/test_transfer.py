@@ -172,3 +172,18 @@ def test_another_sampler_is_refused_unless_asked(models):
     assert "refiner" not in (getattr(backend.denoiser, "peft_config", None) or {})
     refiner = load_refiner(models["refiner"], backend, check_sampler=False)
     assert refiner.sampler["scheduler_config"]["timestep_spacing"] == "leading"
+
+
+def test_config_spelled_differently_but_weights_fit_loads_with_a_warning(models, tmp_path):
+    import json
+    import shutil
+
+    copied = shutil.copytree(models["refiner"], tmp_path / "refiner")
+    record = json.loads((copied / "sampler.json").read_text())
+    record["denoiser_config"]["norm_eps"] = 1e-6  # a value the weights do not depend on
+    (copied / "sampler.json").write_text(json.dumps(record))
+    backend = load_backend(sd_cfg(models["base"]).model)
+    with pytest.warns(UserWarning, match="norm_eps: 1e-06 vs 1e-05.*every refiner weight fits"):
+        refiner = load_refiner(copied, backend)
+    assert torch.equal(refiner.refine(noise_from_seeds(SEEDS, (4, 8, 8)), PROMPTS),
+                       models["trained"].refine(noise_from_seeds(SEEDS, (4, 8, 8)), PROMPTS))
