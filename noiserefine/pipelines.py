@@ -38,8 +38,10 @@ Pass the latents as they are: pipelines multiply them by ``scheduler.init_noise_
 (1 for DDIM). Latents are made at the pipeline's default resolution (the denoiser's
 ``sample_size``); call after ``pipe.to(device)`` (model CPU offload is not supported).
 
-``DiTPipeline`` takes no ``latents=``: wrap its call in :func:`dit_latents`. There is no
-stock SiT pipeline; use ``python -m noiserefine.sample`` for SiT.
+``StableDiffusion3Pipeline`` works like the SD pipelines (its own flow-matching Euler
+scheduler, CFG off at ``guidance_scale`` 1). ``DiTPipeline`` takes no ``latents=``: wrap
+its call in :func:`dit_latents`. There is no stock SiT pipeline; use
+``python -m noiserefine.sample`` for SiT.
 """
 
 from __future__ import annotations
@@ -109,6 +111,18 @@ def backend_for_pipeline(pipe, record: dict) -> Backend:
                                              device=device, dtype=dtype, vae_dtype=pipe.vae.dtype)
         backend.scheduler_class = scheduler_class
         return backend
+    if type(denoiser).__name__ == "SD3Transformer2DModel":
+        from .backends.sd3 import SD3Backend
+
+        encoders = [e for e in (pipe.text_encoder, pipe.text_encoder_2, getattr(pipe, "text_encoder_3", None)) if e]
+        wrong = [f"{type(e).__name__} {e.dtype}" for e in encoders if e.dtype != dtype]
+        if wrong:
+            raise ValueError(f"the pipeline's text encoders ({', '.join(wrong)}) are not in its transformer's dtype "
+                             f"{dtype}")
+        return SD3Backend(denoiser, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.text_encoder_2, pipe.tokenizer_2,
+                          config, text_encoder_3=getattr(pipe, "text_encoder_3", None),
+                          tokenizer_3=getattr(pipe, "tokenizer_3", None), device=device, dtype=dtype,
+                          vae_dtype=pipe.vae.dtype)
     from .backends.sit import SiTBackend
 
     id2label: dict[str, str] = {}

@@ -27,10 +27,10 @@ from PIL import Image
 from noiserefine.backends import load_backend
 from noiserefine.config import load_config
 from noiserefine.refiner import SAMPLER_FILE, load_refiner, read_sampler_record
-from tiny_models import IMAGE_SIZE, build_tiny_dit, build_tiny_sd, build_tiny_sdxl
+from tiny_models import IMAGE_SIZE, build_tiny_dit, build_tiny_sd, build_tiny_sd3, build_tiny_sdxl
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = ["sd15", "sd21", "sd21_768", "sd_turbo", "sdxl", "dit_xl2", "sit_xl2"]
+CONFIGS = ["sd15", "sd21", "sd21_768", "sd_turbo", "sdxl", "dit_xl2", "sit_xl2", "sd3"]
 EXPECTED = {  # config -> (backend, teacher guidance, expected-model words in the path error)
     "sd15": ("stable_diffusion", "cfg_pag", "Stable Diffusion 1.x/2.x pipeline"),
     "sd21": ("stable_diffusion", "cfg_pag", "Stable Diffusion 1.x/2.x pipeline"),
@@ -39,6 +39,7 @@ EXPECTED = {  # config -> (backend, teacher guidance, expected-model words in th
     "sdxl": ("sdxl", "cfg_pag", "SDXL pipeline"),
     "dit_xl2": ("sit", "cfg", "DiT/SiT pipeline"),
     "sit_xl2": ("sit", "cfg", "DiT/SiT pipeline"),
+    "sd3": ("sd3", "cfg", "Stable Diffusion 3 pipeline"),
 }
 BUILDERS = {
     "sd15": lambda d: build_tiny_sd(d),
@@ -48,6 +49,7 @@ BUILDERS = {
     "sdxl": lambda d: build_tiny_sdxl(d),
     "dit_xl2": lambda d: build_tiny_dit(d, num_classes=1000),
     "sit_xl2": lambda d: build_tiny_dit(d, flow=True, num_classes=1000),
+    "sd3": lambda d: build_tiny_sd3(d),
 }
 CAPTIONS = ["a red cat on a mat", "the blue dog", "a bowl of fruit", "a house by the lake", "a red cat on a mat"]
 
@@ -123,6 +125,7 @@ def test_config_loads_and_names_the_missing_model(name):
     assert cfg.model.backend == backend and cfg.model.init == "pretrained" and cfg.teacher.guidance == guidance
     if guidance == "cfg_pag":  # text-to-image teachers: CFG+PAG, the PAG pipeline defaults
         assert cfg.teacher.pag_scale == 3.0 and list(cfg.teacher.pag_layers) == ["mid"]
+    if backend != "sit":
         assert sorted(s.kind for s in cfg.data.sources) == ["coco", "pickapic"]
     else:  # class-conditional: ImageNet class ids
         assert [s.kind for s in cfg.data.sources] == ["text"]
