@@ -297,3 +297,19 @@ def test_dit_pipeline_with_refined_latents(dirs, tmp_path):
     theirs = run_dit(pipe, latents, [207, 3], **unguided_call_kwargs(pipe))
     ours = rollout(backend, latents, backend.encode_prompts(["207", "3"]), 3)
     assert record("DiTPipeline refined latents, 3 steps", ours, theirs) <= TOLERANCE
+
+
+@pytest.mark.parametrize("name", ["sd15_pndm_eps", "sdxl_euler_leading"])
+@pytest.mark.parametrize("layers", [["mid"], ["up_blocks.0"], ["down_blocks.1.attentions.0", "mid"]])
+def test_pag_layers_select_the_modules_diffusers_selects(dirs, name, layers):
+    """teacher.pag_layers are module-path prefixes ("mid" -> mid_block); diffusers searches them as regexes in the
+    module names. For "mid" and for full prefixes the two select the same self-attention modules."""
+    from diffusers.models.attention_processor import PAGCFGIdentitySelfAttnProcessor2_0
+
+    backend = backend_of(name, dirs)
+    ours = sorted(backend.pag_attention_modules(layers))
+    pipe = stock(MODELS[name][3], dirs[name], pag_applied_layers=layers)
+    pipe._set_pag_attn_processor(pag_applied_layers=layers, do_classifier_free_guidance=True)
+    theirs = sorted(n for n, m in pipe.unet.named_modules()
+                    if isinstance(getattr(m, "processor", None), PAGCFGIdentitySelfAttnProcessor2_0))
+    assert ours == theirs and ours
