@@ -142,13 +142,17 @@ def use_refiner_sampler(pipe, refiner_dir: str | Path) -> None:
 
 
 def attach_refiner(pipe, refiner_dir: str | Path) -> Refiner:
-    """The refiner of ``refiner_dir`` on the pipeline's own denoiser (once; another directory replaces it),
-    with the pipeline's scheduler set to the refiner's sampler. Pipeline outputs are unchanged by the attachment."""
+    """The refiner of ``refiner_dir`` on the pipeline's own denoiser (once; another directory, or a ``pipe.to``
+    to another device or dtype, attaches it again), with the pipeline's scheduler set to the refiner's sampler.
+    Pipeline outputs are unchanged by the attachment."""
     refiner_dir = Path(refiner_dir).resolve()
     use_refiner_sampler(pipe, refiner_dir)
     attached = getattr(pipe, _ATTACHED, None)
     if attached is not None and attached[0] == refiner_dir:
-        return attached[1]
+        denoiser, backend = attached[1].denoiser, attached[1].backend
+        if (denoiser.device, denoiser.dtype) == (backend.device, backend.dtype):
+            return attached[1]
+        # pipe.to(...) since: the backend would run on the old device/dtype; build it again
     if attached is not None:
         detach_refiner(attached[1].denoiser)
         setattr(pipe, _ATTACHED, None)

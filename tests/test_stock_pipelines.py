@@ -278,6 +278,22 @@ def test_helper_refuses_another_model_schedule(dirs, tmp_path):
     assert "refiner" not in (getattr(pipe.unet, "peft_config", None) or {})
 
 
+def test_helper_follows_the_pipeline_to_another_dtype_and_refiner(dirs, tmp_path):
+    make_refiner("sd15_pndm_eps", dirs, tmp_path / "one", seed=1)
+    make_refiner("sd15_pndm_eps", dirs, tmp_path / "two", seed=2)
+    pipe = stock(StableDiffusionPipeline, dirs["sd15_pndm_eps"])
+    one = refined_latents(pipe, tmp_path / "one", PROMPTS, SEEDS)
+    pipe.to(torch.bfloat16)
+    half = refined_latents(pipe, tmp_path / "one", PROMPTS, SEEDS)
+    assert half.dtype == torch.bfloat16 and list(pipe.unet.peft_config) == ["refiner"]
+    torch.testing.assert_close(half.float(), one, rtol=0, atol=0.1)
+    pipe.to(torch.float32)
+    two = refined_latents(pipe, tmp_path / "two", PROMPTS, SEEDS)
+    assert list(pipe.unet.peft_config) == ["refiner"] and (two - one).abs().max() > 1e-4
+    back = refined_latents(pipe, tmp_path / "one", PROMPTS, SEEDS)  # (the bfloat16 round trip rounded the UNet)
+    assert list(pipe.unet.peft_config) == ["refiner"] and (back - two).abs().max() > 1e-4
+
+
 def test_helper_validates_prompts_and_seeds(dirs, tmp_path):
     make_refiner("sd15_pndm_eps", dirs, tmp_path / "refiner")
     pipe = stock(StableDiffusionPipeline, dirs["sd15_pndm_eps"])
