@@ -40,7 +40,7 @@ class DigitsTeacherConfig:
 class ModelConfig:
     """Which denoiser family and where its weights are (a local path or model id)."""
 
-    backend: str = "digits"  # digits | stable_diffusion | sdxl | sit
+    backend: str = "digits"  # digits | stable_diffusion | sdxl | sit | sd3
     path: str = "artifacts/digits-teacher"
     revision: str = ""
     dtype: str = "float32"  # float32 | bfloat16 | float16 (GPU only)
@@ -168,7 +168,7 @@ class Config:
 
 
 _CHOICES = {
-    "model.backend": ("digits", "stable_diffusion", "sdxl", "sit"),
+    "model.backend": ("digits", "stable_diffusion", "sdxl", "sit", "sd3"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.init": ("pretrained", "random"),
     # "" or a directory of noiserefine/backends/architectures/ (tests/test_real_size.py keeps the two in step)

@@ -2,7 +2,8 @@
 
 Parameter counts are taken on the ``meta`` device (structure only, no memory),
 so every published size is checked in the default suite in seconds. The one
-real-size build on the CPU (SD 2.1, ~5 GB in float32) is marked ``slow``.
+real-size build on the CPU (SD 2.1, ~5 GB in float32: a denoise, a teacher step and
+an MSD step) is marked ``slow``.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import resource
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -23,6 +25,8 @@ from noiserefine.backends.random_init import (ARCHITECTURES_DIR, RANDOM_WEIGHTS,
                                               read_architecture)
 from noiserefine.config import _CHOICES, load_config
 from noiserefine.sampling import Guidance, guided_output
+
+ARCH_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 # Published parameter counts (diffusers/transformers checkpoints of each model).
 PUBLISHED = {
@@ -281,7 +285,14 @@ def test_pretrained_errors_name_path_and_expected_model(tmp_path, tiny_dirs):
 
 @pytest.mark.slow
 def test_sd21_real_size_on_cpu():
-    """SD 2.1 at its published size with random weights on the CPU: one denoise of a 1x4x64x64 latent."""
+    """SD 2.1 at its published size with random weights on the CPU: one denoise of a 1x4x64x64 latent, one
+    teacher step as configs/sd21.yaml runs it (CFG+PAG: one forward of 3 samples) and one MSD training step
+    (refiner forward with its LoRA graph, a 1-step unguided rollout, backward, AdamW). Prints seconds and peak RSS."""
+    from noiserefine.config import RefinerConfig
+    from noiserefine.losses import MSDLoss
+    from noiserefine.refiner import Refiner
+    from noiserefine.sampling import rollout
+
     started = time.perf_counter()
     with pytest.warns(RandomWeightsWarning):
         model = load_backend(model_cfg(architecture="sd21"))
@@ -290,9 +301,29 @@ def test_sd21_real_size_on_cpu():
     cond = model.encode_prompts(["a red cat"])
     x_t = torch.randn(1, *model.latent_shape, generator=torch.Generator().manual_seed(0))
     started = time.perf_counter()
-    out = model.denoise(x_t, torch.tensor(999), cond)
+    with torch.no_grad():
+        out = model.denoise(x_t, torch.tensor(999), cond)
     denoised = time.perf_counter() - started
-    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(f"sd21 random init: build {built:.1f} s, one denoise (1x4x64x64) {denoised:.1f} s, "
-          f"peak RSS {peak_gb:.2f} GB")
     assert out.shape == (1, 4, 64, 64) and torch.isfinite(out).all()
+
+    teacher = load_config(ARCH_CONFIGS / "sd21.yaml").teacher
+    started = time.perf_counter()
+    with torch.no_grad():
+        guided = rollout(model, x_t, cond, 1, Guidance.from_teacher(teacher))
+    teacher_step = time.perf_counter() - started
+    assert teacher.guidance == "cfg_pag" and torch.isfinite(guided).all()
+
+    torch.manual_seed(0)
+    refiner = Refiner(model, RefinerConfig())
+    optimizer = torch.optim.AdamW(refiner.trainable_parameters(), lr=1e-4)
+    target = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(1))
+    started = time.perf_counter()
+    loss, _ = MSDLoss(model, 1)(refiner(x_t, cond), cond, target)
+    loss.backward()
+    optimizer.step()
+    msd_step = time.perf_counter() - started
+    assert torch.isfinite(loss) and all(p.grad is not None for p in refiner.trainable_parameters())
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"sd21 random init, float32, {torch.get_num_threads()} threads: build {built:.1f} s, one denoise "
+          f"(1x4x64x64) {denoised:.1f} s, one teacher CFG+PAG step {teacher_step:.1f} s, one MSD step "
+          f"(1-step student) {msd_step:.1f} s, peak RSS {peak_gb:.2f} GB")
