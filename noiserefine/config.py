@@ -101,6 +101,8 @@ class DataConfig:
     dedup: bool = True
     max_prompt_chars: int = 300
     target_dtype: str = "float16"  # float16 | float32
+    # The trainer refuses a cache missing shards (or samples) of the plan; true: train on what exists (warned).
+    allow_partial_cache: bool = False
 
 
 @dataclass
