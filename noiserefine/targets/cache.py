@@ -68,6 +68,8 @@ def check_teacher(cache_dir: Path, cfg) -> dict:
 
 
 COMPLETE_HINT = "python pipeline/generate_targets.py --config <same config>"
+# A same-size change is only seen by re-hashing: without verify the generator reports the cache complete.
+REPAIR_HINT = "python pipeline/generate_targets.py --config <same config> pipeline.verify=true"
 _SHARD_INDEX = re.compile(r"shard-(\d+)")
 
 

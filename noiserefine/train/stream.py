@@ -31,7 +31,7 @@ import torch
 
 from ..noise import fingerprint, noise_from_seed
 from ..shards import ShardFormatError, ShardInfo, ShardSample, iter_samples
-from ..targets.cache import open_cache
+from ..targets.cache import REPAIR_HINT, open_cache
 from ..targets.identity import teacher_key
 
 @dataclass(frozen=True)
@@ -112,8 +112,10 @@ class _ShardReader:
     def _damaged(self, path: Path, used: int, reason: str) -> SkipEvent:
         info = self.manifest[path.name]
         if not self.skip_corrupt:
-            raise ValueError(f"corrupt teacher shard {path}: {reason} (set train.skip_corrupt_shards=true to "
-                             "skip damaged shards, or regenerate it with pipeline/generate_targets.py)")
+            raise ValueError(f"corrupt teacher shard {path}: {reason}. Repair the cache with `{REPAIR_HINT}` "
+                             "(it re-hashes every shard and rebuilds the damaged ones; without "
+                             "pipeline.verify=true it only checks sizes), or set train.skip_corrupt_shards=true "
+                             "to skip damaged shards")
         remaining = max(info.num_samples - used, 0)
         print(f"warning: skipping {remaining} samples of corrupt shard {path}: {reason}", file=sys.stderr,
               flush=True)
