@@ -92,7 +92,7 @@ def train(cfg, metric_factory: Callable[[], MetricFn] | None = None) -> dict:
     resume = checkpointer.resume(rank, world)
     start, elapsed = (resume.step, resume.seconds) if resume else (0, 0.0)
     stream = TeacherStream.from_config(cfg, rank, world, shards=resume.shards if resume else None,
-                                       cache=(cache_dir, manifest))
+                                       cache=(cache_dir, manifest), latent_shape=backend.latent_shape)
     window = LogWindow()
     if resume:
         stream.load_state_dict(resume.data_state)
