@@ -105,22 +105,23 @@ def _missing_shards(plan: Plan, rows: dict[int, ShardInfo]) -> list[str]:
 
 
 def _check_rows(cache_dir: Path, manifest: dict[str, ShardInfo], rows: list[ShardInfo]) -> None:
-    """The shard rows a checkpoint trained on must still be there, unchanged (exact resume)."""
+    """The shard rows a checkpoint trained on must all still be there, unchanged (exact resume)."""
+    problems = []
     for row in rows:
         path = cache_dir / row.name
         current = manifest.get(row.name)
         if not path.is_file():
-            problem = "is gone"
+            problems.append(f"{path} is gone")
         elif path.stat().st_size != row.num_bytes:
-            problem = f"changed: {path.stat().st_size} bytes, the checkpoint recorded {row.num_bytes}"
+            problems.append(f"{path} changed: {path.stat().st_size} bytes, the checkpoint recorded {row.num_bytes}")
         elif current is not None and current != row:
-            problem = (f"changed: the manifest now records {current.num_samples} samples, sha256 "
-                       f"{current.sha256[:12]}…, the checkpoint {row.num_samples} samples, sha256 {row.sha256[:12]}…")
-        else:
-            continue
-        raise ValueError(f"shard {path} {problem}. A resumed run trains on exactly the shards it started with "
-                         "(data.num_samples may grow: new shards are left for new runs); restore that shard, "
-                         "or train in a new train.output_dir")
+            problems.append(f"{path} changed: the manifest now records {current.num_samples} samples, sha256 "
+                            f"{current.sha256[:12]}…, the checkpoint {row.num_samples} samples, sha256 "
+                            f"{row.sha256[:12]}…")
+    if problems:
+        raise ValueError(f"shards this run trains on are gone or changed: {'; '.join(problems)}. A resumed run "
+                         "trains on exactly the shards it started with (data.num_samples may grow: new shards are "
+                         "left for new runs); restore those shards, or train in a new train.output_dir")
 
 
 def open_cache(cfg, rows: list[ShardInfo] | None = None) -> tuple[Path, dict[str, ShardInfo]]:

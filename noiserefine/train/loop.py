@@ -77,7 +77,11 @@ def train(cfg, metric_factory: Callable[[], MetricFn] | None = None) -> dict:
             print(f"{cfg.train.output_dir}: already trained to step {done['max_steps']} (done.json); "
                   "nothing to do", flush=True)
         return done
-    cache_dir, manifest = open_cache(cfg)  # fail fast, before any process group exists
+    # Fail fast, before any model, engine or process group exists: the checkpoint to resume from (its
+    # config compared with this one) and the shards to train on (a resumed run: exactly its recorded rows).
+    checkpointer = Checkpointer(cfg)
+    resume = checkpointer.find(*distributed.launch_rank_world())
+    cache_dir, rows = open_cache(cfg, rows=resume.shard_rows if resume else None)
     info = distributed.init()
     rank, world, is_main = info.rank, info.world_size, info.is_main
     _set_threads(world)
@@ -88,11 +92,12 @@ def train(cfg, metric_factory: Callable[[], MetricFn] | None = None) -> dict:
     torch.manual_seed(cfg.train.seed)  # LoRA A is random: the same on every rank and in every resumed run
     refiner = Refiner(backend, cfg.refiner)
     engine = distributed.build_engine(refiner, cfg)
-    checkpointer = Checkpointer(cfg, engine, refiner)
-    resume = checkpointer.resume(rank, world)
+    if resume:
+        checkpointer.load(engine, refiner, resume)
     start, elapsed = (resume.step, resume.seconds) if resume else (0, 0.0)
-    stream = TeacherStream.from_config(cfg, rank, world, shards=resume.shards if resume else None,
-                                       cache=(cache_dir, manifest), latent_shape=backend.latent_shape)
+    shards = [row.name for row in resume.shard_rows] if resume else None  # a resumed run: in the recorded order
+    stream = TeacherStream.from_config(cfg, rank, world, shards=shards, cache=(cache_dir, rows),
+                                       latent_shape=backend.latent_shape)
     window = LogWindow()
     if resume:
         stream.load_state_dict(resume.data_state)
@@ -133,8 +138,8 @@ def train(cfg, metric_factory: Callable[[], MetricFn] | None = None) -> dict:
             if evaluator is not None and step % cfg.train.eval_every == 0:
                 tqdm.write(evaluator(refiner, step)["text"])
             if checkpointer.due(step):
-                checkpointer.save(step, {**stream.state_dict(), "log_window": window.state_dict()},
-                                  time.perf_counter() - started, stream.shard_names)
+                checkpointer.save(engine, refiner, step, {**stream.state_dict(), "log_window": window.state_dict()},
+                                  time.perf_counter() - started, [stream.manifest[n] for n in stream.shard_names])
             bar.update(1)
     bar.close()
     return _finish(cfg, refiner, stream, last_row, started, is_main)
