@@ -65,7 +65,11 @@ def resume_mismatch(stored: dict, current: dict) -> list[str]:
 
 
 def finished_run(cfg) -> dict | None:
-    """``done.json`` of a run of this config already trained to ``train.max_steps``, else None."""
+    """``done.json`` of a run of this config already trained to ``train.max_steps``, else None.
+
+    The finished run's config is the one stored in ``done.json`` (``config.yaml`` for runs
+    finished before it was stored there); one of another config is refused.
+    """
     output_dir = Path(cfg.train.output_dir)
     try:
         done = json.loads((output_dir / "done.json").read_text())
@@ -73,9 +77,13 @@ def finished_run(cfg) -> dict | None:
         return None
     if done.get("max_steps") != cfg.train.max_steps or not (output_dir / "refiner" / "refiner.safetensors").is_file():
         return None
+    stored = done.pop("config", None)
     saved = output_dir / "config.yaml"
-    differing = resume_mismatch(OmegaConf.to_container(OmegaConf.load(saved), resolve=True),
-                                OmegaConf.to_container(cfg, resolve=True)) if saved.is_file() else []
+    if stored is None and saved.is_file():
+        stored = OmegaConf.to_container(OmegaConf.load(saved), resolve=True)
+    if stored is None:  # nothing to compare with: the resume path compares with the checkpoint
+        return None
+    differing = resume_mismatch(stored, OmegaConf.to_container(cfg, resolve=True))
     if differing:
         raise ValueError(f"{output_dir} holds a finished run of another config (differs in: "
                          f"{', '.join(differing)}); use a new train.output_dir")

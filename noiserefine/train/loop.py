@@ -172,7 +172,8 @@ def _finish(cfg, refiner: Refiner, stream: TeacherStream, last_row: dict, starte
              "corrupt_skipped": total_skipped, "refiner_dir": str(output_dir / "refiner")}
     if is_main:
         save_refiner(refiner, output_dir / "refiner", cfg)
-        write_text_atomic(output_dir / "done.json", json.dumps(stats, indent=2) + "\n")
+        record = {**stats, "config": OmegaConf.to_container(cfg, resolve=True)}  # finished_run compares it
+        write_text_atomic(output_dir / "done.json", json.dumps(record, indent=2) + "\n")
         print(f"done: {cfg.train.max_steps} steps, final loss {stats['final_loss']}, refiner in "
               f"{stats['refiner_dir']}", flush=True)
     distributed.shutdown()
