@@ -16,9 +16,13 @@ command resumes from the newest checkpoint, or exits at once if the run is finis
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -125,7 +129,9 @@ def train(cfg, metric_factory: Callable[[], MetricFn] | None = None) -> dict:
     last_row: dict = {}
     bar = tqdm(total=cfg.train.max_steps, initial=start, desc="train refiner", unit="step", disable=not is_main,
                dynamic_ncols=True)
-    with open(samples_path, "a") as samples_log:
+    step = start
+    with stop_on_sigterm(rank, lambda: step), lost_rank_error(rank, world, lambda: step), \
+            open(samples_path, "a") as samples_log:
         for step in range(start + 1, cfg.train.max_steps + 1):
             batch = next(batches)
             stats = train_step(engine, refiner, loss_fn, backend, batch)
@@ -143,6 +149,41 @@ def train(cfg, metric_factory: Callable[[], MetricFn] | None = None) -> dict:
             bar.update(1)
     bar.close()
     return _finish(cfg, refiner, stream, last_row, started, is_main)
+
+
+@contextlib.contextmanager
+def stop_on_sigterm(rank: int, current_step: Callable[[], int]):
+    """SIGTERM (the deepspeed launcher stops every rank when one fails) ends this rank with a line saying so."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pid = os.getpid()
+
+    def handler(signum, frame):
+        if os.getpid() == pid:  # not in a forked DataLoader worker
+            print(f"rank {rank} stopped by SIGTERM at step {current_step()} (under the deepspeed launcher: "
+                  "another rank failed, see its error and exit status); re-run the same command to resume from "
+                  "the newest checkpoint", file=sys.stderr, flush=True)
+        sys.exit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def lost_rank_error(rank: int, world: int, current_step: Callable[[], int]):
+    """A collective that fails because a peer is gone (gloo: connection closed or reset) says so."""
+    try:
+        yield
+    except RuntimeError as error:
+        if world > 1 and any(s in str(error) for s in ("Connection closed by peer", "Connection reset by peer")):
+            raise RuntimeError(f"rank {rank} lost contact with another rank at step {current_step()} (it probably "
+                               "died: see its log); re-run the same command to resume from the newest "
+                               "checkpoint") from error
+        raise
 
 
 def _log_row(step: int, stats: dict, window: LogWindow, stream: TeacherStream, started: float,
