@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,8 +22,8 @@ from typing import TYPE_CHECKING
 import yaml
 
 from ..files import write_text_atomic
-from ..shards import (ShardInfo, file_sha256, iter_samples, parse_shard_name, read_manifest, sample_key,
-                      shard_name, write_manifest)
+from ..shards import (MANIFEST_NAME, ShardInfo, file_sha256, iter_samples, parse_shard_name, read_manifest,
+                      sample_key, shard_name, write_manifest)
 from .identity import teacher_key, teacher_record
 from .lock import LOCK_FILES, cache_lock, manifest_lock
 
@@ -77,19 +78,90 @@ def check_teacher(cache_dir: Path, cfg) -> dict:
     return record
 
 
-def open_cache(cfg) -> tuple[Path, dict[str, ShardInfo]]:
-    """The existing teacher cache of ``cfg`` and its manifest, for reading (the trainer).
+COMPLETE_HINT = "python pipeline/generate_targets.py --config <same config>"
+# A same-size change is only seen by re-hashing: without verify the generator reports the cache complete.
+REPAIR_HINT = "python pipeline/generate_targets.py --config <same config> pipeline.verify=true"
+def _plan_rows(cache_dir: Path, manifest: dict[str, ShardInfo]) -> dict[int, ShardInfo]:
+    """One manifest row per shard index: the one with the most samples (a grown partial shard)."""
+    rows: dict[int, ShardInfo] = {}
+    for info in sorted(manifest.values(), key=lambda i: i.name):
+        parsed = parse_shard_name(info.name)
+        index = None if parsed is None else parsed[0]
+        if index is None:
+            raise ValueError(f"{cache_dir / MANIFEST_NAME}: row {info.name!r} is not a shard of a plan "
+                             "(expected shard-NNNNNN...)")
+        if index not in rows or info.num_samples > rows[index].num_samples:
+            rows[index] = info
+    return rows
 
-    ``FileNotFoundError`` if there is none, ``ValueError`` naming the differing fields if
+
+def _missing_shards(plan: Plan, rows: dict[int, ShardInfo]) -> list[str]:
+    """``shard-…tar (have of want samples)`` for every shard of ``plan`` that is absent or short."""
+    missing = []
+    for index in range(plan.num_shards):
+        want = len(plan.shard_sample_ids(index))
+        have = rows[index].num_samples if index in rows else 0
+        if have < want:
+            missing.append(f"{shard_name(index)} ({have} of {want} samples)")
+    return missing
+
+
+def _check_rows(cache_dir: Path, manifest: dict[str, ShardInfo], rows: list[ShardInfo]) -> None:
+    """The shard rows a checkpoint trained on must all still be there, unchanged (exact resume)."""
+    problems = []
+    for row in rows:
+        path = cache_dir / row.name
+        current = manifest.get(row.name)
+        if not path.is_file():
+            problems.append(f"{path} is gone")
+        elif path.stat().st_size != row.num_bytes:
+            problems.append(f"{path} changed: {path.stat().st_size} bytes, the checkpoint recorded {row.num_bytes}")
+        elif current is not None and current != row:
+            problems.append(f"{path} changed: the manifest now records {current.num_samples} samples, sha256 "
+                            f"{current.sha256[:12]}…, the checkpoint {row.num_samples} samples, sha256 "
+                            f"{row.sha256[:12]}…")
+    if problems:
+        raise ValueError(f"shards this run trains on are gone or changed: {'; '.join(problems)}. A resumed run "
+                         "trains on exactly the shards it started with (data.num_samples may grow: new shards are "
+                         "left for new runs); restore those shards, or train in a new train.output_dir")
+
+
+def open_cache(cfg, rows: list[ShardInfo] | None = None) -> tuple[Path, dict[str, ShardInfo]]:
+    """The existing teacher cache of ``cfg`` and the shard rows to train on, for reading (the trainer).
+
+    A fresh run (``rows`` None) trains on one manifest row per shard index and needs every
+    shard of the plan (``Plan.from_config(cfg.data)``) with at least its planned samples;
+    otherwise ``ValueError`` naming the missing shards and the command that completes the
+    cache, unless ``data.allow_partial_cache`` (then a loud warning on stderr). A resumed run
+    passes the rows its checkpoint recorded: each must still be on disk, unchanged.
+
+    ``FileNotFoundError`` if there is no cache, ``ValueError`` naming the differing fields if
     it was made by another teacher or if it has no complete shard.
     """
     cache_dir = cache_dir_for(cfg)
     check_teacher(cache_dir, cfg)
     manifest = read_manifest(cache_dir)
+    if rows is not None:
+        _check_rows(cache_dir, manifest, rows)
+        return cache_dir, {row.name: row for row in rows}
     if not manifest:
         raise ValueError(f"teacher cache {cache_dir} has an empty or missing manifest (no complete shards); "
                          f"{GENERATE_HINT}")
-    return cache_dir, manifest
+    by_index = _plan_rows(cache_dir, manifest)
+    plan = Plan.from_config(cfg.data)
+    missing = _missing_shards(plan, by_index)
+    if missing:
+        have = sum(by_index[i].num_samples for i in range(plan.num_shards) if i in by_index)
+        listed = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        summary = (f"teacher cache {cache_dir} is incomplete: {have} of the plan's {plan.num_samples} samples "
+                   f"(data.num_samples) are there; {len(missing)} of its {plan.num_shards} shards are missing "
+                   f"or short: {listed}")
+        if not cfg.data.allow_partial_cache:
+            raise ValueError(f"{summary}. Complete it with `{COMPLETE_HINT}` (it generates only what is "
+                             "missing), or set data.allow_partial_cache=true to train on what exists")
+        print(f"WARNING: training on a PARTIAL teacher cache (data.allow_partial_cache=true): {summary}",
+              file=sys.stderr, flush=True)
+    return cache_dir, {info.name: info for info in by_index.values()}
 
 
 def _check_generation(cache_dir: Path, cfg) -> None:
