@@ -102,7 +102,7 @@ def _missing_shards(plan: Plan, rows: dict[int, ShardInfo]) -> list[str]:
         want = len(plan.shard_sample_ids(index))
         have = rows[index].num_samples if index in rows else 0
         if have < want:
-            missing.append(f"{shard_name(index)} ({have} of {want} samples)")
+            missing.append(f"{plan.shard_name(index)} ({have} of {want} samples)")
     return missing
 
 
@@ -147,6 +147,8 @@ def open_cache(cfg, rows: list[ShardInfo] | None = None) -> tuple[Path, dict[str
     if not manifest:
         raise ValueError(f"teacher cache {cache_dir} has an empty or missing manifest (no complete shards); "
                          f"{GENERATE_HINT}")
+    from .plan import Plan  # imports torch: only here, not to read or lock a cache
+
     by_index = _plan_rows(cache_dir, manifest)
     plan = Plan.from_config(cfg.data)
     missing = _missing_shards(plan, by_index)
