@@ -92,6 +92,8 @@ class SourceConfig:
 
 @dataclass
 class DataConfig:
+    # A local directory or an S3 prefix (s3://bucket/prefix): credentials, region and endpoint come from the
+    # AWS SDK's own environment/config (AWS_PROFILE, AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ...), never from here.
     cache_root: str = "cache"
     cache_dir: str = ""  # explicit teacher-cache directory; empty = derived from cache_root + teacher key
     sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig()])
@@ -103,6 +105,11 @@ class DataConfig:
     target_dtype: str = "float16"  # float16 | float32
     # The trainer refuses a cache missing shards (or samples) of the plan; true: train on what exists (warned).
     allow_partial_cache: bool = False
+    # Object-store I/O: retries of a transient error (backoff io_backoff_s * 2**i, capped at 30 s, jittered),
+    # and the size of each ranged GET (a read that breaks resumes from the last whole chunk).
+    io_retries: int = 6
+    io_backoff_s: float = 1.0
+    io_chunk_bytes: int = 8388608
 
 
 @dataclass
@@ -114,6 +121,8 @@ class PipelineConfig:
     batch_size: int = 125
     max_retries: int = 3
     verify: bool = False
+    # On an object store the job lock is a lease: a killed job's lease blocks the next job this long.
+    lock_ttl_s: float = 120.0
 
 
 @dataclass
@@ -307,6 +316,8 @@ _RANGES = {
     "refiner.lora_alpha": (0.0, math.inf, False),
     "pipeline.gpus_per_worker": (0.0, math.inf, True),
     "pipeline.cpus_per_worker": (0.0, math.inf, True),
+    "pipeline.lock_ttl_s": (0.0, math.inf, False),
+    "data.io_backoff_s": (0.0, 3600.0, True),
     "train.learning_rate": (0.0, math.inf, False),
     "train.weight_decay": (0.0, math.inf, True),
     "train.gradient_clipping": (0.0, math.inf, True),  # 0 = off
@@ -314,8 +325,8 @@ _RANGES = {
 _AT_LEAST_ONE = ("teacher.num_steps", "student.num_steps", "refiner.lora_rank", "data.num_samples",
                  "data.shard_size", "data.max_prompt_chars", "pipeline.batch_size", "train.max_steps",
                  "train.batch_size", "train.checkpoint_every", "eval.num_samples", "eval.batch_size",
-                 "eval.grid_columns", "model.digits.train_steps", "model.digits.batch_size")
-_AT_LEAST_ZERO = ("pipeline.num_workers", "pipeline.max_retries", "train.log_every", "train.eval_every",
+                 "eval.grid_columns", "model.digits.train_steps", "model.digits.batch_size", "data.io_chunk_bytes")
+_AT_LEAST_ZERO = ("pipeline.num_workers", "pipeline.max_retries", "data.io_retries", "train.log_every", "train.eval_every",
                   "train.num_loader_workers", "eval.seed_offset")
 
 

@@ -4,8 +4,9 @@ One sample = one WebDataset key (``000000012``) with exactly one ``.json`` membe
 (metadata, ``json.dumps(meta, sort_keys=True)``) and one or more ``<name>.npy``
 members (``000000012.target.npy`` -> ``arrays["target"]``).  No pickle anywhere:
 readers refuse every other member and load npy with ``allow_pickle=False``.
-Shards are written atomically (temp file + fsync + ``os.replace``) and
-byte-deterministically; ``manifest.parquet`` records name/count/size/sha256.
+Shards are written atomically (temp file + fsync + ``os.replace``; on an object store a
+local temp file and one PUT: ``storage.py``) and byte-deterministically;
+``manifest.parquet`` records name/count/size/sha256.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from .files import atomic_path
+from .storage import Location, location, store_for
 
 MANIFEST_NAME = "manifest.parquet"
 MANIFEST_COLUMNS = ("name", "num_samples", "num_bytes", "sha256")
@@ -120,24 +121,27 @@ def _encode_sample(s: ShardSample) -> dict:
     return out  # TarWriter writes members in sorted-extension order: fixed
 
 
-def write_shard(path: Path, samples: Iterable[ShardSample]) -> ShardInfo:
-    """Atomically write ``samples`` (in the given order) to the tar ``path``; deterministic bytes."""
+def write_shard(path: str | Path | Location, samples: Iterable[ShardSample]) -> ShardInfo:
+    """Atomically write ``samples`` (in the given order) to the tar ``path`` (a local path or ``s3://``);
+    deterministic bytes. The shard appears only once complete."""
     import webdataset as wds
 
-    path = Path(path)
+    path = location(path)
     seen: set[str] = set()
-    with atomic_path(path, durable=True) as tmp, open(tmp, "wb") as f:
-        writer = wds.TarWriter(f, **_TAR_KW)
-        try:
-            for s in samples:
-                record = _encode_sample(s)
-                if s.key in seen:
-                    raise ValueError(f"duplicate sample key {s.key!r} in {path}")
-                seen.add(s.key)
-                writer.write(record)
-        finally:
-            writer.close()  # on error too, so tarfile never writes to a closed file later
-    return ShardInfo(path.name, len(seen), path.stat().st_size, file_sha256(path))
+    with store_for(path.parent).publish(path.name) as tmp:
+        with open(tmp, "wb") as f:
+            writer = wds.TarWriter(f, **_TAR_KW)
+            try:
+                for s in samples:
+                    record = _encode_sample(s)
+                    if s.key in seen:
+                        raise ValueError(f"duplicate sample key {s.key!r} in {path}")
+                    seen.add(s.key)
+                    writer.write(record)
+            finally:
+                writer.close()  # on error too, so tarfile never writes to a closed file later
+        info = ShardInfo(path.name, len(seen), tmp.stat().st_size, file_sha256(tmp))
+    return info
 
 
 def file_sha256(path) -> str:
@@ -250,28 +254,29 @@ def iter_samples(data: bytes, source: str) -> Iterator[ShardSample]:
 
 
 def read_shard(path) -> Iterator[ShardSample]:
-    """Iterate the samples of the shard file ``path``."""
-    path = Path(path)
-    return iter_samples(path.read_bytes(), str(path))
+    """Iterate the samples of the shard ``path`` (a local path or ``s3://``)."""
+    path = location(path)
+    return iter_samples(store_for(path.parent).read_bytes(path.name), str(path))
 
 
 def shard_info(path) -> ShardInfo:
     """Count (distinct keys), size and sha256 of an existing shard (parsed and decoded whole)."""
-    path = Path(path)
-    data = path.read_bytes()
+    path = location(path)
+    data = store_for(path.parent).read_bytes(path.name)
     count = sum(1 for _ in iter_samples(data, str(path)))
     return ShardInfo(path.name, count, len(data), hashlib.sha256(data).hexdigest())
 
 
-def verify_shard(cache_dir: Path, info: ShardInfo) -> bool:
-    p = Path(cache_dir) / _check_plain_name(info.name)
-    if not p.is_file() or p.stat().st_size != info.num_bytes:
+def verify_shard(cache_dir, info: ShardInfo) -> bool:
+    store = store_for(cache_dir)
+    name = _check_plain_name(info.name)
+    if store.size(name) != info.num_bytes:
         return False
-    return file_sha256(p) == info.sha256
+    return hashlib.sha256(store.read_bytes(name)).hexdigest() == info.sha256
 
 
-def write_manifest(cache_dir: Path, infos: list[ShardInfo]) -> Path:
-    """Atomically write ``manifest.parquet`` (rows sorted by name)."""
+def manifest_bytes(infos: list[ShardInfo]) -> bytes:
+    """``manifest.parquet``'s bytes for ``infos`` (rows sorted by name)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -282,36 +287,48 @@ def write_manifest(cache_dir: Path, infos: list[ShardInfo]) -> Path:
     schema = pa.schema([("name", pa.string()), ("num_samples", pa.int64()),
                         ("num_bytes", pa.int64()), ("sha256", pa.string())])
     table = pa.Table.from_pylist([dataclasses.asdict(i) for i in rows], schema=schema)
-    final = Path(cache_dir) / MANIFEST_NAME
-    with atomic_path(final, durable=True) as tmp:
-        pq.write_table(table, tmp)
-    return final
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
 
 
-def read_manifest(cache_dir: Path) -> dict[str, ShardInfo]:
-    """Read ``manifest.parquet`` into {name: ShardInfo}; {} if it does not exist."""
+def write_manifest(cache_dir, infos: list[ShardInfo]) -> Location:
+    """Atomically write ``manifest.parquet`` (rows sorted by name)."""
+    data = manifest_bytes(infos)
+    store_for(cache_dir).write_bytes(MANIFEST_NAME, data)
+    return location(cache_dir) / MANIFEST_NAME
+
+
+def parse_manifest(data: bytes | None, where) -> dict[str, ShardInfo]:
+    """{name: ShardInfo} of a manifest's bytes; {} for None (no manifest)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    p = Path(cache_dir) / MANIFEST_NAME
-    try:
-        # one open, one read: pq.read_table(path) may open the file more than once, and a manifest
-        # replaced by rename in between gives a torn read ("Page was smaller than expected")
-        with open(p, "rb") as handle:
-            data = handle.read()
-    except FileNotFoundError:
+    if data is None:
         return {}
     try:
         table = pq.read_table(pa.BufferReader(data))
     except (pa.ArrowException, OSError) as e:
-        raise ValueError(f"{p}: unreadable manifest: {e}") from e
+        raise ValueError(f"{where}: unreadable manifest: {e}") from e
     missing = [c for c in MANIFEST_COLUMNS if c not in table.column_names]
     if missing:
-        raise ValueError(f"{p}: manifest is missing columns {missing}")
+        raise ValueError(f"{where}: manifest is missing columns {missing}")
     out: dict[str, ShardInfo] = {}
     for r in table.select(list(MANIFEST_COLUMNS)).to_pylist():
         name = _check_plain_name(r["name"])
         if name in out:
-            raise ValueError(f"{p}: duplicate shard name {name!r}")
+            raise ValueError(f"{where}: duplicate shard name {name!r}")
         out[name] = ShardInfo(name, int(r["num_samples"]), int(r["num_bytes"]), str(r["sha256"]))
     return out
+
+
+def read_manifest(cache_dir) -> dict[str, ShardInfo]:
+    """Read ``manifest.parquet`` into {name: ShardInfo}; {} if it does not exist."""
+    store = store_for(cache_dir)
+    # one read of the whole file: pq.read_table(path) may open the file more than once, and a manifest
+    # replaced by rename in between gives a torn read ("Page was smaller than expected")
+    try:
+        data = store.read_bytes(MANIFEST_NAME)
+    except FileNotFoundError:
+        data = None
+    return parse_manifest(data, store.path(MANIFEST_NAME))

@@ -24,8 +24,9 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from noiserefine import storage  # noqa: E402
 from noiserefine.backends import load_backend  # noqa: E402
-from noiserefine.config import config_from_container, parse_cli, save_config  # noqa: E402
+from noiserefine.config import config_from_container, parse_cli, to_yaml  # noqa: E402
 from noiserefine.targets.cache import hold_cache, record_shards, scan_cache  # noqa: E402
 from noiserefine.targets.generate import generate_shard  # noqa: E402
 from noiserefine.targets.identity import teacher_key  # noqa: E402
@@ -38,6 +39,7 @@ class TargetWorker:
     def __init__(self, cfg_container: dict, cache_dir: str, key: str, num_threads: int):
         torch.set_num_threads(num_threads)  # same count everywhere: results do not depend on the worker
         self.cfg = config_from_container(cfg_container)
+        storage.configure(self.cfg.data)
         self.cache_dir, self.key = cache_dir, key
         self.backend = load_backend(self.cfg.model)
 
@@ -45,7 +47,7 @@ class TargetWorker:
         return generate_shard(self.backend, self.cfg, samples, shard_index, self.cache_dir, self.key, name=name)
 
 
-def generate_with_ray(cfg, cache_dir: Path, key: str, plan: Plan, missing: dict[int, str]):
+def generate_with_ray(cfg, cache_dir, key: str, plan: Plan, missing: dict[int, str]):
     """Yield the manifest rows of the ``missing`` shards ({index: file name}) as Ray workers finish them."""
     import ray
     from ray.util import ActorPool
@@ -70,7 +72,7 @@ def generate_with_ray(cfg, cache_dir: Path, key: str, plan: Plan, missing: dict[
         ray.shutdown()
 
 
-def generate_in_process(cfg, cache_dir: Path, key: str, plan: Plan, missing: dict[int, str]):
+def generate_in_process(cfg, cache_dir, key: str, plan: Plan, missing: dict[int, str]):
     """The same shards without Ray (debugging, tiny jobs, machines without Ray): byte-identical."""
     worker = TargetWorker(OmegaConf.to_container(cfg, resolve=True), str(cache_dir), key,
                           max(1, int(cfg.pipeline.cpus_per_worker)))
@@ -80,6 +82,7 @@ def generate_in_process(cfg, cache_dir: Path, key: str, plan: Plan, missing: dic
 
 def main(argv: list[str] | None = None) -> int:
     cfg, _ = parse_cli(argv, description="Generate the teacher-target cache.")
+    storage.configure(cfg.data)
     if cfg.model.backend == "digits" and not Path(cfg.model.path).expanduser().is_dir():
         raise FileNotFoundError(f"model.path {cfg.model.path} is not a directory (train the digit teacher "
                                 "with `python -m noiserefine.digits.train_teacher --config ...`)")
@@ -87,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     for source in plan.sources:
         print(f"prompts[{source.kind}]: {source.stats}", flush=True)
     with hold_cache(cfg) as cache_dir:  # the job lock, held until every shard is recorded
-        save_config(cfg, cache_dir / "generate_config.yaml")
+        storage.store_for(cache_dir).write_bytes("generate_config.yaml", to_yaml(cfg).encode("utf-8"))
         state = scan_cache(cache_dir, plan, verify=cfg.pipeline.verify)
         print(f"cache {cache_dir}: {len(state.complete)}/{plan.num_shards} shards complete, "
               f"{len(state.missing)} to generate" + (f", rejected {state.rejected}" if state.rejected else "")

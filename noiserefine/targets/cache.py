@@ -4,12 +4,15 @@ It holds ``teacher.yaml`` (the teacher's identity and key, plus the generation
 settings that fix the target bytes), the shards, and ``manifest.parquet`` (one row per
 shard: name, count, bytes, sha256). Experiments with the same teacher share one
 directory. Re-running the generator skips shards already complete.
+
+The directory may be local or an S3 prefix (``s3://bucket/prefix``): every file operation goes
+through a ``storage.Store``, with the same semantics on both (see ``storage.py`` and ``lock.py``).
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
+import io
 import re
 import sys
 import time
@@ -21,11 +24,11 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from ..files import write_text_atomic
-from ..shards import (MANIFEST_NAME, ShardInfo, file_sha256, iter_samples, parse_shard_name, read_manifest,
-                      sample_key, shard_name, write_manifest)
+from ..shards import (MANIFEST_NAME, ShardInfo, iter_samples, manifest_bytes, parse_manifest, parse_shard_name,
+                      read_manifest, sample_key, shard_name)
+from ..storage import Location, LocalStore, location, store_for
 from .identity import teacher_key, teacher_record
-from .lock import LOCK_FILES, cache_lock, manifest_lock
+from .lock import LOCK_FILES, check_lease
 
 if TYPE_CHECKING:  # plan imports torch: not needed to read or lock a cache
     from .plan import Plan
@@ -34,11 +37,12 @@ TEACHER_FILE = "teacher.yaml"
 GENERATE_HINT = "run `python pipeline/generate_targets.py --config <same config>` first"
 
 
-def cache_dir_for(cfg) -> Path:
-    """``data.cache_dir`` if set, else ``data.cache_root/<teacher key>``."""
+def cache_dir_for(cfg) -> Location:
+    """``data.cache_dir`` if set, else ``data.cache_root/<teacher key>`` (a ``Path``, or an ``ObjectPath``
+    for ``s3://bucket/prefix``)."""
     if cfg.data.cache_dir:
-        return Path(cfg.data.cache_dir).expanduser()
-    return Path(cfg.data.cache_root).expanduser() / teacher_key(cfg)
+        return location(cfg.data.cache_dir)
+    return location(cfg.data.cache_root) / teacher_key(cfg)
 
 
 def generation_settings(cfg) -> dict:
@@ -50,13 +54,21 @@ def generation_settings(cfg) -> dict:
     return {"batch_size": int(cfg.pipeline.batch_size)}
 
 
-def read_teacher_record(cache_dir: Path) -> dict:
-    path = Path(cache_dir) / TEACHER_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"no teacher cache at {cache_dir} ({TEACHER_FILE} missing); {GENERATE_HINT}")
+class _NamedText(io.StringIO):
+    name = ""
+
+
+def read_teacher_record(cache_dir) -> dict:
+    store = store_for(cache_dir)
+    path = store.path(TEACHER_FILE)
     try:
-        with open(path, encoding="utf-8") as handle:  # YAML's error marks then name the file, not "<unicode string>"
-            record = yaml.safe_load(handle)  # safe: a !!python tag is an error, never executed
+        data = store.read_bytes(TEACHER_FILE)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise FileNotFoundError(f"no teacher cache at {cache_dir} ({TEACHER_FILE} missing); {GENERATE_HINT}") from None
+    try:
+        stream = _NamedText(data.decode("utf-8"))
+        stream.name = str(path)  # YAML's error marks then name the file, not "<unicode string>"
+        record = yaml.safe_load(stream)  # safe: a !!python tag is an error, never executed
     except (yaml.YAMLError, UnicodeDecodeError) as error:
         raise ValueError(f"{path}: unreadable teacher record: {' '.join(str(error).split())}") from None
     if not isinstance(record, dict) or not isinstance(record.get("teacher_key"), str) \
@@ -65,7 +77,7 @@ def read_teacher_record(cache_dir: Path) -> dict:
     return record
 
 
-def check_teacher(cache_dir: Path, cfg) -> dict:
+def check_teacher(cache_dir, cfg) -> dict:
     """The cache's teacher must be the config's teacher; the error names the differing fields."""
     record = read_teacher_record(cache_dir)
     expected = teacher_record(cfg)
@@ -106,16 +118,18 @@ def _missing_shards(plan: Plan, rows: dict[int, ShardInfo]) -> list[str]:
     return missing
 
 
-def _check_rows(cache_dir: Path, manifest: dict[str, ShardInfo], rows: list[ShardInfo]) -> None:
+def _check_rows(cache_dir, manifest: dict[str, ShardInfo], rows: list[ShardInfo]) -> None:
     """The shard rows a checkpoint trained on must all still be there, unchanged (exact resume)."""
     problems = []
+    store = store_for(cache_dir)
     for row in rows:
-        path = cache_dir / row.name
+        path = store.path(row.name)
         current = manifest.get(row.name)
-        if not path.is_file():
+        size = store.size(row.name)
+        if size is None:
             problems.append(f"{path} is gone")
-        elif path.stat().st_size != row.num_bytes:
-            problems.append(f"{path} changed: {path.stat().st_size} bytes, the checkpoint recorded {row.num_bytes}")
+        elif size != row.num_bytes:
+            problems.append(f"{path} changed: {size} bytes, the checkpoint recorded {row.num_bytes}")
         elif current is not None and current != row:
             problems.append(f"{path} changed: the manifest now records {current.num_samples} samples, sha256 "
                             f"{current.sha256[:12]}…, the checkpoint {row.num_samples} samples, sha256 "
@@ -126,7 +140,7 @@ def _check_rows(cache_dir: Path, manifest: dict[str, ShardInfo], rows: list[Shar
                          "left for new runs); restore those shards, or train in a new train.output_dir")
 
 
-def open_cache(cfg, rows: list[ShardInfo] | None = None) -> tuple[Path, dict[str, ShardInfo]]:
+def open_cache(cfg, rows: list[ShardInfo] | None = None) -> tuple[Location, dict[str, ShardInfo]]:
     """The existing teacher cache of ``cfg`` and the shard rows to train on, for reading (the trainer).
 
     A fresh run (``rows`` None) trains on one manifest row per shard index and needs every
@@ -166,7 +180,7 @@ def open_cache(cfg, rows: list[ShardInfo] | None = None) -> tuple[Path, dict[str
     return cache_dir, {info.name: info for info in by_index.values()}
 
 
-def _check_generation(cache_dir: Path, cfg) -> None:
+def _check_generation(cache_dir, cfg) -> None:
     pinned = check_teacher(cache_dir, cfg).get("generation", {})
     if pinned and pinned != generation_settings(cfg):
         raise ValueError(f"{cache_dir / TEACHER_FILE}: this cache was generated with {pinned}, this run "
@@ -174,17 +188,19 @@ def _check_generation(cache_dir: Path, cfg) -> None:
                          "Use the recorded settings (e.g. pipeline.batch_size) or another data.cache_root")
 
 
-def _refuse_foreign(cache_dir: Path) -> None:
-    """A directory is ours if it is new, empty (but for our lock files) or holds a ``teacher.yaml``.
+def _refuse_foreign(cache_dir) -> None:
+    """A directory (or S3 prefix) is ours if it is new, empty (but for our lock files) or holds a ``teacher.yaml``.
 
     Anything else (``data.cache_dir`` pointed at a dataset, a home directory...) is refused
     before a single file in it is created, deleted, renamed or adopted.
     """
-    if not cache_dir.exists() or (cache_dir / TEACHER_FILE).is_file():
-        return
-    if not cache_dir.is_dir():
+    store = store_for(cache_dir)
+    if isinstance(store, LocalStore) and store.location.exists() and not store.location.is_dir():
         raise ValueError(f"teacher cache {cache_dir} exists and is not a directory")
-    entries = sorted(p.name for p in cache_dir.iterdir() if p.name not in LOCK_FILES)
+    names = store.names()
+    if not names or TEACHER_FILE in names:
+        return
+    entries = [name for name in names if name not in LOCK_FILES]
     if entries:
         shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
         raise ValueError(f"{cache_dir} is not empty and has no {TEACHER_FILE}: it is not a teacher cache of ours; "
@@ -194,29 +210,30 @@ def _refuse_foreign(cache_dir: Path) -> None:
 
 
 @contextmanager
-def hold_cache(cfg) -> Iterator[Path]:
+def hold_cache(cfg) -> Iterator[Location]:
     """The cache directory of ``cfg``, created with its ``teacher.yaml`` and held for writing.
 
     The job lock (``.lock``, see ``lock.py``) is held until the block ends: a second job on
-    the same directory fails at once naming the first one. Refuses a directory of another
-    teacher, or made with other generation settings.
+    the same directory fails at once naming the first one (on S3: while the first one's lease
+    lasts). Refuses a directory of another teacher, or made with other generation settings.
     """
     cache_dir = cache_dir_for(cfg)
+    store = store_for(cache_dir)
     _refuse_foreign(cache_dir)  # checked before anything is created or locked
-    if (cache_dir / TEACHER_FILE).exists():
+    if store.exists(TEACHER_FILE):
         _check_generation(cache_dir, cfg)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with cache_lock(cache_dir):
+    store.make()
+    with store.job_lock(cfg.pipeline.lock_ttl_s):
         _refuse_foreign(cache_dir)
-        if (cache_dir / TEACHER_FILE).exists():
+        if store.exists(TEACHER_FILE):
             _check_generation(cache_dir, cfg)
         else:
             record = {**teacher_record(cfg), "generation": generation_settings(cfg)}
-            write_text_atomic(cache_dir / TEACHER_FILE, yaml.safe_dump(record, sort_keys=True))
+            store.write_bytes(TEACHER_FILE, yaml.safe_dump(record, sort_keys=True).encode("utf-8"))
         yield cache_dir
 
 
-def prepare_cache_dir(cfg) -> Path:
+def prepare_cache_dir(cfg) -> Location:
     """Create the cache directory and its ``teacher.yaml`` (under the job lock); see :func:`hold_cache`."""
     with hold_cache(cfg) as cache_dir:
         return cache_dir
@@ -239,7 +256,7 @@ class CacheState:
 _TEMP_RE = re.compile(r"^\..+\.\d+-[0-9a-f]{12}\.tmp$")
 
 
-def scan_cache(cache_dir: Path, plan: Plan, *, verify: bool = False) -> CacheState:
+def scan_cache(cache_dir, plan: Plan, *, verify: bool = False) -> CacheState:
     """Which shards of ``plan`` are complete. ``verify`` re-hashes every recorded shard.
 
     A recorded shard is complete if its file has the recorded size (and, with ``verify``,
@@ -255,27 +272,30 @@ def scan_cache(cache_dir: Path, plan: Plan, *, verify: bool = False) -> CacheSta
     All of this happens only in a directory with our ``teacher.yaml`` and under its job
     lock (taken here if the calling thread does not hold it yet).
     """
-    with cache_lock(cache_dir):
-        return _scan_locked(Path(cache_dir), plan, verify)
+    store = store_for(cache_dir)
+    with store.job_lock():
+        return _scan_locked(store, plan, verify)
 
 
-def _move_aside(path: Path) -> str:
+def _move_aside(store, name: str) -> str:
+    check_lease(store.location)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    target, count = path.with_name(f"rejected-{path.name}.{stamp}"), 1
-    while target.exists():
-        target, count = path.with_name(f"rejected-{path.name}.{stamp}-{count}"), count + 1
-    os.rename(path, target)
-    return target.name
+    target, count = f"rejected-{name}.{stamp}", 1
+    while store.exists(target):
+        target, count = f"rejected-{name}.{stamp}-{count}", count + 1
+    store.move(name, target)
+    return target
 
 
-def check_against_plan(path: Path, plan: Plan, index: int, record: dict) -> ShardInfo:
+def check_against_plan(path, plan: Plan, index: int, record: dict) -> ShardInfo:
     """The manifest row of the shard file ``path`` if it holds exactly shard ``index`` of ``plan`` as
     made by the teacher of ``record``; ``ValueError`` naming the first sample that differs otherwise."""
     import numpy as np
 
     from ..noise import fingerprint, noise_from_seed
 
-    data = path.read_bytes()
+    path = location(path)
+    data = store_for(path.parent).read_bytes(path.name)
     samples = list(iter_samples(data, str(path)))  # ValueError if damaged or refused
     ids = list(plan.shard_sample_ids(index))
     if len(samples) != len(ids):
@@ -301,19 +321,21 @@ def check_against_plan(path: Path, plan: Plan, index: int, record: dict) -> Shar
     return ShardInfo(path.name, len(samples), len(data), hashlib.sha256(data).hexdigest())
 
 
-def _scan_locked(cache_dir: Path, plan: Plan, verify: bool) -> CacheState:
+def _scan_locked(store, plan: Plan, verify: bool) -> CacheState:
+    cache_dir = store.location
     record = read_teacher_record(cache_dir)  # positively a cache of ours, or nothing is touched
     manifest = read_manifest(cache_dir)
     state = CacheState()
     adopted = []
-    for stale in sorted(p for p in cache_dir.iterdir() if _TEMP_RE.match(p.name)):
-        stale.unlink(missing_ok=True)
-        state.stale_temps.append(stale.name)
+    names = store.names()
+    for stale in [name for name in names if _TEMP_RE.match(name)]:  # none on S3: uploads are spooled locally
+        store.delete(stale)
+        state.stale_temps.append(stale)
 
-    def reject(path: Path, reason: str) -> None:
-        state.rejected.append(path.name)
-        state.reasons[path.name] = reason
-        state.moved[path.name] = _move_aside(path)
+    def reject(name: str, reason: str) -> None:
+        state.rejected.append(name)
+        state.reasons[name] = reason
+        state.moved[name] = _move_aside(store, name)
 
     recorded: dict[int, ShardInfo] = {}  # shard index -> its manifest row (names of other forms: left alone)
     for info in sorted(manifest.values(), key=lambda i: i.num_samples):
@@ -326,13 +348,13 @@ def _scan_locked(cache_dir: Path, plan: Plan, verify: bool) -> CacheState:
         if info is not None and info.num_samples >= expected_count:
             # more samples than planned: written for a larger num_samples of the same plan, whose
             # shards start with exactly these samples; kept rather than rebuilt shorter
-            path = cache_dir / info.name
-            if not path.exists():
+            size = store.size(info.name)
+            if size is None:
                 pass  # deleted: rebuilt
-            elif path.stat().st_size != info.num_bytes:
-                reject(path, f"{path.stat().st_size} bytes, the manifest says {info.num_bytes}")
-            elif verify and file_sha256(path) != info.sha256:
-                reject(path, "sha256 differs from the manifest")
+            elif size != info.num_bytes:
+                reject(info.name, f"{size} bytes, the manifest says {info.num_bytes}")
+            elif verify and hashlib.sha256(store.read_bytes(info.name)).hexdigest() != info.sha256:
+                reject(info.name, "sha256 differs from the manifest")
             else:
                 state.complete[index] = info
                 continue
@@ -349,12 +371,11 @@ def _scan_locked(cache_dir: Path, plan: Plan, verify: bool) -> CacheState:
             if info.name == name:  # a partial shard named before names carried counts
                 name = shard_name(index, expected_count)
         state.names[index] = name
-        path = cache_dir / name
-        if path.exists():  # unrecorded: the job died between the rename and the manifest update?
+        if store.exists(name):  # unrecorded: the job died between the rename and the manifest update?
             try:
-                found = check_against_plan(path, plan, index, record)
+                found = check_against_plan(cache_dir / name, plan, index, record)
             except ValueError as error:
-                reject(path, f"unrecorded and not the plan's shard: {error}")
+                reject(name, f"unrecorded and not the plan's shard: {error}")
             else:
                 state.complete[index] = found
                 state.adopted.append(name)
@@ -366,18 +387,24 @@ def _scan_locked(cache_dir: Path, plan: Plan, verify: bool) -> CacheState:
     return state
 
 
-def record_shards(cache_dir: Path, infos: list[ShardInfo]) -> None:
-    """Merge finished shards into the manifest (written atomically; concurrent recorders serialised).
+def record_shards(cache_dir, infos: list[ShardInfo]) -> None:
+    """Merge finished shards into the manifest (written atomically; concurrent recorders never lose rows:
+    ``.manifest.lock`` locally, a compare-and-swap on S3).
 
     A shard's row replaces the row of the same shard index under another name (a grown
     partial shard): the manifest lists each shard once; the old file stays on disk.
     """
-    with manifest_lock(cache_dir):
-        manifest = read_manifest(cache_dir)
+    check_lease(cache_dir)
+    store = store_for(cache_dir)
+
+    def merge(old: bytes | None) -> bytes:
+        manifest = parse_manifest(old, store.path(MANIFEST_NAME))
         for info in infos:
             parsed = parse_shard_name(info.name)
             if parsed is not None:
                 for name in [n for n in manifest if (parse_shard_name(n) or (None,))[0] == parsed[0]]:
                     del manifest[name]
             manifest[info.name] = info
-        write_manifest(cache_dir, list(manifest.values()))
+        return manifest_bytes(list(manifest.values()))
+
+    store.read_modify_write(MANIFEST_NAME, merge)

@@ -20,6 +20,7 @@ from ..backends.base import Backend
 from ..noise import fingerprint, noise_from_seeds
 from ..sampling import Guidance, rollout
 from ..shards import ShardInfo, ShardSample, planned_shard_name, sample_key, write_shard
+from ..storage import location
 from .plan import PlannedSample
 
 
@@ -70,13 +71,14 @@ def shard_samples(backend: Backend, samples: Sequence[PlannedSample], *, guidanc
 
 
 def generate_shard(backend: Backend, cfg, samples: Sequence[PlannedSample], shard_index: int,
-                   cache_dir: Path, teacher_key: str, *, name: str | None = None,
+                   cache_dir: str | Path, teacher_key: str, *, name: str | None = None,
                    progress: bool = False) -> ShardInfo:
     """Write shard ``shard_index`` of the cache atomically (as ``name``, by default the plan's name
-    for it: ``Plan.shard_name``) and return its manifest row."""
+    for it: ``Plan.shard_name``) and return its manifest row. ``cache_dir`` may be ``s3://...``: the shard
+    is written to a local temp file and uploaded in one PUT once complete."""
     name = name or planned_shard_name(shard_index, len(samples), cfg.data.shard_size)
     stream = shard_samples(backend, samples, guidance=Guidance.from_teacher(cfg.teacher),
                            num_steps=cfg.teacher.num_steps, teacher_key=teacher_key,
                            batch_size=cfg.pipeline.batch_size, target_dtype=cfg.data.target_dtype,
-                           progress=progress, where=str(Path(cache_dir) / name))
-    return write_shard(Path(cache_dir) / name, stream)
+                           progress=progress, where=str(location(cache_dir) / name))
+    return write_shard(location(cache_dir) / name, stream)

@@ -10,7 +10,21 @@ the holding process dies (a crashed or killed job leaves no stale lock behind).
   short), so concurrent recorders (threads or processes) never lose each other's rows.
 
 flock works between processes of one machine and, on Linux NFS clients (2.6.12+, emulated
-with POSIX locks), between machines; it does not exist on object stores.
+with POSIX locks), between machines; it does not exist on object stores. There (``s3://``):
+
+- ``.lock`` is a *lease* object (:func:`lease_lock`): created with a conditional PUT
+  (``If-None-Match: *``: exactly one creator wins), renewed every ``ttl/4`` by a heartbeat
+  thread with ``If-Match: <its ETag>``, deleted at the end. A killed job cannot delete it: the
+  next job waits for the lease to expire (``pipeline.lock_ttl_s`` after its last renewal, by
+  the wall clocks of the two machines: keep them in NTP sync) and then takes it over with
+  ``If-Match`` on the expired lease's ETag (of two jobs taking over at once, one wins). A job
+  whose renewal fails because another job took over (it stalled past its TTL) has *lost* the
+  lease: its next manifest update or rename raises instead of writing.
+- The manifest needs no lock object: ``Store.read_modify_write`` does a compare-and-swap
+  (PUT ``If-Match`` the ETag it read), so concurrent recorders never lose each other's rows.
+- Only the lease holder deletes or moves anything (rejected shards); shards themselves are
+  deterministic and only ever appear complete, so a duplicate writer could only write the
+  same bytes again.
 """
 
 from __future__ import annotations
@@ -19,7 +33,9 @@ import contextlib
 import fcntl
 import json
 import os
+import secrets
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -111,3 +127,146 @@ def manifest_lock(cache_dir: str | Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+# --- object stores: a lease object -------------------------------------------------------------------
+
+DEFAULT_LEASE_TTL_S = 120.0
+_leases: dict[tuple[str, int], "_Lease"] = {}  # (location, thread id) -> the lease this thread holds
+
+
+class LeaseLostError(CacheLockedError):
+    """This job's lease on an object-store cache was taken over by another job (it stalled past its TTL)."""
+
+
+def _describe(holder: dict, now: float) -> str:
+    try:
+        left = float(holder["renewed"]) + float(holder["ttl_s"]) - now
+        return (f"pid {holder['pid']} on host {holder['host']}, since {holder['started']}; its lease expires in "
+                f"{max(left, 0):.0f} s unless renewed")
+    except (KeyError, TypeError, ValueError):
+        return "holder unknown: its lease object is unreadable"
+
+
+class _Lease:
+    def __init__(self, store, ttl_s: float):
+        self.store, self.ttl_s = store, float(ttl_s)
+        self.token = secrets.token_hex(8)
+        self.started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        self.etag: str | None = None
+        self.lost: str | None = None
+        self.depth = 1
+        self._stop = threading.Event()
+        self._guard = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def record(self) -> bytes:
+        return (json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": self.started,
+                            "token": self.token, "renewed": time.time(), "ttl_s": self.ttl_s}) + "\n").encode()
+
+    def acquire(self) -> None:
+        from ..storage import PreconditionFailed
+
+        where = self.store.location
+        for _ in range(20):
+            try:
+                self.etag = self.store.put_if(LOCK_FILE, self.record(), etag=None)
+                return
+            except PreconditionFailed:
+                pass
+            data, etag = self.store.read_with_etag(LOCK_FILE)
+            if data is None:
+                continue  # released in between: try again
+            try:
+                holder = json.loads(data.decode())
+                expired = time.time() > float(holder["renewed"]) + float(holder["ttl_s"])
+            except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+                holder, expired = {}, True  # not a lease of ours: treated as expired
+            if holder.get("token") == self.token:  # our retried PUT had landed
+                self.etag = etag
+                return
+            if not expired:
+                raise CacheLockedError(f"another job ({_describe(holder, time.time())}) is writing this cache {where}; "
+                                       "wait for it to end (a killed job's lease expires after pipeline.lock_ttl_s) "
+                                       "or use another data.cache_root")
+            try:
+                self.etag = self.store.put_if(LOCK_FILE, self.record(), etag=etag)
+            except PreconditionFailed:
+                continue  # another job took it over first, or it was renewed: look again
+            print(f"warning: {where}: took over the expired lease of {_describe(holder, time.time())} "
+                  "(that job was killed or stalled)", file=sys.stderr, flush=True)
+            return
+        raise CacheLockedError(f"{where}: could not take the job lock (its lease object kept changing)")
+
+    def _heartbeat(self) -> None:
+        from ..storage import PreconditionFailed
+
+        while not self._stop.wait(self.ttl_s / 4):
+            try:
+                with self._guard:
+                    self.etag = self.store.put_if(LOCK_FILE, self.record(), etag=self.etag)
+            except PreconditionFailed:
+                self.lost = "another job took over the lease (this one stalled past pipeline.lock_ttl_s)"
+                print(f"ERROR: {self.store.location}: {self.lost}; this job stops writing", file=sys.stderr,
+                      flush=True)
+                return
+            except Exception as error:  # noqa: BLE001 - the store is down: keep trying while the lease lasts
+                print(f"warning: {self.store.location}: lease renewal failed ({error}); retrying", file=sys.stderr,
+                      flush=True)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._heartbeat, name="noiserefine-lease", daemon=True)
+        self._thread.start()
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self.lost is None:
+            with contextlib.suppress(Exception):  # best effort: an unreleased lease expires by itself
+                info = self.store.info(LOCK_FILE)
+                if info is not None and info["ETag"] == self.etag:
+                    self.store.delete(LOCK_FILE)
+
+
+def check_lease(where) -> None:
+    """Raise :class:`LeaseLostError` if this thread held a lease on ``where`` and lost it (no-op otherwise)."""
+    lease = _leases.get((str(where), threading.get_ident()))
+    if lease is not None and lease.lost:
+        raise LeaseLostError(f"{where}: {lease.lost}; nothing more is written by this job. Re-run the same "
+                             "command: it skips every complete shard")
+
+
+@contextlib.contextmanager
+def lease_lock(store, ttl_s: float | None = None) -> Iterator[None]:
+    """Hold the lease object ``.lock`` of an object-store cache (see the module docstring); re-entrant per thread."""
+    key = (str(store.location), threading.get_ident())
+    with _registry:
+        lease = _leases.get(key)
+        if lease is not None:
+            lease.depth += 1
+    if lease is not None:
+        try:
+            yield
+        finally:
+            with _registry:
+                lease.depth -= 1
+        return
+    lease = _Lease(store, DEFAULT_LEASE_TTL_S if ttl_s is None else ttl_s)
+    lease.acquire()
+    lease.start()
+    with _registry:
+        _leases[key] = lease
+    try:
+        yield
+    finally:
+        with _registry:
+            _leases.pop(key, None)
+        lease.release()
+
+
+def held_anywhere_here(where) -> bool:
+    """Whether the calling thread holds the job lock of ``where`` (a local directory or an object store)."""
+    if str(where).startswith("s3://"):
+        return (str(where), threading.get_ident()) in _leases
+    return held_here(where)

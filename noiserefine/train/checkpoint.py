@@ -38,7 +38,8 @@ CHECKPOINT_PREFIX = "step"
 # Keys that may change between a run and its resumption without changing what is trained.
 RESUMABLE_KEYS = ("train.max_steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
                   "train.output_dir", "model.device", "data.cache_root", "data.cache_dir", "data.num_samples",
-                  "data.allow_partial_cache")  # a resumed run trains on the shard rows its checkpoint recorded
+                  "data.allow_partial_cache",  # a resumed run trains on the shard rows its checkpoint recorded
+                  "data.io_retries", "data.io_backoff_s", "data.io_chunk_bytes")  # object-store I/O only
 COMPARED_SECTIONS = ("model", "teacher", "student", "refiner", "data", "train")
 
 
