@@ -57,14 +57,14 @@ def main() -> None:
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-        return 3 * cfg.train.batch_size / (time.perf_counter() - started)
+        return 3 * cfg.train.global_batch_size / (time.perf_counter() - started)
 
     loader_rates, train_rates = [], []
     for _ in range(args.repeats):
         loader_rates.append(load())
         train_rates.append(train())
     loader, trainer = statistics.median(loader_rates), statistics.median(train_rates)
-    print(f"batch {cfg.train.batch_size}, {cfg.student.num_steps} student steps, torch threads {args.threads}, "
+    print(f"batch {cfg.train.global_batch_size}, {cfg.student.num_steps} student steps, torch threads {args.threads}, "
           f"loader workers 0 (in-process), {args.repeats} repeats (median)")
     print(f"loader   {loader:10.1f} samples/s")
     print(f"training {trainer:10.1f} samples/s (refiner + MSD + backward + AdamW)")

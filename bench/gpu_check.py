@@ -343,7 +343,7 @@ class Check:
                                                else f"failed (exit {proc.returncode})"))
 
         # 3. training: uninterrupted (through the probe wrapper) | killed after step K, then re-run (resumes)
-        train = [*common, f"train.batch_size={sizes.batch}", f"train.max_steps={sizes.max_steps}",
+        train = [*common, f"train.global_batch_size={sizes.batch}", f"train.max_steps={sizes.max_steps}",
                  f"train.checkpoint_every={sizes.checkpoint_every}", "train.eval_every=0", "train.log_every=1"]
         full_dir, killed_dir = work / "run_full", work / "run_killed"
 

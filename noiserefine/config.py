@@ -129,7 +129,10 @@ class PipelineConfig:
 class TrainConfig:
     output_dir: str = "runs/refiner"
     max_steps: int = 300
-    batch_size: int = 32  # per rank
+    # Samples per optimizer step over ALL ranks; each of W ranks takes global_batch_size / W (W must divide it).
+    # Fixing it (not the per-rank batch) is what lets a run resume on another number of ranks with the same
+    # sequence of samples (elastic resume, train/stream.py).
+    global_batch_size: int = 64
     learning_rate: float = 1e-3
     weight_decay: float = 0.0
     loss: str = "msd"  # msd | full_gradient | noise_space
@@ -194,10 +197,15 @@ _CHOICES = {
 }
 
 
+_RENAMED = {"train.batch_size": "train.batch_size (per rank) was replaced by train.global_batch_size (samples "
+                                  "per step over all ranks: the old value times the number of ranks)"}
+
+
 def _wrap(error: OmegaConfBaseException, origin: str) -> ValueError:
     key = getattr(error, "full_key", None) or "?"
     reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-    return ValueError(f"{origin}: bad config key '{key}': {reason}")
+    hint = f"; {_RENAMED[key]}" if key in _RENAMED else ""
+    return ValueError(f"{origin}: bad config key '{key}': {reason}{hint}")
 
 
 def _parse_override(item: str) -> tuple[str, Any]:
@@ -324,7 +332,7 @@ _RANGES = {
 }
 _AT_LEAST_ONE = ("teacher.num_steps", "student.num_steps", "refiner.lora_rank", "data.num_samples",
                  "data.shard_size", "data.max_prompt_chars", "pipeline.batch_size", "train.max_steps",
-                 "train.batch_size", "train.checkpoint_every", "eval.num_samples", "eval.batch_size",
+                 "train.global_batch_size", "train.checkpoint_every", "eval.num_samples", "eval.batch_size",
                  "eval.grid_columns", "model.digits.train_steps", "model.digits.batch_size", "data.io_chunk_bytes")
 _AT_LEAST_ZERO = ("pipeline.num_workers", "pipeline.max_retries", "data.io_retries", "train.log_every", "train.eval_every",
                   "train.num_loader_workers", "eval.seed_offset")

@@ -31,7 +31,7 @@ SHARD_SIZE = 16
 TINY = ["model.digits.train_steps=30", "teacher.num_steps=3", "student.num_steps=3",
         f"data.num_samples={NUM_SHARDS * SHARD_SIZE}", f"data.shard_size={SHARD_SIZE}",
         "pipeline.batch_size=16", "refiner.lora_rank=4", "refiner.lora_alpha=4.0",
-        "train.batch_size=8", "train.num_loader_workers=0", "eval.num_samples=20", "eval.batch_size=20"]
+        "train.global_batch_size=8", "train.num_loader_workers=0", "eval.num_samples=20", "eval.batch_size=20"]
 
 
 def tiny_overrides(root: Path, teacher: Path) -> list[str]:

@@ -14,7 +14,7 @@ import torch
 
 from helpers_cache import NUM_SHARDS, SHARD_SIZE, copy_cache, tiny_cache, tiny_config, tiny_root, tiny_teacher  # noqa: F401
 from noiserefine.targets.cache import open_cache
-from noiserefine.train.stream import DataPosition, TeacherStream, rank_shards
+from noiserefine.train.stream import DataPosition, TeacherStream
 from noiserefine.noise import noise_from_seed
 from noiserefine.shards import ShardInfo, ShardSample, read_manifest, read_shard, write_manifest, write_shard
 from noiserefine.targets.cache import record_shards
@@ -40,48 +40,76 @@ def ids_of(batches) -> list[int]:
     return [i for b in batches for i in b["sample_id"]]
 
 
+def global_batches(cfg, world: int, count: int, start: int = 0, **changes) -> list[list[int]]:
+    """The first ``count`` global batches (from ``start``) as sample-id lists: the ranks' slices in rank order."""
+    streams = [stream(cfg, r, world, **changes) for r in range(world)]
+    per_rank = [list(itertools.islice(s.batches(DataPosition(start)), count)) for s in streams]
+    for rank_batches in per_rank:
+        assert [b["index"] for b in rank_batches] == list(range(start, start + count))
+    return [sum((rank_batches[i]["sample_id"] for rank_batches in per_rank), []) for i in range(count)]
+
+
 def test_two_ranks_disjoint_cover_epoch_same_batch_count(make_cfg, tiny_cache):
-    cfg = make_cfg()
+    cfg = make_cfg()  # global batch 8: 4 per rank
     ranks = [stream(cfg, r, 2) for r in range(2)]
+    per_epoch = NUM_SHARDS * SHARD_SIZE // cfg.train.global_batch_size
     for epoch in range(3):
         batches = [list(s.epoch_batches(epoch)) for s in ranks]
         ids = [ids_of(b) for b in batches]
         assert set(ids[0]).isdisjoint(ids[1])
         assert sorted(ids[0] + ids[1]) == sorted(ALL_IDS)  # every sample of the epoch exactly once
-        assert len(batches[0]) == len(batches[1]) == NUM_SHARDS * SHARD_SIZE // 2 // cfg.train.batch_size
-        assert all(b["epoch"] == epoch for b in batches[0])
-        assert [b["index"] for b in batches[0]] == list(range(len(batches[0])))
-    # the shard assignment is re-drawn every epoch (seeded by (train.seed, epoch))
-    names = ranks[0].shard_names
-    assignments = {tuple(rank_shards(names, cfg.train.seed, e, 0, 2)) for e in range(8)}
-    assert len(assignments) > 1
+        assert len(batches[0]) == len(batches[1]) == per_epoch
+        assert all(b["epoch"] == epoch and len(b["sample_id"]) == 4 for b in batches[0])
+        assert [b["index"] for b in batches[0]] == list(range(epoch * per_epoch, (epoch + 1) * per_epoch))
+    # the shard order is re-drawn every epoch (seeded by (train.seed, epoch))
+    orders = {tuple(ranks[0].order.epoch_spans(e)[i].name for i in range(NUM_SHARDS)) for e in range(8)}
+    assert len(orders) > 1
     # the batch content is the regenerated noise and the stored target
     batch = next(iter(ranks[0]))
     assert batch["noise"].dtype == batch["target"].dtype == torch.float32
-    assert batch["noise"].shape == (cfg.train.batch_size, 1, 16, 16) == batch["target"].shape
+    assert batch["noise"].shape == (4, 1, 16, 16) == batch["target"].shape
     torch.testing.assert_close(batch["noise"][3], noise_from_seed(batch["seed"][3], (1, 16, 16)), rtol=0, atol=0)
     assert all(isinstance(p, str) and p for p in batch["prompt"])
 
 
-def test_loader_workers_split_shards_without_loss(make_cfg, tiny_cache):
+def test_global_sequence_does_not_depend_on_the_number_of_ranks_or_loader_workers(make_cfg, tiny_cache):
+    """Elastic determinism: global batch b holds the same samples in the same order for 1, 2, 4 and 8 ranks."""
+    cfg = make_cfg()  # global batch 8, 64 samples: 8 global batches per epoch
+    one = global_batches(cfg, 1, 12)
+    assert [len(b) for b in one] == [8] * 12
+    assert sorted(sum(one[:8], [])) == sorted(ALL_IDS)
+    for world in (2, 4, 8):
+        assert global_batches(cfg, world, 12) == one, world
+    assert global_batches(cfg, 2, 12, num_workers=2) == one
+    assert global_batches(cfg, 4, 5, start=7) == one[7:12]  # a resumed position, on another rank count
+
+
+def test_uneven_batches_straddle_epochs_and_every_rank_steps_alike(make_cfg, tiny_cache):
+    """Global batch 6 over 3 ranks on 64 samples: batches cross epoch ends, none is short, no sample is lost."""
+    cfg = make_cfg("train.global_batch_size=6")
+    taken = global_batches(cfg, 3, 32)  # 192 positions: exactly 3 epochs
+    assert [len(b) for b in taken] == [6] * 32
+    flat = sum(taken, [])
+    for epoch in range(3):
+        assert sorted(flat[epoch * 64:(epoch + 1) * 64]) == sorted(ALL_IDS)
+    assert global_batches(cfg, 2, 32) == taken == global_batches(cfg, 1, 32)
+
+
+def test_a_rank_reads_only_the_shards_of_its_slices(make_cfg, tiny_cache):
+    cfg = make_cfg("train.global_batch_size=64")  # 4 ranks x 16: each slice is one whole shard
+    ranks = [stream(cfg, r, 4) for r in range(4)]
+    assert [len(s.epoch_shards(0)) for s in ranks] == [1, 1, 1, 1]
+    assert sorted(s.epoch_shards(0)[0] for s in ranks) == ranks[0].shard_names
+    small = [stream(make_cfg(), r, 2) for r in range(2)]  # slices of 4 < a shard of 16: every shard
+    assert all(sorted(s.epoch_shards(0)) == s.shard_names for s in small)
+
+
+def test_loader_workers_keep_the_order(make_cfg, tiny_cache):
     cfg = make_cfg()
     for rank in range(2):
         plain = list(stream(cfg, rank, 2).epoch_batches(1))
         workers = list(stream(cfg, rank, 2, num_workers=2).epoch_batches(1))
-        assert sorted(ids_of(plain)) == sorted(ids_of(workers))
-        assert len(plain) == len(workers)
-
-
-def test_uneven_shards_infinite_streams_same_steps(make_cfg, tiny_cache):
-    """3 ranks on 4 shards with a batch of 5: epochs differ in length per rank, steps do not run out."""
-    cfg = make_cfg("train.batch_size=5")
-    ranks = [stream(cfg, r, 3) for r in range(3)]
-    steps = 25  # several epochs for the ranks that hold one shard (4 batches per epoch)
-    taken = [list(itertools.islice(iter(s), steps)) for s in ranks]
-    assert [len(t) for t in taken] == [steps] * 3
-    for epoch in range(3):  # every completed epoch: each sample exactly once across ranks
-        per_rank = [[i for b in t if b["epoch"] == epoch for i in b["sample_id"]] for t in taken]
-        assert sorted(sum(per_rank, [])) == sorted(ALL_IDS)
+        assert [b["sample_id"] for b in plain] == [b["sample_id"] for b in workers]
 
 
 def test_deterministic_across_constructions(make_cfg, tiny_cache):
@@ -96,23 +124,27 @@ def test_deterministic_across_constructions(make_cfg, tiny_cache):
 
 def test_resume_position_gives_exact_tail(make_cfg, tiny_cache):
     cfg = make_cfg()
-    full = list(itertools.islice(iter(stream(cfg, 0, 2)), 14))
-    for consumed in (3, 4, 6, 9):  # mid-epoch and exactly at an epoch end (4 batches per epoch)
+    full = list(itertools.islice(iter(stream(cfg, 0, 2)), 20))
+    for consumed in (3, 8, 13):  # mid-epoch and exactly at an epoch end (8 batches per epoch)
         first = stream(cfg, 0, 2)
         head = list(itertools.islice(iter(first), consumed))
         assert [b["sample_id"] for b in head] == [b["sample_id"] for b in full[:consumed]]
         state = json.loads(json.dumps(first.state_dict()))  # as stored in a checkpoint
+        assert state["batches"] == consumed
         resumed = stream(cfg, 0, 2)
         position = resumed.load_state_dict(state)
         tail = list(itertools.islice(resumed.batches(position), len(full) - consumed))
         assert [b["sample_id"] for b in tail] == [b["sample_id"] for b in full[consumed:]]
         assert [(b["epoch"], b["index"]) for b in tail] == [(b["epoch"], b["index"]) for b in full[consumed:]]
-    assert DataPosition.from_dict({"epoch": 2, "batches": 1}) == DataPosition(2, 1)
+    assert DataPosition.from_dict({"batches": 3}) == DataPosition(3)
+    with pytest.raises(ValueError, match="older trainers"):  # a per-rank position of the old stream
+        DataPosition.from_dict({"epoch": 2, "batches": 1})
 
 
-def test_fewer_shards_than_ranks_is_an_error(make_cfg, tiny_cache):
-    with pytest.raises(ValueError, match="4 shards.*5 ranks"):
-        TeacherStream.from_config(make_cfg(), 0, 5)
+def test_a_world_size_that_does_not_divide_the_global_batch_is_an_error(make_cfg, tiny_cache):
+    with pytest.raises(ValueError, match=r"global_batch_size=8 cannot be split evenly over 3 ranks; allowed rank "
+                                         r"counts: \[1, 2, 4, 8\]"):
+        TeacherStream.from_config(make_cfg(), 0, 3)
 
 
 def test_open_cache_errors(make_cfg, tiny_cache, tmp_path):
@@ -214,8 +246,8 @@ def test_resume_uses_stored_shard_list(make_cfg, tiny_cache):
     cfg = make_cfg()
     names = sorted(read_manifest(tiny_cache))
     s = TeacherStream.from_config(cfg, 0, 2, shards=names[:2])
-    assert sorted(s.epoch_shards(0) + TeacherStream.from_config(cfg, 1, 2, shards=names[:2]).epoch_shards(0)) \
-        == names[:2]
+    assert s.samples_per_epoch == 2 * SHARD_SIZE
+    assert sorted(s.epoch_shards(0)) == names[:2]
     with pytest.raises(ValueError, match="not in the manifest"):
         TeacherStream.from_config(cfg, 0, 1, shards=["shard-000099.tar"])
 
@@ -223,6 +255,6 @@ def test_resume_uses_stored_shard_list(make_cfg, tiny_cache):
 def test_stream_positions_follow_batches(make_cfg, tiny_cache):
     s = stream(make_cfg(), 0, 2)
     it = iter(s)
-    for _ in range(5):
+    for _ in range(10):
         batch = next(it)
-    assert s.position == DataPosition(batch["epoch"], batch["index"] + 1) == DataPosition(1, 1)
+    assert s.position == DataPosition(batch["index"] + 1) == DataPosition(10) and batch["epoch"] == 1

@@ -112,7 +112,7 @@ def tiny_overrides(name: str, model_dir: Path, files: dict, root: Path) -> list[
             f"data.sources=[{', '.join(sources)}]", "data.num_samples=4", "data.shard_size=2",
             f"data.cache_root={root / 'cache'}", "teacher.num_steps=2", "student.num_steps=2",
             "pipeline.num_workers=0", "pipeline.batch_size=2", "pipeline.cpus_per_worker=1",
-            f"train.output_dir={root / 'run'}", "train.max_steps=2", "train.batch_size=2", "train.log_every=1",
+            f"train.output_dir={root / 'run'}", "train.max_steps=2", "train.global_batch_size=2", "train.log_every=1",
             "train.checkpoint_every=100", "train.eval_every=0", "train.num_loader_workers=0"]
 
 

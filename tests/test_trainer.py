@@ -75,7 +75,8 @@ def test_two_rank_deepspeed_run(tiny_root, tiny_teacher, tiny_cache, tmp_path):
     out = tmp_path / "run"
     steps = 32
     command = deepspeed_launcher() + ["--num_gpus", "2", "--master_port", str(free_port())] + train_args(
-        tiny_root, tiny_teacher, out, f"train.max_steps={steps}", "train.log_every=1", "train.checkpoint_every=16",
+        tiny_root, tiny_teacher, out, f"train.max_steps={steps}", "train.global_batch_size=16", "train.log_every=1",
+        "train.checkpoint_every=16",
         "train.eval_every=16", "train.learning_rate=0.01", "train.num_loader_workers=1")
     code, text = run(command, tmp_path / "launcher.log")
     assert code == 0, text[-4000:]

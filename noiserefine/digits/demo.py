@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 # --quick: a smoke run of every stage on a tiny budget, isolated in the run directory.
 QUICK = ["model.digits.train_steps=30", "data.num_samples=64", "data.shard_size=16", "pipeline.batch_size=16",
-         "train.max_steps=4", "train.batch_size=8", "train.checkpoint_every=2", "train.eval_every=1000",
+         "train.max_steps=4", "train.global_batch_size=16", "train.checkpoint_every=2", "train.eval_every=1000",
          "train.log_every=1", "eval.num_samples=40", "eval.batch_size=40", "demo.full_gradient_steps=2",
          "demo.distill_steps=4", "demo.transfer_steps=4", "teacher.num_steps=4", "student.num_steps=4"]
 

@@ -6,6 +6,13 @@ log window, the resolved config and the manifest rows of the shards the run trai
 ``snapshots/stepNNNNNNNN/`` is the refiner exported as safetensors at every checkpoint
 (all kept), so intermediate refiners can be evaluated without DeepSpeed.
 
+Beside DeepSpeed's files each checkpoint holds ``elastic.safetensors``: every LoRA weight (fp32)
+and its AdamW moments, gathered from the ZeRO partitions, and the optimizer step in its
+metadata: a form that does not depend on the number of ranks. A run resumed on the same
+number of ranks loads DeepSpeed's own checkpoint; on another number (elastic resume, the
+same ``train.global_batch_size``, any rank count dividing it) it loads ``elastic.safetensors``
+instead, and the data position (global batches consumed) is the same on every rank.
+
 Once DeepSpeed has written a checkpoint, rank 0 records its files' sizes and sha256 in
 ``checkpoint.json`` inside it, then points ``latest`` at it (atomically; DeepSpeed's own
 ``latest`` is written in place). A resume takes the checkpoint ``latest`` names if it is
@@ -25,14 +32,16 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from omegaconf import OmegaConf
 
-from ..files import write_text_atomic
+from ..files import atomic_path, write_text_atomic
 from ..refiner import Refiner, save_refiner
 from ..shards import ShardInfo, file_sha256, read_manifest
 from ..targets.cache import cache_dir_for
 from . import distributed
 from .distributed import CheckpointDamaged
+from .stream import allowed_world_sizes
 
 CHECKPOINT_PREFIX = "step"
 # Keys that may change between a run and its resumption without changing what is trained.
@@ -94,7 +103,10 @@ def finished_run(cfg) -> dict | None:
 _TAG = re.compile(rf"{CHECKPOINT_PREFIX}\d{{8}}")
 _TAG_PREFIX = re.compile(r"(s(t(e(p\d{0,7})?)?)?)?")  # what DeepSpeed's in-place write of `latest` may leave
 RECORD_FILE = "checkpoint.json"
-CHECKPOINT_FORMAT = 2  # client states of format 2 have a RECORD_FILE once their save completed
+ELASTIC_FILE = "elastic.safetensors"
+# format 2: a RECORD_FILE once the save completed; format 3: the global sample order (a position in global
+# batches, train.global_batch_size) and ELASTIC_FILE
+CHECKPOINT_FORMAT = 3
 
 
 def _read_latest(ckpt_dir: Path) -> tuple[str | None, str | None]:
@@ -208,6 +220,7 @@ class Resume:
     shard_rows: list[ShardInfo]
     data_state: dict
     trainable_names: list[str] | None
+    world_size: int = 1  # of the run that wrote it
 
 
 class Checkpointer:
@@ -236,12 +249,17 @@ class Checkpointer:
             shutil.rmtree(self.ckpt_dir / tag, ignore_errors=True)  # leftover of a save that was killed
         positions = distributed.all_gather_object(data_state)  # also: nobody writes before the removal
         client_state = {"step": step, "data_position": positions, "seconds": seconds,
+                        "global_batch_size": int(self.cfg.train.global_batch_size),
                         "shards": [row.name for row in shard_rows],
                         "shard_rows": [dataclasses.asdict(row) for row in shard_rows],
                         "config": OmegaConf.to_container(self.cfg, resolve=True), "world_size": len(positions),
                         "trainable_names": trainable_names(refiner), "checkpoint_format": CHECKPOINT_FORMAT}
         distributed.save_checkpoint(engine, self.ckpt_dir, tag, client_state)
+        tensors, optimizer_step = distributed.full_training_state(engine, trainable_parameters(refiner))
         if main:
+            save_elastic(self.ckpt_dir / tag / ELASTIC_FILE, tensors, {
+                "step": step, "optimizer_step": optimizer_step, "world_size": len(positions),
+                "global_batch_size": int(self.cfg.train.global_batch_size)})
             write_record(self.ckpt_dir / tag)
             write_text_atomic(self.ckpt_dir / "latest", tag)  # only now: a complete, recorded checkpoint
             older = sorted((p for p in self.ckpt_dir.glob(f"{CHECKPOINT_PREFIX}*")
@@ -251,14 +269,27 @@ class Checkpointer:
         distributed.barrier()
 
     def check(self, state: dict, where: Path, world_size: int) -> None:
-        """Refuse a checkpoint of another config, another rank count or beyond ``train.max_steps``."""
+        """Refuse a checkpoint of another config, of an older data order, beyond ``train.max_steps``, or one
+        that this number of ranks cannot continue (the global batch must split evenly over them)."""
+        if int(state.get("checkpoint_format", 1)) < CHECKPOINT_FORMAT:
+            raise ValueError(f"{where}: written by an older trainer (per-rank data order, no global batch); "
+                             "finish that run with the version that wrote it, or train in a new train.output_dir")
         differing = resume_mismatch(state.get("config", {}), OmegaConf.to_container(self.cfg, resolve=True))
         if differing:
+            hint = ""
+            if "train.global_batch_size" in differing:
+                stored = int(state["global_batch_size"])
+                hint = (f". The global batch size fixes the sequence of samples: resume with "
+                        f"train.global_batch_size={stored} on any number of ranks in {allowed_world_sizes(stored)}")
             raise ValueError(f"{where}: the checkpoint was trained with another config (differs in: "
-                             f"{', '.join(differing)}); use a new train.output_dir")
-        if state.get("world_size") != world_size:
-            raise ValueError(f"{where}: written by {state.get('world_size')} ranks, this run has {world_size}; "
-                             "exact resume needs the same number of ranks")
+                             f"{', '.join(differing)}); use a new train.output_dir{hint}")
+        global_batch = int(state["global_batch_size"])
+        if global_batch % world_size:
+            raise ValueError(f"{where}: train.global_batch_size={global_batch} cannot be split evenly over "
+                             f"{world_size} ranks; resume on one of {allowed_world_sizes(global_batch)} ranks")
+        if state.get("world_size") != world_size and ELASTIC_FILE not in _recorded_files(where):
+            raise ValueError(f"{where}: written by {state.get('world_size')} ranks without {ELASTIC_FILE}; "
+                             f"resume it on {state.get('world_size')} ranks")
         if int(state["step"]) > self.cfg.train.max_steps:
             raise ValueError(f"{where}: already at step {state['step']}, beyond "
                              f"train.max_steps={self.cfg.train.max_steps}")
@@ -280,16 +311,75 @@ class Checkpointer:
             if unknown:
                 raise ValueError(f"{where}: shards {unknown} are not in the manifest of {cache_dir_for(self.cfg)}")
             rows = [manifest[name] for name in state["shards"]]
-        return Resume(where, tag, int(state["step"]), float(state["seconds"]), rows,
-                      dict(state["data_position"][rank]), state.get("trainable_names"))
+        positions = state["data_position"]
+        if len(positions) == world_size:
+            data_state = dict(positions[rank])
+        else:  # elastic: the position is global; counters and the log window go to rank 0
+            data_state = {"batches": positions[0]["batches"]}
+            if rank == 0:
+                data_state["corrupt_skipped"] = sum(int(p.get("corrupt_skipped", 0)) for p in positions)
+                data_state["log_window"] = merge_windows([p.get("log_window", {}) for p in positions])
+        return Resume(where, tag, int(state["step"]), float(state["seconds"]), rows, data_state,
+                      state.get("trainable_names"), int(state.get("world_size", len(positions))))
 
     def load(self, engine, refiner: Refiner, resume: Resume) -> None:
-        """Load the chosen checkpoint into ``engine`` once its LoRA layout matches the refiner's."""
+        """Load the chosen checkpoint into ``engine`` once its LoRA layout matches the refiner's: DeepSpeed's own
+        files on the same number of ranks, ``elastic.safetensors`` on another (every rank calls this)."""
         if resume.trainable_names != trainable_names(refiner):
             raise ValueError(f"{resume.path}: checkpoint LoRA parameters do not match the refiner built from the "
                              "config")
-        distributed.load_checkpoint(engine, self.ckpt_dir, resume.tag)
+        if resume.world_size == distributed.world_size():
+            distributed.load_checkpoint(engine, self.ckpt_dir, resume.tag)
+            return
+        tensors, meta = load_elastic(resume.path / ELASTIC_FILE)
+        expected = {f"param/{name}" for name in resume.trainable_names or []}
+        if not expected <= set(tensors):
+            raise ValueError(f"{resume.path / ELASTIC_FILE}: lacks {sorted(expected - set(tensors))[:3]}")
+        if distributed.rank() == 0:
+            print(f"elastic resume: {resume.path.name} was written by {resume.world_size} rank(s), this run has "
+                  f"{distributed.world_size()}; loading {ELASTIC_FILE} (LoRA weights and AdamW state)", flush=True)
+        distributed.load_full_training_state(engine, trainable_parameters(refiner), tensors,
+                                             int(meta["optimizer_step"]))
 
 
 def trainable_names(refiner: Refiner) -> list[str]:
     return sorted(n for n, p in refiner.named_parameters() if p.requires_grad)
+
+
+def trainable_parameters(refiner: Refiner) -> list[tuple[str, torch.nn.Parameter]]:
+    return sorted(((n, p) for n, p in refiner.named_parameters() if p.requires_grad), key=lambda item: item[0])
+
+
+def save_elastic(path: Path, tensors: dict, meta: dict) -> None:
+    """``elastic.safetensors``: the world-size-independent training state (metadata values as JSON)."""
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "noiserefine-elastic-1",
+                                               **{k: json.dumps(v) for k, v in meta.items()}})
+
+
+def load_elastic(path: Path) -> tuple[dict, dict]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        meta = handle.metadata() or {}
+        if meta.get("format") != "noiserefine-elastic-1":
+            raise ValueError(f"{path}: not an elastic training state of this trainer")
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    return tensors, {k: json.loads(v) for k, v in meta.items() if k != "format"}
+
+
+def merge_windows(windows: list[dict]) -> dict:
+    """The log windows of several ranks as one (sums; the longest elapsed time)."""
+    return {"loss": sum(float(w.get("loss", 0.0)) for w in windows),
+            "steps": sum(int(w.get("steps", 0)) for w in windows),
+            "samples": sum(int(w.get("samples", 0)) for w in windows),
+            "seconds": max([float(w.get("seconds", 0.0)) for w in windows] or [0.0])}
+
+
+def _recorded_files(directory: Path) -> set[str]:
+    try:
+        return set(json.loads((Path(directory) / RECORD_FILE).read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()

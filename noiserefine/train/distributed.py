@@ -134,16 +134,21 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return tensor.cpu().tolist()
 
 
-def ds_config(cfg) -> dict:
-    """DeepSpeed config from the training config: micro batch = ``train.batch_size`` per rank, no
-    accumulation, ZeRO ``train.zero_stage``, gradient clipping, bf16 only on CUDA with a bf16 model."""
+def ds_config(cfg, world: int = 1) -> dict:
+    """DeepSpeed config from the training config: ``train_batch_size`` = ``train.global_batch_size``, micro
+    batch = global / ``world`` per rank, no accumulation, ZeRO ``train.zero_stage``, gradient clipping, bf16
+    only on CUDA with a bf16 model."""
     train = cfg.train
+    global_batch = int(train.global_batch_size)
+    if global_batch % world:
+        raise ValueError(f"train.global_batch_size={global_batch} cannot be split evenly over {world} ranks")
     if train.zero_stage not in (0, 1, 2):
         raise ValueError(f"train.zero_stage must be 0, 1 or 2, got {train.zero_stage} (stage 3 partitions the "
                          "LoRA weights, which the refiner export does not gather)")
     bf16 = on_cuda() and cfg.model.dtype == "bfloat16"
     config = {
-        "train_micro_batch_size_per_gpu": int(train.batch_size),
+        "train_batch_size": global_batch,
+        "train_micro_batch_size_per_gpu": global_batch // world,
         "gradient_accumulation_steps": 1,
         "zero_optimization": {"stage": int(train.zero_stage)},
         "gradient_clipping": float(train.gradient_clipping),
@@ -166,8 +171,82 @@ def build_engine(refiner: torch.nn.Module, cfg):
     optimizer = torch.optim.AdamW(params, lr=float(cfg.train.learning_rate),
                                   weight_decay=float(cfg.train.weight_decay))
     engine, *_ = deepspeed.initialize(model=refiner, model_parameters=params, optimizer=optimizer,
-                                      config=ds_config(cfg))
+                                      config=ds_config(cfg, world_size()))
     return engine
+
+
+# --- the world-size-independent training state (elastic resume) ---------------------------------------
+
+def _base_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch optimizer under DeepSpeed's wrappers (ZeRO, bf16): the one that holds AdamW's state."""
+    optimizer = engine.optimizer
+    for _ in range(4):
+        if isinstance(optimizer, torch.optim.Optimizer):
+            return optimizer
+        optimizer = getattr(optimizer, "optimizer", None)
+    raise TypeError(f"no torch optimizer inside {type(engine.optimizer).__name__}")
+
+
+def _partitioned(param) -> bool:
+    return hasattr(param, "_hp_mapping") or hasattr(param, "ds_id")
+
+
+ADAM_STATES = ("exp_avg", "exp_avg_sq")
+
+
+def full_training_state(engine, named_params: list[tuple[str, torch.nn.Parameter]]) -> tuple[dict, int]:
+    """Every trainable parameter (fp32) and its AdamW moments, unpartitioned, and the optimizer step.
+
+    Call on EVERY rank: under ZeRO 1/2 (and DeepSpeed's bf16 optimizer) each value is gathered from
+    the partitions with DeepSpeed's tensor-fragment API (an all-reduce). The result does not depend
+    on the number of ranks: it is what an elastic resume loads (``load_full_training_state``).
+    """
+    _ds()
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    base = _base_optimizer(engine)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, param in named_params:
+        if _partitioned(param):
+            value = safe_get_full_fp32_param(param)
+            moments = {key: safe_get_full_optimizer_state(param, key) for key in ADAM_STATES}
+        else:
+            value = param.detach().float()
+            state = base.state.get(param, {})
+            moments = {key: state.get(key) for key in ADAM_STATES}
+        tensors[f"param/{name}"] = value.detach().float().cpu().contiguous()
+        for key, moment in moments.items():
+            if moment is not None:
+                tensors[f"{key}/{name}"] = moment.detach().float().cpu().contiguous()
+    steps = [int(state["step"]) for state in base.state.values() if "step" in state]
+    return tensors, (max(steps) if steps else 0)
+
+
+def load_full_training_state(engine, named_params: list[tuple[str, torch.nn.Parameter]], tensors: dict,
+                             step: int) -> None:
+    """Load what :func:`full_training_state` saved into an engine of any world size (call on every rank)."""
+    _ds()
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    base = _base_optimizer(engine)
+    for name, param in named_params:
+        value = tensors[f"param/{name}"]
+        with torch.no_grad():
+            param.data.copy_(value.to(device=param.device, dtype=param.dtype))
+        moments = {key: tensors.get(f"{key}/{name}") for key in ADAM_STATES}
+        if _partitioned(param):
+            safe_set_full_fp32_param(param, value.to(param.device))
+            for key, moment in moments.items():
+                if moment is not None:
+                    safe_set_full_optimizer_state(param, moment.to(param.device), key)
+        elif all(moment is not None for moment in moments.values()):
+            base.state[param] = {"step": torch.tensor(float(step)),
+                                 **{key: moment.to(device=param.device).clone() for key, moment in moments.items()}}
+    for state in base.state.values():  # ZeRO: the flat partitions' step; plain AdamW: set above already
+        if "step" in state:
+            state["step"] = torch.tensor(float(step)) if torch.is_tensor(state["step"]) else step
+    engine.global_steps = step
+    engine.global_samples = step * engine.train_batch_size()
 
 
 def save_checkpoint(engine, ckpt_dir: str | Path, tag: str, client_state: dict) -> None:

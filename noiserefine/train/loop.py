@@ -31,6 +31,7 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
+from .. import storage
 from ..backends import load_backend
 from ..config import save_config
 from ..evaluation.evaluator import EVAL_LOG, Evaluator
@@ -42,11 +43,21 @@ from ..targets.cache import open_cache
 from . import distributed
 from .checkpoint import Checkpointer, finished_run
 from .logs import LOG_FIELDS, LogWindow, append_csv, trim_csv, trim_jsonl
-from .stream import TeacherStream
+from .stream import TeacherStream, per_rank_batch
 
 
 def train_step(engine, refiner: Refiner, loss_fn: LossFn, backend, batch: dict) -> dict:
-    """One optimisation step on ``batch``; returns ``{"loss", "grad_norm"}`` (this rank)."""
+    """One optimisation step on ``batch``; returns ``{"loss", "grad_norm"}`` (this rank).
+
+    An empty batch (this rank's slice was lost to damaged shards, ``train.skip_corrupt_shards``) still
+    takes part in the step with a zero gradient, so the other ranks' collectives do not wait for it.
+    """
+    if not batch["sample_id"]:
+        loss = sum(p.sum() for p in refiner.trainable_parameters()) * 0.0
+        engine.backward(loss)
+        engine.step()
+        engine_norm = engine.get_global_grad_norm()
+        return {"loss": 0.0, "grad_norm": float(engine_norm) if engine_norm is not None else 0.0}
     noise = batch["noise"].to(backend.device)
     target = batch["target"].to(backend.device)
     cond = backend.encode_prompts(batch["prompt"])
@@ -83,8 +94,11 @@ def train(cfg, metric_factory: Callable[[], MetricFn] | None = None) -> dict:
         return done
     # Fail fast, before any model, engine or process group exists: the checkpoint to resume from (its
     # config compared with this one) and the shards to train on (a resumed run: exactly its recorded rows).
+    storage.configure(cfg.data)  # object-store retries and read chunks (inherited by forked loader workers)
+    launch_rank, launch_world = distributed.launch_rank_world()
+    per_rank_batch(cfg.train.global_batch_size, launch_world)  # the global batch must split over the ranks
     checkpointer = Checkpointer(cfg)
-    resume = checkpointer.find(*distributed.launch_rank_world())
+    resume = checkpointer.find(launch_rank, launch_world)
     cache_dir, rows = open_cache(cfg, rows=resume.shard_rows if resume else None)
     info = distributed.init()
     rank, world, is_main = info.rank, info.world_size, info.is_main
@@ -108,6 +122,9 @@ def train(cfg, metric_factory: Callable[[], MetricFn] | None = None) -> dict:
         window.load_state_dict(resume.data_state.get("log_window", {}))
     samples_path = output_dir / f"samples_rank{rank}.jsonl"
     trim_jsonl(samples_path, start)
+    if is_main and resume and resume.world_size > world:  # ranks that no longer exist: cut their logs back too
+        for gone in range(world, resume.world_size):
+            trim_jsonl(output_dir / f"samples_rank{gone}.jsonl", start)
     if is_main:
         if resume:
             print(f"resuming from {resume.path} at step {start}", flush=True)
@@ -116,7 +133,8 @@ def train(cfg, metric_factory: Callable[[], MetricFn] | None = None) -> dict:
         trim_csv(output_dir / "train_log.csv", start)
         trim_csv(output_dir / EVAL_LOG, start)
         print(f"teacher cache {cache_dir}: {len(stream.shard_names)} shards, {stream.samples_per_epoch} "
-              f"samples/epoch; {world} rank(s) x batch {cfg.train.batch_size}, loss {cfg.train.loss}, "
+              f"samples/epoch; {world} rank(s) x batch {stream.batch_size} (global batch "
+              f"{cfg.train.global_batch_size}), loss {cfg.train.loss}, "
               f"steps {start}->{cfg.train.max_steps}", flush=True)
     distributed.barrier()
 
@@ -208,7 +226,8 @@ def _finish(cfg, refiner: Refiner, stream: TeacherStream, last_row: dict, starte
     peak_mb = max(distributed.all_gather_object(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0))
     output_dir = Path(cfg.train.output_dir)
     stats = {"max_steps": cfg.train.max_steps, "world_size": distributed.world_size(),
-             "batch_size": cfg.train.batch_size, "loss": cfg.train.loss, "final_loss": last_row.get("loss"),
+             "global_batch_size": cfg.train.global_batch_size, "batch_size": stream.batch_size,
+             "loss": cfg.train.loss, "final_loss": last_row.get("loss"),
              "seconds": round(time.perf_counter() - started, 1), "peak_rss_mb": round(peak_mb, 1),
              "corrupt_skipped": total_skipped, "refiner_dir": str(output_dir / "refiner")}
     if is_main:

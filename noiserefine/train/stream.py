@@ -1,64 +1,79 @@
-"""The teacher cache as an infinite, deterministic, resumable batch stream per rank (WebDataset pipeline).
+"""The teacher cache as an infinite, deterministic, resumable batch stream per rank, in one GLOBAL order.
 
-Order: epoch ``e`` permutes the manifest's shards with a generator seeded by
-``(train.seed, e)``; rank ``r`` of ``W`` takes entries ``r, r+W, ...``, DataLoader
-workers split those further, samples keep their order in a shard, and batches never
-cross an epoch. Epochs are chained, so every rank runs exactly ``train.max_steps``
-steps and no collective waits on a rank that ran out of data.
+Order (independent of the number of ranks, like mosaic streaming's elastic determinism):
+epoch ``e`` permutes the shard list with a generator seeded by ``(train.seed, e)``; the
+samples keep their order inside a shard; the epochs are concatenated into one infinite
+global stream of sample *positions* (position ``p`` is sample ``p mod N`` of epoch ``p // N``,
+``N`` = samples per epoch, counted from the manifest rows). Global batch ``b`` is positions
+``[b*G, (b+1)*G)`` with ``G = train.global_batch_size`` (a batch may straddle two epochs: no
+sample is dropped and every batch is full); rank ``r`` of ``W`` takes the contiguous slice
+``[b*G + r*G/W, b*G + (r+1)*G/W)``. So every rank runs one step per global batch (equal step
+counts by construction, no collective waits on a rank that ran out of data), the ranks'
+samples are disjoint, and the sequence of global batches is the same for every ``W`` that
+divides ``G``: a run checkpointed on ``W`` ranks continues the same sequence on ``W'``.
 
-Resume: a :class:`DataPosition` (epoch, batches consumed) in the checkpoint; the epoch
-is rebuilt and the consumed batches dropped, so a resumed run sees exactly the batches
-an uninterrupted one would (WebDataset has no exact mid-epoch resume of its own).
+Resume: a :class:`DataPosition` (global batches consumed) in the checkpoint; the stream
+starts at that batch's first shard (earlier shards are not read again).
 
-Integrity: each shard is read whole and checked against the manifest (size, sha256),
-parsed by the one strict tar reader (``shards.iter_samples``: no pickle, no links, no
-odd names), and each ``x_T`` regenerated from its seed must match the stored
-fingerprint. Each target must have the backend's latent shape (given by the caller) and
-dtype float16 or float32, and be finite; sample_id and seed must be integers in range
-(sample_id the one the key names) and the prompt a string. Damage (missing, truncated,
-modified, unreadable tar) raises naming the shard and the command that repairs it, or
-with ``train.skip_corrupt_shards`` its samples are skipped and counted; content errors
-(fingerprint, teacher, shape, dtype, metadata, refused members) name the sample and the
-shard and are never skipped.
+I/O: a rank reads (whole) every shard holding at least one position of its slices, and no
+other; DataLoader worker ``w`` of ``n`` reads shards ``w, w+n, ...`` of that list and the
+batches are assembled in order in the rank's process. With slices shorter than a shard each
+rank reads every shard (``W`` x the bytes of a per-rank split; see docs/scale.md).
+
+Integrity: each shard is read whole (``storage``: local file, or ranged GETs with retries on
+S3) and checked against the manifest (size, sha256), parsed by the one strict tar reader
+(``shards.iter_samples``: no pickle, no links, no odd names), and each of this rank's samples
+is checked: ``x_T`` regenerated from its seed must match the stored fingerprint, the target
+must have the backend's latent shape (given by the caller), dtype float16 or float32, and be
+finite; sample_id and seed must be integers in range (sample_id the one the key names) and the
+prompt a string. Damage (missing, truncated, modified, unreadable tar) raises naming the shard
+and the command that repairs it, or with ``train.skip_corrupt_shards`` this rank's samples of
+it are left out (its slice of those batches is shorter, or empty: a zero-gradient step) and counted;
+content errors
+(fingerprint, teacher, shape, dtype, metadata, refused members) name the sample and the shard
+and are never skipped.
 """
 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import sys
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
 
 from ..noise import MAX_SEED, fingerprint, noise_from_seed
 from ..shards import ShardFormatError, ShardInfo, ShardSample, iter_samples, sample_key
+from ..storage import Location, StorageUnavailable, location, store_for
 from ..targets.cache import REPAIR_HINT, open_cache
 from ..targets.identity import teacher_key
 
+
 @dataclass(frozen=True)
 class DataPosition:
-    """Where a rank's stream stands: ``batches`` batches of epoch ``epoch`` consumed."""
+    """Where the global stream stands: ``batches`` global batches consumed (the same on every rank)."""
 
-    epoch: int = 0
     batches: int = 0
 
     def to_dict(self) -> dict:
-        return {"epoch": self.epoch, "batches": self.batches}
+        return {"batches": self.batches}
 
     @classmethod
     def from_dict(cls, state: dict) -> "DataPosition":
-        epoch, batches = int(state["epoch"]), int(state["batches"])
-        if epoch < 0 or batches < 0:
+        if "epoch" in state:
+            raise ValueError(f"data position {state} is of the per-rank stream of older trainers (epoch, batches "
+                             "per rank), not a position in the global order; finish that run with the version "
+                             "that wrote it, or train in a new train.output_dir")
+        batches = int(state["batches"])
+        if batches < 0:
             raise ValueError(f"invalid data position {state}")
-        return cls(epoch, batches)
+        return cls(batches)
 
 
 @dataclass(frozen=True)
 class SkipEvent:
-    """``num_samples`` samples of ``shard`` were not used because the shard is damaged."""
+    """``num_samples`` samples of this rank in ``shard`` were not used because the shard is damaged."""
 
     shard: str
     num_samples: int
@@ -72,68 +87,137 @@ def epoch_permutation(num_shards: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(num_shards, generator=generator).tolist()
 
 
-def rank_shards(shard_names: list[str], seed: int, epoch: int, rank: int, world_size: int) -> list[str]:
-    """Shards of ``rank`` in ``epoch``: entries ``rank, rank + world_size, ...`` of the permuted list."""
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} outside world size {world_size}")
-    if len(shard_names) < world_size:
-        raise ValueError(f"{len(shard_names)} shards cannot feed {world_size} ranks (need at least one shard "
-                         "per rank); generate more samples or use fewer ranks")
-    order = epoch_permutation(len(shard_names), seed, epoch)
-    return [shard_names[i] for i in order[rank::world_size]]
+def allowed_world_sizes(global_batch_size: int) -> list[int]:
+    """The rank counts that split ``global_batch_size`` evenly (its divisors)."""
+    return [w for w in range(1, global_batch_size + 1) if global_batch_size % w == 0]
 
 
-# --- pipeline stages (run inside the DataLoader workers) ---------------------------------------------
+def per_rank_batch(global_batch_size: int, world_size: int) -> int:
+    """``global / world``; ``ValueError`` naming the allowed rank counts if it does not divide."""
+    if global_batch_size < 1 or world_size < 1:
+        raise ValueError(f"global batch {global_batch_size} and world size {world_size} must be >= 1")
+    if global_batch_size % world_size:
+        allowed = allowed_world_sizes(global_batch_size)
+        raise ValueError(f"train.global_batch_size={global_batch_size} cannot be split evenly over {world_size} "
+                         f"ranks; allowed rank counts: {allowed} (or a global batch size divisible by "
+                         f"{world_size})")
+    return global_batch_size // world_size
+
+
+@dataclass(frozen=True)
+class ShardSpan:
+    """Shard ``name`` holds global positions ``[start, start + count)`` (one epoch's pass over it)."""
+
+    name: str
+    start: int
+    count: int
+
+
+class GlobalOrder:
+    """The world-size-independent sample order of a cache (see the module docstring)."""
+
+    def __init__(self, names: list[str], counts: dict[str, int], seed: int, global_batch_size: int):
+        if global_batch_size < 1:
+            raise ValueError(f"global_batch_size must be >= 1, got {global_batch_size}")
+        self.names, self.counts, self.seed = list(names), dict(counts), int(seed)
+        self.global_batch_size = int(global_batch_size)
+        self.samples_per_epoch = sum(self.counts[name] for name in self.names)
+        if self.samples_per_epoch < 1:
+            raise ValueError("the cache holds no samples")
+
+    def epoch_spans(self, epoch: int) -> list[ShardSpan]:
+        spans, position = [], epoch * self.samples_per_epoch
+        for index in epoch_permutation(len(self.names), self.seed, epoch):
+            name = self.names[index]
+            spans.append(ShardSpan(name, position, self.counts[name]))
+            position += self.counts[name]
+        return spans
+
+    def rank_slice(self, batch: int, rank: int, world_size: int) -> tuple[int, int]:
+        """Global positions ``[lo, hi)`` of ``rank``'s part of global batch ``batch``."""
+        size = per_rank_batch(self.global_batch_size, world_size)
+        lo = batch * self.global_batch_size + rank * size
+        return lo, lo + size
+
+    def wanted(self, span: ShardSpan, rank: int, world_size: int, first: int) -> list[int]:
+        """Indices inside ``span``'s shard of the positions ``>= first`` that fall in ``rank``'s slices."""
+        size = per_rank_batch(self.global_batch_size, world_size)
+        lo, hi = rank * size, (rank + 1) * size
+        return [i for i in range(max(first - span.start, 0), span.count)
+                if lo <= (span.start + i) % self.global_batch_size < hi]
+
+    def epoch_of(self, position: int) -> int:
+        return position // self.samples_per_epoch
+
+
+# --- reading shards (inside the DataLoader workers) --------------------------------------------------
 
 class _ShardDamaged(Exception):
     pass
 
 
-def _read_verified(path: Path, info: ShardInfo) -> bytes:
-    try:
-        data = path.read_bytes()
-    except OSError as error:
-        raise _ShardDamaged(f"cannot read: {error}") from None
-    if len(data) != info.num_bytes:
-        raise _ShardDamaged(f"{len(data)} bytes on disk but the manifest says {info.num_bytes} (truncated?)")
-    if hashlib.sha256(data).hexdigest() != info.sha256:
-        raise _ShardDamaged("sha256 differs from the manifest (modified or corrupt)")
-    return data
+@dataclass(frozen=True)
+class ReadItem:
+    """Read shard ``name`` (positions from ``start``) and keep the samples at ``indices`` (this rank's)."""
+
+    name: str
+    start: int
+    indices: tuple[int, ...]
+
+
+@dataclass
+class ShardPart:
+    """This rank's checked samples of one shard: ``(global position, sample dict)``, and a skip event if damaged."""
+
+    name: str
+    samples: list[tuple[int, dict]] = field(default_factory=list)
+    skip: SkipEvent | None = None
 
 
 class _ShardReader:
-    """Stage: ``{"url"}`` dicts -> decoded, verified samples, and :class:`SkipEvent` items."""
+    """Reads one shard whole (local or object store), checks it against the manifest, keeps this rank's samples."""
 
-    def __init__(self, manifest: dict[str, ShardInfo], teacher_key: str, skip_corrupt: bool,
+    def __init__(self, cache_dir: Location, manifest: dict[str, ShardInfo], teacher_key: str, skip_corrupt: bool,
                  latent_shape: tuple[int, ...] | None = None):
+        self.cache_dir = location(cache_dir)
         self.manifest = manifest
         self.teacher_key = teacher_key
         self.skip_corrupt = skip_corrupt
         self.latent_shape = tuple(latent_shape) if latent_shape is not None else None  # None: the first target's
 
-    def __call__(self, source: Iterable[dict]) -> Iterator[dict | SkipEvent]:
-        for item in source:
-            yield from self.shard(Path(item["url"]))
+    def _read_verified(self, name: str) -> bytes:
+        info = self.manifest[name]
+        try:
+            data = store_for(self.cache_dir).read_bytes(name)
+        except StorageUnavailable:
+            raise  # the store is down (retries exhausted): not damage of this shard
+        except OSError as error:
+            raise _ShardDamaged(f"cannot read: {error}") from None
+        if len(data) != info.num_bytes:
+            raise _ShardDamaged(f"{len(data)} bytes stored but the manifest says {info.num_bytes} (truncated?)")
+        if hashlib.sha256(data).hexdigest() != info.sha256:
+            raise _ShardDamaged("sha256 differs from the manifest (modified or corrupt)")
+        return data
 
-    def _damaged(self, path: Path, used: int, reason: str) -> SkipEvent:
-        info = self.manifest[path.name]
+    def _damaged(self, path, lost: int, reason: str) -> SkipEvent:
         if not self.skip_corrupt:
             raise ValueError(f"corrupt teacher shard {path}: {reason}. Repair the cache with `{REPAIR_HINT}` "
                              "(it re-hashes every shard and rebuilds the damaged ones; without "
                              "pipeline.verify=true it only checks sizes), or set train.skip_corrupt_shards=true "
                              "to skip damaged shards")
-        remaining = max(info.num_samples - used, 0)
-        print(f"warning: skipping {remaining} samples of corrupt shard {path}: {reason}", file=sys.stderr,
-              flush=True)
-        return SkipEvent(path.name, remaining, reason)
+        print(f"warning: skipping {lost} samples of corrupt shard {path}: {reason}", file=sys.stderr, flush=True)
+        return SkipEvent(path.name, lost, reason)
 
-    def shard(self, path: Path) -> Iterator[dict | SkipEvent]:
-        info = self.manifest[path.name]
+    def __call__(self, item: ReadItem) -> ShardPart:
+        path = self.cache_dir / item.name
+        info = self.manifest[item.name]
+        part = ShardPart(item.name)
+        wanted = set(item.indices)
         try:
-            data = _read_verified(path, info)
+            data = self._read_verified(item.name)
         except _ShardDamaged as damage:
-            yield self._damaged(path, 0, str(damage))
-            return
+            part.skip = self._damaged(path, len(wanted), str(damage))
+            return part
         samples = iter_samples(data, str(path))
         used = 0
         while True:
@@ -142,14 +226,17 @@ class _ShardReader:
             except StopIteration:
                 break
             except ShardFormatError as error:  # the bytes match the manifest, the tar does not
-                yield self._damaged(path, used, f"unreadable tar: {error}")
-                return
-            yield self.check(sample, path)  # content errors are never skipped
+                part.skip = self._damaged(path, len(wanted) - len(part.samples), f"unreadable tar: {error}")
+                return part
+            if used in wanted:
+                part.samples.append((item.start + used, self.check(sample, path)))  # never skipped
             used += 1
         if used != info.num_samples:
-            yield self._damaged(path, used, f"holds {used} samples but the manifest says {info.num_samples}")
+            lost = len(wanted) - len(part.samples)
+            part.skip = self._damaged(path, lost, f"holds {used} samples but the manifest says {info.num_samples}")
+        return part
 
-    def check(self, sample: ShardSample, path: Path) -> dict:
+    def check(self, sample: ShardSample, path) -> dict:
         key, meta, arrays = sample.key, sample.meta, sample.arrays
         where = f"sample {key!r} of shard {path}"
         if "target" not in arrays:
@@ -190,19 +277,6 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def split_by_loader_worker(source: Iterable[dict]) -> Iterator[dict]:
-    """Stage: DataLoader worker ``w`` of ``n`` takes shards ``w, w+n, ...`` of its rank's list.
-
-    Like ``wds.split_by_worker`` but from ``torch.utils.data.get_worker_info()`` only
-    (webdataset lets WORKER/NUM_WORKERS environment variables override it).
-    """
-    info = torch.utils.data.get_worker_info()
-    if info is None or info.num_workers == 1:
-        yield from source
-    else:
-        yield from itertools.islice(source, info.id, None, info.num_workers)
-
-
 def collate(samples: list[dict]) -> dict:
     """Samples -> ``{"sample_id", "seed", "prompt": lists, "noise", "target": float32 tensors}``."""
     return {"sample_id": [s["sample_id"] for s in samples], "seed": [s["seed"] for s in samples],
@@ -211,23 +285,24 @@ def collate(samples: list[dict]) -> dict:
             "target": torch.stack([s["target"] for s in samples])}
 
 
-def _batches(batch_size: int):
-    """Stage: group samples into batches (last one may be short); skip events pass straight through."""
+def empty_batch(latent_shape: tuple[int, ...] | None) -> dict:
+    """A batch of no samples (see :meth:`TeacherStream._emit`)."""
+    shape = (0, *(latent_shape or ()))
+    return {"sample_id": [], "seed": [], "prompt": [], "noise": torch.zeros(shape), "target": torch.zeros(shape)}
 
-    def stage(source: Iterable[dict | SkipEvent]) -> Iterator[dict | SkipEvent]:
-        pending: list[dict] = []
-        for item in source:
-            if isinstance(item, SkipEvent):
-                yield item
-                continue
-            pending.append(item)
-            if len(pending) == batch_size:
-                yield collate(pending)
-                pending = []
-        if pending:
-            yield collate(pending)
 
-    return stage
+class _ShardParts(torch.utils.data.IterableDataset):
+    """The parts of ``items`` in order; DataLoader worker ``w`` of ``n`` reads items ``w, w+n, ...`` (the
+    DataLoader returns them round-robin, i.e. in order)."""
+
+    def __init__(self, reader: _ShardReader, items: list[ReadItem]):
+        self.reader, self.items = reader, items
+
+    def __iter__(self) -> Iterator[ShardPart]:
+        info = torch.utils.data.get_worker_info()
+        for k, item in enumerate(self.items):
+            if info is None or k % info.num_workers == info.id:
+                yield self.reader(item)
 
 
 # --- the stream ---------------------------------------------------------------------------------------
@@ -235,28 +310,29 @@ def _batches(batch_size: int):
 class TeacherStream:
     """The infinite, deterministic batch stream of one rank (see the module docstring)."""
 
-    def __init__(self, cache_dir: str | Path, manifest: dict[str, ShardInfo], *, teacher_key: str, seed: int,
-                 rank: int, world_size: int, batch_size: int, num_workers: int = 0,
+    def __init__(self, cache_dir: str | Location, manifest: dict[str, ShardInfo], *, teacher_key: str, seed: int,
+                 rank: int, world_size: int, global_batch_size: int, num_workers: int = 0,
                  skip_corrupt: bool = False, shards: list[str] | None = None,
                  latent_shape: tuple[int, ...] | None = None):
         """``latent_shape``: the backend's (every target must have it; None: the first target's)."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        self.cache_dir = Path(cache_dir)
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        self.cache_dir = location(cache_dir)
         names = sorted(manifest) if shards is None else list(shards)
         unknown = [name for name in names if name not in manifest]
         if unknown:
             raise ValueError(f"shards {unknown} are not in the manifest of {self.cache_dir}")
-        if len(names) < world_size:
-            raise ValueError(f"the cache {self.cache_dir} has {len(names)} shards, fewer than the {world_size} "
-                             "ranks (each rank needs at least one shard per epoch)")
         self.shard_names = names
         self.manifest = {name: manifest[name] for name in names}
         self.teacher_key = teacher_key
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
-        self.batch_size, self.num_workers = int(batch_size), int(num_workers)
+        self.global_batch_size = int(global_batch_size)
+        self.batch_size = per_rank_batch(self.global_batch_size, self.world_size)
+        self.num_workers = int(num_workers)
+        self.order = GlobalOrder(names, {n: self.manifest[n].num_samples for n in names}, self.seed,
+                                 self.global_batch_size)
         self.skip_corrupt = bool(skip_corrupt)
         self.latent_shape = tuple(latent_shape) if latent_shape is not None else None
         self.position = DataPosition()
@@ -265,67 +341,88 @@ class TeacherStream:
 
     @classmethod
     def from_config(cls, cfg, rank: int = 0, world_size: int = 1, *, shards: list[str] | None = None,
-                    cache: tuple[Path, dict[str, ShardInfo]] | None = None,
+                    cache: tuple[Location, dict[str, ShardInfo]] | None = None,
                     latent_shape: tuple[int, ...] | None = None) -> "TeacherStream":
         cache_dir, manifest = cache if cache is not None else open_cache(cfg)
         return cls(cache_dir, manifest, teacher_key=teacher_key(cfg), seed=cfg.train.seed, rank=rank,
-                   world_size=world_size, batch_size=cfg.train.batch_size,
+                   world_size=world_size, global_batch_size=cfg.train.global_batch_size,
                    num_workers=cfg.train.num_loader_workers, skip_corrupt=cfg.train.skip_corrupt_shards,
                    shards=shards, latent_shape=latent_shape)
 
     @property
     def samples_per_epoch(self) -> int:
         """Samples of all ranks in one epoch (from the manifest)."""
-        return sum(info.num_samples for info in self.manifest.values())
+        return self.order.samples_per_epoch
 
     def epoch_shards(self, epoch: int) -> list[str]:
-        return rank_shards(self.shard_names, self.seed, epoch, self.rank, self.world_size)
+        """The shards this rank reads in ``epoch`` (those holding a position of its slices), in order."""
+        return [span.name for span in self.order.epoch_spans(epoch)
+                if self.order.wanted(span, self.rank, self.world_size, span.start)]
 
-    def pipeline(self, epoch: int):
-        """The WebDataset pipeline of this rank's shards in ``epoch`` (explicit, unshuffled shard list)."""
-        import webdataset as wds
+    def _reader(self) -> _ShardReader:
+        return _ShardReader(self.cache_dir, self.manifest, self.teacher_key, self.skip_corrupt, self.latent_shape)
 
-        urls = [str(self.cache_dir / name) for name in self.epoch_shards(epoch)]
-        return wds.DataPipeline(
-            wds.SimpleShardList(urls, seed=None),  # shard order is ours (epoch_permutation): no wds shuffle
-            split_by_loader_worker,                # nodes were split above (rank_shards)
-            _ShardReader(self.manifest, self.teacher_key, self.skip_corrupt, self.latent_shape),
-            _batches(self.batch_size),
-        )
-
-    def _loader(self, epoch: int) -> Iterable:
-        dataset = self.pipeline(epoch)
-        if self.num_workers == 0:
+    def _parts(self, items: list[ReadItem]) -> Iterable[ShardPart]:
+        dataset = _ShardParts(self._reader(), items)
+        if self.num_workers == 0 or not items:
             return dataset
-        return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
+        return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=min(self.num_workers, len(items)),
                                            persistent_workers=False)
 
-    def epoch_batches(self, epoch: int, skip: int = 0) -> Iterator[dict]:
-        """This rank's batches of ``epoch`` from index ``skip`` on; each has ``epoch`` and ``index``."""
-        index = 0
-        for item in self._loader(epoch):
-            if isinstance(item, SkipEvent):
-                if index >= skip:  # events before a resume point were counted by the original run
-                    self.skip_events.append(item)
-                    self.corrupt_skipped += item.num_samples
-                continue
-            if index >= skip:
-                item["epoch"], item["index"] = epoch, index
-                self.position = DataPosition(epoch, index + 1)
-                yield item
-            index += 1
-        if index == 0:
-            raise ValueError(f"rank {self.rank} got no samples in epoch {epoch} from shards "
-                             f"{self.epoch_shards(epoch)} (all damaged?)")
-
     def batches(self, start: DataPosition | None = None) -> Iterator[dict]:
-        """The infinite stream from ``start`` (default: the beginning)."""
+        """The infinite stream of this rank's batches from global batch ``start.batches`` on.
+
+        Each batch has ``index`` (the global batch), ``epoch`` (of its first position) and the
+        collated samples (see :func:`collate`).
+        """
         start = start or DataPosition()
         self.position = start
-        epoch, skip = start.epoch, start.batches
+        order, batch = self.order, start.batches
+        lo, hi = order.rank_slice(batch, self.rank, self.world_size)
+        first = batch * order.global_batch_size
+        epoch = order.epoch_of(first)
+        pending: list[dict] = []
         while True:
-            yield from self.epoch_batches(epoch, skip)
-            epoch, skip = epoch + 1, 0
+            spans = [span for span in order.epoch_spans(epoch) if span.start + span.count > first]
+            wanted = [order.wanted(span, self.rank, self.world_size, first) for span in spans]
+            parts = iter(self._parts([ReadItem(span.name, span.start, tuple(indices))
+                                      for span, indices in zip(spans, wanted) if indices]))
+            for span, indices in zip(spans, wanted):
+                if indices:
+                    part = next(parts)
+                    if part.skip is not None:
+                        self.skip_events.append(part.skip)
+                        self.corrupt_skipped += part.skip.num_samples
+                    for position, sample in part.samples:
+                        while position >= hi:  # a later slice: the current one is complete (or lost)
+                            yield self._emit(pending, batch, lo)
+                            pending = []
+                            batch += 1
+                            lo, hi = order.rank_slice(batch, self.rank, self.world_size)
+                        pending.append(sample)
+                while span.start + span.count >= hi:  # every position of the slice has been passed
+                    yield self._emit(pending, batch, lo)
+                    pending = []
+                    batch += 1
+                    lo, hi = order.rank_slice(batch, self.rank, self.world_size)
+            epoch += 1
+            first = epoch * order.samples_per_epoch
+
+    def _emit(self, pending: list[dict], batch: int, lo: int) -> dict:
+        # a slice lost entirely to damaged shards (train.skip_corrupt_shards) is an empty batch: the rank still
+        # takes part in the step (a zero-gradient contribution), so no collective waits for it
+        out = collate(pending) if pending else empty_batch(self.latent_shape)
+        out["epoch"], out["index"] = self.order.epoch_of(lo), batch
+        self.position = DataPosition(batch + 1)
+        return out
+
+    def epoch_batches(self, epoch: int) -> Iterator[dict]:
+        """This rank's batches whose first position lies in ``epoch`` (a finite slice of :meth:`batches`)."""
+        size, n = self.order.global_batch_size, self.order.samples_per_epoch
+        first, stop = -(-epoch * n // size), -(-(epoch + 1) * n // size)
+        stream = self.batches(DataPosition(first))
+        for _ in range(first, stop):
+            yield next(stream)
 
     def __iter__(self) -> Iterator[dict]:
         return self.batches()

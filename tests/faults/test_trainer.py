@@ -153,7 +153,8 @@ def crafted_stream(directory: Path, samples: list[list[tuple[str, bytes]]], *, s
                 tar.addfile(info, io.BytesIO(payload))
     data = path.read_bytes()
     info = ShardInfo(path.name, len(samples), len(data), hashlib.sha256(data).hexdigest())
-    return TeacherStream(directory, {path.name: info}, teacher_key=KEY, seed=0, rank=0, world_size=1, batch_size=4,
+    return TeacherStream(directory, {path.name: info}, teacher_key=KEY, seed=0, rank=0, world_size=1,
+                         global_batch_size=len(samples),
                          skip_corrupt=skip_corrupt, latent_shape=LATENT)
 
 
