@@ -1,0 +1,242 @@
+"""Capacity plan of a config: samples, shards, bytes, teacher GPU-hours, training throughput (docs/scale.md).
+
+    python -m noiserefine.capacity --config configs/sdxl.yaml --samples 1000000 [--wall-hours 24]
+
+Everything is arithmetic on the config and on measured GPU figures (``bench/results/*gpu_check.json``:
+NVIDIA H200, bf16). Sizes are exact for our shard format; times are ESTIMATES scaled from one measured
+point per model family (see :func:`teacher_seconds_per_sample` and :func:`train_samples_per_second`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+GPU_FIGURES = REPO / "bench" / "results" / "2026-11-26-h200-gpu_check.json"
+ARCHITECTURES = Path(__file__).resolve().parent / "backends" / "architectures"
+
+TAR_BLOCK = 512
+TAR_RECORD = 20 * TAR_BLOCK  # tarfile pads an archive to whole records of 10240 bytes
+NPY_HEADER = 128  # np.save's header for a plain float array (version 1.0, padded to 64-byte alignment)
+JSON_FIXED = 200  # the sample metadata without its prompt: ids, seed, source, teacher key, fingerprint (< 200)
+DTYPE_BYTES = {"float16": 2, "float32": 4}
+# sample-forwards per teacher step: CFG batches [uncond, cond]; CFG+PAG [uncond, cond, cond (perturbed)]
+FORWARDS_PER_STEP = {"cfg": 2, "cfg_pag": 3}
+# latent shapes of families without an architecture directory here
+KNOWN_LATENTS = {"sd3": (16, 128, 128)}
+# measured family -> the architectures its per-forward cost is scaled to (by latent pixels)
+MEASURED_FAMILY = {"sd15": "sd21", "sd21": "sd21", "sd21_768": "sd21", "sdxl": "sdxl"}
+
+
+def _blocks(num_bytes: int) -> int:
+    return -(-num_bytes // TAR_BLOCK) * TAR_BLOCK
+
+
+def sample_bytes(latent_shape: tuple[int, ...], target_dtype: str, max_prompt_chars: int) -> int:
+    """Bytes one sample takes in a shard: a header and padded data for ``.json`` and for ``.target.npy``.
+
+    The json holds the prompt (at most ``max_prompt_chars``; ASCII assumed: escaped non-ASCII is 6 bytes
+    a character) and fixed fields under 200 bytes.
+    """
+    target = math.prod(latent_shape) * DTYPE_BYTES[target_dtype] + NPY_HEADER
+    return TAR_BLOCK + _blocks(JSON_FIXED + max_prompt_chars) + TAR_BLOCK + _blocks(target)
+
+
+def shard_bytes(num_samples: int, per_sample: int) -> int:
+    """A shard's size: its samples, the 1024-byte end marker, padded to a whole 10240-byte record."""
+    return -(-(num_samples * per_sample + 2 * TAR_BLOCK) // TAR_RECORD) * TAR_RECORD
+
+
+def cache_bytes(num_samples: int, shard_size: int, per_sample: int) -> int:
+    full, last = divmod(num_samples, shard_size)
+    return full * shard_bytes(shard_size, per_sample) + (shard_bytes(last, per_sample) if last else 0)
+
+
+def architecture_of(cfg) -> str | None:
+    """The architecture directory (``backends/architectures``) a config's model has, from
+    ``model.architecture`` or the model path's name; None if unknown."""
+    if cfg.model.architecture:
+        return cfg.model.architecture
+    name = Path(cfg.model.path).name.lower()
+    for key, arch in (("xl-base", "sdxl"), ("sdxl", "sdxl"), ("2-1-base", "sd21"), ("2-1", "sd21_768"),
+                      ("v1-5", "sd15"), ("1-5", "sd15"), ("dit", "dit_xl2"), ("sit", "sit_xl2")):
+        if key in name:
+            return arch
+    return None
+
+
+def latent_shape_of(cfg) -> tuple[int, int, int]:
+    if cfg.model.backend in KNOWN_LATENTS:
+        return KNOWN_LATENTS[cfg.model.backend]
+    if cfg.model.backend == "digits":
+        return (1, 16, 16)
+    arch = architecture_of(cfg)
+    if arch is None:
+        raise ValueError(f"cannot tell the latent shape of model.path={cfg.model.path}; pass --latent-shape C,H,W")
+    component = "unet.json" if (ARCHITECTURES / arch / "unet.json").is_file() else "transformer.json"
+    spec = json.loads((ARCHITECTURES / arch / component).read_text())
+    return (int(spec["in_channels"]), int(spec["sample_size"]), int(spec["sample_size"]))
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One measured point: ``seconds_per_forward`` of one sample at ``latent`` (a batched forward's share)."""
+
+    family: str
+    seconds_per_forward: float
+    latent: tuple[int, ...]
+    source: str
+
+
+def measured_points(path: Path = GPU_FIGURES) -> dict[str, dict]:
+    """From the GPU check: the generation rate per family and the MSD step time per student step count."""
+    data = json.loads(Path(path).read_text())
+    cases = {case["name"]: case.get("figures") or {} for case in data["cases"]}
+    out = {}
+    for family in ("sd21", "sdxl"):
+        gen, losses = cases.get(f"{family}_generation", {}), cases.get(f"{family}_losses", {})
+        if not gen:
+            continue
+        forwards = FORWARDS_PER_STEP["cfg_pag" if "cfg_pag" in gen.get("guidance", "") else "cfg"]
+        per_forward = 1.0 / (gen["generation_samples_per_s"] * gen["teacher_steps"] * forwards)
+        msd = {row["steps"]: row["seconds"] for row in losses.get("rows", [])
+               if row.get("loss") == "msd" and not row.get("checkpointing") and row.get("status") == "ok"}
+        out[family] = {"teacher": Measured(family, per_forward, tuple(gen["build"]["latent_shape"]),
+                                           f"{path.name}: {family}_generation {gen['generation_samples_per_s']} "
+                                           f"samples/s, batch {gen['batch']}, {gen['teacher_steps']} steps, "
+                                           f"{gen['guidance']}"),
+                       "msd_batch": losses.get("batch"), "msd_s_per_step": msd}
+    return out
+
+
+def teacher_seconds_per_sample(per_forward: float, num_steps: int, guidance: str, latent: tuple[int, ...],
+                               measured_latent: tuple[int, ...]) -> float:
+    """ESTIMATE: steps x sample-forwards per step x the measured per-forward cost, scaled linearly by latent
+    pixels (attention grows faster: a lower bound off the measured size). The measured batch was small
+    (4 / 2): larger batches fill the GPU better, so at the measured size this is an upper bound."""
+    scale = math.prod(latent[1:]) / math.prod(measured_latent[1:])
+    return num_steps * FORWARDS_PER_STEP[guidance] * per_forward * scale
+
+
+def train_samples_per_second(s_per_step: dict[int, float], batch: int, student_steps: int) -> float:
+    """ESTIMATE: MSD samples/s per GPU at ``student_steps`` from the measured step times (batch ``batch``),
+    linear in the student's step count (fitted through the measured N; the step's cost is the N-step rollout)."""
+    points = sorted(s_per_step.items())
+    if not points:
+        raise ValueError("no measured MSD step times")
+    if len(points) == 1:
+        (n0, t0), = points
+        seconds = t0 * student_steps / n0
+    else:
+        (n0, t0), (n1, t1) = points[0], points[-1]
+        slope = (t1 - t0) / (n1 - n0)
+        seconds = t0 + slope * (student_steps - n0)
+    return batch / seconds
+
+
+def plan(cfg, num_samples: int, *, wall_hours: float = 24.0, gpus_per_node: int = 8,
+         seconds_per_forward: float | None = None, latent: tuple[int, ...] | None = None,
+         figures: dict | None = None) -> dict:
+    """The capacity table of ``cfg`` with ``num_samples`` samples (see the module docstring)."""
+    figures = measured_points() if figures is None else figures
+    latent = tuple(latent) if latent else latent_shape_of(cfg)
+    per_sample = sample_bytes(latent, cfg.data.target_dtype, cfg.data.max_prompt_chars)
+    shard_size = cfg.data.shard_size
+    num_shards = -(-num_samples // shard_size)
+    total = cache_bytes(num_samples, shard_size, per_sample)
+    out = {"config_backend": cfg.model.backend, "architecture": architecture_of(cfg), "latent_shape": list(latent),
+           "target_dtype": cfg.data.target_dtype, "samples": num_samples, "shard_size": shard_size,
+           "shards": num_shards, "bytes_per_sample": per_sample, "bytes_per_shard": shard_bytes(shard_size, per_sample),
+           "cache_bytes": total, "teacher_steps": cfg.teacher.num_steps, "guidance": cfg.teacher.guidance}
+    family = MEASURED_FAMILY.get(out["architecture"] or "")
+    measured = figures.get(family) if family else None
+    if seconds_per_forward is not None:
+        per_forward, ref_latent, source = seconds_per_forward, latent, "--seconds-per-forward"
+    elif measured is not None:
+        point = measured["teacher"]
+        per_forward, ref_latent, source = point.seconds_per_forward, point.latent, point.source
+    else:
+        per_forward = None
+    if per_forward is not None:
+        per = teacher_seconds_per_sample(per_forward, cfg.teacher.num_steps, cfg.teacher.guidance, latent, ref_latent)
+        gpu_hours = num_samples * per / 3600
+        out.update({"teacher_source": source, "teacher_seconds_per_sample": per, "teacher_gpu_hours": gpu_hours,
+                    "teacher_gpus_for_wall_hours": math.ceil(gpu_hours / wall_hours),
+                    "teacher_nodes": math.ceil(math.ceil(gpu_hours / wall_hours) / gpus_per_node),
+                    "write_bytes_per_second": total / (wall_hours * 3600)})
+    global_batch = int(cfg.train.global_batch_size)
+    trained = cfg.train.max_steps * global_batch
+    out.update({"train_steps": cfg.train.max_steps, "global_batch_size": global_batch, "train_samples_seen": trained,
+                "train_epochs": trained / num_samples})
+    if measured is not None and measured["msd_s_per_step"]:
+        rate = train_samples_per_second(measured["msd_s_per_step"], measured["msd_batch"], cfg.student.num_steps)
+        rate /= math.prod(latent[1:]) / math.prod(measured["teacher"].latent[1:])
+        gpu_hours = trained / rate / 3600
+        ranks = math.gcd(global_batch, gpus_per_node)  # the ranks of one node that split the global batch evenly
+        per_rank = global_batch // ranks
+        share = min(1.0, (shard_size + per_rank - 1) / global_batch)  # of the shards each rank reads
+        out.update({"train_samples_per_s_per_gpu": rate, "train_gpu_hours": gpu_hours, "train_ranks": ranks,
+                    "train_wall_hours": gpu_hours / ranks,
+                    "train_read_bytes_per_s_per_rank": rate * per_sample * share * ranks})
+    return out
+
+
+def _size(num_bytes: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if num_bytes < 1000 or unit == "TB":
+            return f"{num_bytes:.3g} {unit}"
+        num_bytes /= 1000
+    return f"{num_bytes} B"
+
+
+def render(table: dict) -> str:
+    rows = [("samples", f"{table['samples']:,}"),
+            ("latent (target)", f"{'x'.join(map(str, table['latent_shape']))} {table['target_dtype']}"),
+            ("bytes per sample (tar)", f"{table['bytes_per_sample']:,}"),
+            ("shards", f"{table['shards']:,} of {table['shard_size']} ({_size(table['bytes_per_shard'])} each)"),
+            ("cache size", _size(table["cache_bytes"]))]
+    if "teacher_gpu_hours" in table:
+        rows += [("teacher", f"{table['guidance']}, {table['teacher_steps']} steps: "
+                             f"{table['teacher_seconds_per_sample'] * 1000:.4g} ms/sample (estimate)"),
+                 ("teacher GPU-hours", f"{table['teacher_gpu_hours']:,.4g} (estimate; {table['teacher_source']})"),
+                 ("for the wall-clock goal", f"{table['teacher_gpus_for_wall_hours']} GPUs = {table['teacher_nodes']} "
+                                             f"node(s); writes {_size(table['write_bytes_per_second'])}/s")]
+    else:
+        rows.append(("teacher GPU-hours", "not measured for this model family: pass --seconds-per-forward"))
+    rows.append(("training", f"{table['train_steps']} steps x global batch {table['global_batch_size']} = "
+                             f"{table['train_samples_seen']:,} samples ({table['train_epochs']:.3g} epochs)"))
+    if "train_gpu_hours" in table:
+        rows += [("training throughput", f"{table['train_samples_per_s_per_gpu']:.3g} samples/s per GPU (estimate)"),
+                 ("training GPU-hours", f"{table['train_gpu_hours']:.3g} = {table['train_wall_hours']:.3g} h on "
+                                        f"{table['train_ranks']} ranks; each reads "
+                                        f"{_size(table['train_read_bytes_per_s_per_rank'])}/s")]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name.ljust(width)}  {value}" for name, value in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .config import load_config
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--samples", type=int, help="data.num_samples to plan for (default: the config's)")
+    parser.add_argument("--wall-hours", type=float, default=24.0, help="wall-clock goal of the teacher job")
+    parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("--seconds-per-forward", type=float, help="measured cost of one sample-forward")
+    parser.add_argument("--latent-shape", help="C,H,W if the config's model is not a known architecture")
+    parser.add_argument("--json", action="store_true", help="print the table as JSON")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config)
+    latent = tuple(int(x) for x in args.latent_shape.split(",")) if args.latent_shape else None
+    table = plan(cfg, args.samples or cfg.data.num_samples, wall_hours=args.wall_hours,
+                 gpus_per_node=args.gpus_per_node, seconds_per_forward=args.seconds_per_forward, latent=latent)
+    print(json.dumps(table, indent=1, default=str) if args.json else render(table))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,69 @@
+"""The capacity calculator's arithmetic (``python -m noiserefine.capacity``): sizes against real shards written
+by the one shard writer, the time formulas against hand-computed values, the worked example of docs/scale.md."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from noiserefine import capacity
+from noiserefine.config import load_config
+from noiserefine.shards import ShardSample, sample_key, write_shard
+
+REPO = capacity.REPO
+
+
+@pytest.mark.parametrize("latent, dtype, count", [((4, 8, 8), "float16", 3), ((4, 8, 8), "float32", 5),
+                                                   ((1, 16, 16), "float16", 16), ((4, 30, 30), "float16", 2)])
+def test_sizes_are_those_of_real_shards(latent, dtype, count, tmp_path):
+    prompt = "x" * 300  # data.max_prompt_chars: the longest prompt a sample can hold
+    samples = [ShardSample(sample_key(i), {"sample_id": i, "seed": 2**63 - 1 - i, "prompt": prompt, "source": "pickapic",
+                                           "teacher_key": "sdxl-0123456789ab", "noise_fingerprint": "0123456789abcdef"},
+                           {"target": np.zeros(latent, dtype)}) for i in range(count)]
+    info = write_shard(tmp_path / "shard-000000.tar", samples)
+    per_sample = capacity.sample_bytes(latent, dtype, 300)
+    assert capacity.shard_bytes(count, per_sample) == info.num_bytes
+    assert capacity.cache_bytes(2 * count + 1, count, per_sample) == 2 * info.num_bytes + \
+        capacity.shard_bytes(1, per_sample)
+
+
+def test_known_sizes():
+    assert capacity.sample_bytes((1, 16, 16), "float16", 300) == 2560  # the digits cache: 16 samples in 51200 B
+    assert capacity.shard_bytes(16, 2560) == 51200
+    assert capacity.sample_bytes((4, 128, 128), "float16", 300) == 512 + 512 + 512 + 131584  # SDXL
+    assert capacity.sample_bytes((4, 64, 64), "float16", 300) == 34816  # SD 2.1 (512 x 512)
+
+
+def test_time_formulas():
+    # 10 steps x 3 forwards (CFG+PAG) x 10 ms; a latent with 4x the pixels costs 4x
+    assert capacity.teacher_seconds_per_sample(0.01, 10, "cfg_pag", (4, 64, 64), (4, 64, 64)) == pytest.approx(0.3)
+    assert capacity.teacher_seconds_per_sample(0.01, 10, "cfg", (4, 128, 128), (4, 64, 64)) == pytest.approx(0.8)
+    # measured 1 s at N=10 and 3 s at N=50 (batch 4): N=30 takes 2 s -> 2 samples/s
+    assert capacity.train_samples_per_second({10: 1.0, 50: 3.0}, 4, 30) == pytest.approx(2.0)
+    assert capacity.train_samples_per_second({10: 1.0}, 4, 20) == pytest.approx(2.0)
+
+
+def test_sdxl_million_samples_from_the_measured_h200_figures():
+    cfg = load_config(REPO / "configs" / "sdxl.yaml")
+    table = capacity.plan(cfg, 1_000_000, wall_hours=24, gpus_per_node=8)
+    assert table["latent_shape"] == [4, 128, 128] and table["shards"] == 1000
+    assert table["cache_bytes"] == 1000 * capacity.shard_bytes(1000, 133120)
+    # 1.799 samples/s at 10 CFG+PAG steps -> per sample-forward 1/(1.799*30) s; 50 steps x 3 forwards
+    per_sample = 50 * 3 / (1.799 * 30)
+    assert table["teacher_seconds_per_sample"] == pytest.approx(per_sample, rel=1e-3)
+    assert table["teacher_gpu_hours"] == pytest.approx(1e6 * per_sample / 3600, rel=1e-3)
+    assert table["teacher_gpus_for_wall_hours"] == math.ceil(table["teacher_gpu_hours"] / 24)
+    # MSD, batch 1: 1.016 s at N=10, 3.5903 s at N=50 -> N=50 (the config's student): 1/3.5903 samples/s
+    assert table["train_samples_per_s_per_gpu"] == pytest.approx(1 / 3.5903, rel=1e-3)
+    assert table["train_samples_seen"] == 2000 * 8
+
+
+def test_command_line(capsys):
+    assert capacity.main(["--config", str(REPO / "configs" / "sd21.yaml"), "--samples", "50000", "--json"]) == 0
+    table = json.loads(capsys.readouterr().out)
+    assert table["samples"] == 50000 and table["shards"] == 50 and table["latent_shape"] == [4, 64, 64]
+    assert capacity.main(["--config", str(REPO / "configs" / "sit_xl2.yaml")]) == 0
+    assert "not measured for this model family" in capsys.readouterr().out
