@@ -5,17 +5,19 @@
         pipeline.address=auto ...
 
 An actor pool, not a task per shard: a worker loads the model once (gigabytes for
-SD/SDXL) and serves many shards. Actors restart on death and their calls are retried;
-shards are written by temp name + rename with deterministic content, so a retried
-shard is byte-identical. Re-running skips complete shards. The last line printed is
+SD/SDXL) and serves many shards. A dead worker (process killed, node lost) is replaced and
+its shard handed to another worker; shards are written by temp name + rename (one PUT on
+S3) with deterministic content, so a retried shard is byte-identical. Re-running skips complete shards. The last line printed is
 the cache directory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
+from collections import Counter, deque
 from pathlib import Path
 
 import torch
@@ -43,14 +45,27 @@ class TargetWorker:
         self.cache_dir, self.key = cache_dir, key
         self.backend = load_backend(self.cfg.model)
 
+    def ready(self) -> bool:
+        """Returns once the teacher is loaded (the driver hands out shards only to workers that are up)."""
+        return True
+
     def generate(self, shard_index: int, samples: list, name: str):
         return generate_shard(self.backend, self.cfg, samples, shard_index, self.cache_dir, self.key, name=name)
 
 
 def generate_with_ray(cfg, cache_dir, key: str, plan: Plan, missing: dict[int, str]):
-    """Yield the manifest rows of the ``missing`` shards ({index: file name}) as Ray workers finish them."""
+    """Yield the manifest rows of the ``missing`` shards ({index: file name}) as Ray workers finish them.
+
+    A pool of actors, each loading the teacher once. A shard goes only to an actor that is up
+    (its ``ready`` call returned). If an actor dies (its process killed, its node removed), the
+    shard it was writing goes back to the queue for another actor and a replacement actor is
+    started, used once Ray could place it (on a new node if the cluster has none free; the
+    surviving actors go on meanwhile). A shard is tried at most ``pipeline.max_retries + 1``
+    times. Work is at-least-once; shards are deterministic and written atomically, so a shard
+    written twice is written with the same bytes.
+    """
     import ray
-    from ray.util import ActorPool
+    from ray.exceptions import RayActorError
 
     if cfg.pipeline.address:
         ray.init(address=cfg.pipeline.address)
@@ -61,13 +76,59 @@ def generate_with_ray(cfg, cache_dir, key: str, plan: Plan, missing: dict[int, s
     try:
         actor = ray.remote(TargetWorker).options(num_cpus=cfg.pipeline.cpus_per_worker,
                                                  num_gpus=cfg.pipeline.gpus_per_worker,
-                                                 max_restarts=-1, max_task_retries=cfg.pipeline.max_retries)
+                                                 max_restarts=0, max_task_retries=0)
         container = OmegaConf.to_container(cfg, resolve=True)
         threads = max(1, int(cfg.pipeline.cpus_per_worker))
-        workers = [actor.remote(container, str(cache_dir), key, threads)
-                   for _ in range(min(cfg.pipeline.num_workers, len(missing)))]
-        yield from ActorPool(workers).map_unordered(lambda w, k: w.generate.remote(k, plan.shard(k), missing[k]),
-                                                    list(missing))
+        starting: dict = {}  # ready() future -> actor that is starting
+        running: dict = {}  # generate() future -> (actor, shard index)
+        idle: list = []
+        queue = deque(missing)
+        attempts: Counter = Counter()
+        deaths = 0
+
+        def start_actor() -> None:
+            worker = actor.remote(container, str(cache_dir), key, threads)
+            starting[worker.ready.remote()] = worker
+
+        for _ in range(min(cfg.pipeline.num_workers, len(missing))):
+            start_actor()
+        while queue or running:
+            while queue and idle:
+                worker, index = idle.pop(), queue.popleft()
+                attempts[index] += 1
+                running[worker.generate.remote(index, plan.shard(index), missing[index])] = (worker, index)
+            (done,), _ = ray.wait(list(running) + list(starting), num_returns=1)
+            if done in starting:
+                worker = starting.pop(done)
+                try:
+                    ray.get(done)
+                except RayActorError as error:  # died while loading the teacher
+                    deaths += 1
+                    if deaths > cfg.pipeline.max_retries + cfg.pipeline.num_workers:
+                        raise RuntimeError(f"{deaths} teacher workers died while starting; last: {error}") from error
+                    print(f"warning: a teacher worker died while starting ({type(error).__name__}); starting "
+                          "another", file=sys.stderr, flush=True)
+                    start_actor()
+                    continue
+                idle.append(worker)
+                continue
+            worker, index = running.pop(done)
+            try:
+                info = ray.get(done)
+            except RayActorError as error:  # the worker process or its node died mid-shard
+                if attempts[index] > cfg.pipeline.max_retries:
+                    raise RuntimeError(f"shard {missing[index]} failed {attempts[index]} times (pipeline.max_retries="
+                                       f"{cfg.pipeline.max_retries}); last: {error}") from error
+                print(f"warning: the worker writing {missing[index]} died ({type(error).__name__}: "
+                      f"{str(error).splitlines()[0][:200]}); the shard goes to another worker (attempt "
+                      f"{attempts[index] + 1}) and a replacement worker is started", file=sys.stderr, flush=True)
+                queue.appendleft(index)
+                with contextlib.suppress(Exception):
+                    ray.kill(worker, no_restart=True)
+                start_actor()
+                continue
+            idle.append(worker)
+            yield info
     finally:
         ray.shutdown()
 

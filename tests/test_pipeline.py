@@ -8,7 +8,8 @@ Starting a local Ray costs 10-60 s on the 2-core CI machines, so every job that 
 is a module-scoped fixture shared by the tests that read its result, and the tests that
 need a modified cache (re-run, repair, growth) work on a copy of a clean one. Ray starts:
 clean 1 worker, clean 2 workers, killed worker, repair (delete + corrupt + verify),
-growth, bad model path. The re-run with nothing missing does not start Ray.
+growth, bad model path. The re-run with nothing missing and the in-process job
+(``pipeline.num_workers=0``) do not start Ray.
 
 The plan has 22 samples in shards of 6 (6, 6, 6, 4) so that the last shard is partial and
 the growth test can grow it; batches of 4 also leave a partial batch in every full shard.
@@ -171,6 +172,12 @@ def clean_2w(teacher, tmp_path_factory) -> Job:
 
 
 @pytest.fixture(scope="module")
+def clean_in_process(teacher, tmp_path_factory) -> Job:
+    """``pipeline.num_workers=0``: the same shards generated in the job's own process, without Ray."""
+    return run_ok(job_overrides(teacher, tmp_path_factory.mktemp("clean0w") / "cache", 0))
+
+
+@pytest.fixture(scope="module")
 def killed(teacher, tmp_path_factory) -> tuple[Job, Path]:
     """2 workers; the first worker to start a shard exits hard after its first batch."""
     base = tmp_path_factory.mktemp("killed")
@@ -211,6 +218,16 @@ def test_one_and_two_workers_write_identical_bytes(clean_1w, clean_2w):
         assert row["sha256"] == hashes[row["name"]]
         assert row["num_bytes"] == (one / row["name"]).stat().st_size
     assert (one / "teacher.yaml").read_text() == (two / "teacher.yaml").read_text()
+
+
+def test_in_process_generation_is_byte_identical_to_the_ray_path(clean_1w, clean_2w, clean_in_process):
+    job = clean_in_process
+    assert "Started a local Ray instance" not in job.output, job.describe()
+    assert job.cache_dir.name == clean_1w.cache_dir.name  # same teacher key
+    assert visible_shards(job.cache_dir) == SHARD_NAMES
+    assert shard_hashes(job.cache_dir) == shard_hashes(clean_1w.cache_dir) == shard_hashes(clean_2w.cache_dir)
+    assert manifest_rows(job.cache_dir) == manifest_rows(clean_1w.cache_dir)
+    assert (job.cache_dir / "teacher.yaml").read_bytes() == (clean_1w.cache_dir / "teacher.yaml").read_bytes()
 
 
 def test_killed_worker_is_retried_without_loss_or_duplicates(clean_1w, killed):

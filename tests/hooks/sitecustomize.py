@@ -7,6 +7,8 @@ environment). Each hook patches its module right after that module is first impo
 - ``NOISEREFINE_FAULT_EXIT_ONCE=<marker file>``: the first process to finish one batch
   of a shard (its temp file half written) creates the marker and exits hard (code 17),
   like a killed worker; later processes see the marker and work normally.
+- ``NOISEREFINE_SHARD_DELAY_S=<seconds>``: every shard's generation starts with a sleep (slow
+  workers, so that a test can remove a Ray node while shards are being written).
 - ``NOISEREFINE_TRAIN_EXIT_AFTER_STEP=<N>``: the trainer exits hard (code 17) when step
   N+1 starts, i.e. after step N and its checkpoint (if due) completed.
 - ``NOISEREFINE_TRAIN_KILL_RANK=<rank>:<N>``: the trainer process of that rank sends itself
@@ -21,6 +23,7 @@ import os
 import sys
 
 SHARD_MARKER = os.environ.get("NOISEREFINE_FAULT_EXIT_ONCE")
+SHARD_DELAY = float(os.environ.get("NOISEREFINE_SHARD_DELAY_S", "0") or 0)
 EXIT_AFTER_STEP = int(os.environ.get("NOISEREFINE_TRAIN_EXIT_AFTER_STEP", "0") or 0)
 KILL_RANK = os.environ.get("NOISEREFINE_TRAIN_KILL_RANK", "")
 KILL_IN_SAVE = int(os.environ.get("NOISEREFINE_TRAIN_KILL_IN_SAVE", "0") or 0)
@@ -55,6 +58,26 @@ def _patch_generate(module) -> None:
                 _die_once(SHARD_MARKER)
 
     module.shard_samples = shard_samples
+
+
+def _patch_generate_delay(module) -> None:
+    import time
+
+    original = module.shard_samples
+
+    def shard_samples(*args, **kwargs):
+        time.sleep(SHARD_DELAY)
+        yield from original(*args, **kwargs)
+
+    module.shard_samples = shard_samples
+
+
+def _both(first, second):
+    def patch(module) -> None:
+        first(module)
+        second(module)
+
+    return patch
 
 
 def _patch_loop(module) -> None:
@@ -134,6 +157,10 @@ class _PatchAfterImport(importlib.abc.MetaPathFinder):
 _patches = {}
 if SHARD_MARKER:
     _patches["noiserefine.targets.generate"] = _patch_generate
+if SHARD_DELAY:
+    previous = _patches.get("noiserefine.targets.generate")
+    _patches["noiserefine.targets.generate"] = (_both(previous, _patch_generate_delay) if previous
+                                                else _patch_generate_delay)
 if EXIT_AFTER_STEP:
     _patches["noiserefine.train.loop"] = _patch_loop
 if KILL_RANK:
