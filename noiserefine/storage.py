@@ -206,6 +206,10 @@ class Store:
 
     def names(self) -> list[str]:
         """Names directly in the store ([] if it does not exist)."""
+        return sorted(self.sizes())
+
+    def sizes(self) -> dict[str, int]:
+        """{name: size} of every file directly in the store, from one listing ({} if it does not exist)."""
         raise NotImplementedError
 
     def is_empty_or_missing(self) -> bool:
@@ -257,6 +261,11 @@ class LocalStore(Store):
         if not self.location.is_dir():
             return []
         return sorted(p.name for p in self.location.iterdir())
+
+    def sizes(self) -> dict[str, int]:
+        if not self.location.is_dir():
+            return {}
+        return {p.name: p.stat().st_size for p in self.location.iterdir() if p.is_file()}
 
     def is_dir_or_missing(self) -> bool:
         return not self.location.exists() or self.location.is_dir()
@@ -353,14 +362,14 @@ class S3Store(Store):
         info = self.info(name)
         return None if info is None else int(info["size"])
 
-    def names(self) -> list[str]:
+    def sizes(self) -> dict[str, int]:
         def call():
             try:
                 return self.fs.ls(self.location.fs_path, detail=True, refresh=True)
             except FileNotFoundError:
                 return []
         entries = self._retry(f"LIST {self.location}", call)
-        return sorted(e["name"].rsplit("/", 1)[-1] for e in entries if e.get("type") == "file")
+        return {e["name"].rsplit("/", 1)[-1]: int(e["size"]) for e in entries if e.get("type") == "file"}
 
     def read_range(self, name: str, start: int, end: int) -> bytes:
         return self._retry(f"GET {self.path(name)} bytes {start}-{end - 1}",

@@ -122,10 +122,11 @@ def _check_rows(cache_dir, manifest: dict[str, ShardInfo], rows: list[ShardInfo]
     """The shard rows a checkpoint trained on must all still be there, unchanged (exact resume)."""
     problems = []
     store = store_for(cache_dir)
+    sizes = store.sizes()
     for row in rows:
         path = store.path(row.name)
         current = manifest.get(row.name)
-        size = store.size(row.name)
+        size = sizes.get(row.name)
         if size is None:
             problems.append(f"{path} is gone")
         elif size != row.num_bytes:
@@ -327,8 +328,8 @@ def _scan_locked(store, plan: Plan, verify: bool) -> CacheState:
     manifest = read_manifest(cache_dir)
     state = CacheState()
     adopted = []
-    names = store.names()
-    for stale in [name for name in names if _TEMP_RE.match(name)]:  # none on S3: uploads are spooled locally
+    sizes = store.sizes()  # one listing (on S3: not a HEAD per shard)
+    for stale in [name for name in sizes if _TEMP_RE.match(name)]:  # none on S3: uploads are spooled locally
         store.delete(stale)
         state.stale_temps.append(stale)
 
@@ -336,6 +337,7 @@ def _scan_locked(store, plan: Plan, verify: bool) -> CacheState:
         state.rejected.append(name)
         state.reasons[name] = reason
         state.moved[name] = _move_aside(store, name)
+        sizes.pop(name, None)
 
     recorded: dict[int, ShardInfo] = {}  # shard index -> its manifest row (names of other forms: left alone)
     for info in sorted(manifest.values(), key=lambda i: i.num_samples):
@@ -348,7 +350,7 @@ def _scan_locked(store, plan: Plan, verify: bool) -> CacheState:
         if info is not None and info.num_samples >= expected_count:
             # more samples than planned: written for a larger num_samples of the same plan, whose
             # shards start with exactly these samples; kept rather than rebuilt shorter
-            size = store.size(info.name)
+            size = sizes.get(info.name)
             if size is None:
                 pass  # deleted: rebuilt
             elif size != info.num_bytes:
@@ -371,7 +373,7 @@ def _scan_locked(store, plan: Plan, verify: bool) -> CacheState:
             if info.name == name:  # a partial shard named before names carried counts
                 name = shard_name(index, expected_count)
         state.names[index] = name
-        if store.exists(name):  # unrecorded: the job died between the rename and the manifest update?
+        if name in sizes:  # unrecorded: the job died between the rename and the manifest update?
             try:
                 found = check_against_plan(cache_dir / name, plan, index, record)
             except ValueError as error:
