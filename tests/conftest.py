@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers_s3 import s3_server  # noqa: F401  (one S3 server per session, for every test that names it)
 from noiserefine.backends.digits import DigitsBackend, SCHEDULER_CONFIG, build_unet
 
 REPO = Path(__file__).resolve().parents[1]

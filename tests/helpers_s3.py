@@ -74,7 +74,10 @@ def s3_server():
     os.environ.update(s3_env(server.endpoint))
     from noiserefine.storage import s3_filesystem
 
-    s3_filesystem().mkdir(BUCKET)
+    try:
+        s3_filesystem().mkdir(BUCKET)
+    except FileExistsError:  # moto's state lives in this process: a bucket of an earlier server
+        pass
     yield server
     server.stop()
     for key, value in saved.items():
@@ -105,3 +108,30 @@ def object_etags(url: str) -> dict[str, str]:
 
     store = store_for(url)
     return {name: store.info(name)["ETag"] for name in store.names()}
+
+
+def run_job_in_process(argv: list[str]) -> tuple[int, str, str]:
+    """``pipeline/generate_targets.py`` main(argv) in this process (no interpreter start-up: the S3 server is
+    here too): exit code, stdout, stderr. The process's I/O settings and torch thread count are restored."""
+    import contextlib
+    import importlib.util
+    import io
+
+    from noiserefine import storage
+
+    spec = importlib.util.spec_from_file_location("generate_targets_job",
+                                                  Path(__file__).resolve().parents[1] / "pipeline" /
+                                                  "generate_targets.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    import torch
+
+    out, err = io.StringIO(), io.StringIO()
+    saved = (storage._policy, storage._chunk_bytes, torch.get_num_threads())
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = job.main(argv)
+    finally:
+        storage._policy, storage._chunk_bytes, threads = saved
+        torch.set_num_threads(threads)  # the job's worker sets its own count
+    return code, out.getvalue(), err.getvalue()

@@ -2,38 +2,27 @@
 server (moto) on 127.0.0.1: the same idempotence, byte-identity and verify behaviour as the disk cache.
 
 The reference is the tiny disk cache of ``helpers_cache`` (4 shards of 16, generated in-process); the
-S3 jobs are the real command (``pipeline/generate_targets.py``, in-process generation: Ray is not what
-is tested here) with the same tiny config pointed at the bucket.
+S3 jobs are the real command (``pipeline/generate_targets.py``'s ``main``, in-process generation: Ray
+is not what is tested here) with the same tiny config pointed at the bucket, run in this process (no
+interpreter start-up; that a subprocess finds the server through the environment alone is shown by the
+trainer reading an S3 cache in tests/faults/test_elastic.py).
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
-import subprocess
-import sys
 import threading
 
 import pytest
 
 from helpers_cache import REPO, tiny_cache, tiny_config, tiny_overrides, tiny_root, tiny_teacher  # noqa: F401
-from helpers_s3 import object_etags, s3_server, s3_url, upload_dir  # noqa: F401
+from helpers_s3 import object_etags, run_job_in_process, s3_url, upload_dir
 from noiserefine.shards import read_manifest, read_shard
 from noiserefine.storage import ObjectPath, store_for
 from noiserefine.targets.cache import cache_dir_for, record_shards, scan_cache
 from noiserefine.targets.plan import Plan
 
-pytestmark = pytest.mark.slow  # subprocesses: `make test` only
-TIMEOUT = 600
-
-
-def generate(root, teacher, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    """The user's command, in-process generation, one shard at a time."""
-    command = [sys.executable, "pipeline/generate_targets.py", "--config", "configs/digits.yaml",
-               *tiny_overrides(root, teacher), "pipeline.num_workers=0", *extra]
-    child = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    child.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})})
-    return subprocess.run(command, cwd=REPO, env=child, capture_output=True, text=True, timeout=TIMEOUT)
+pytestmark = pytest.mark.slow  # a real job (teacher rollouts) and a server: `make test` only
 
 
 def local_bytes(cache) -> dict[str, str]:
@@ -46,18 +35,24 @@ def s3_bytes(url: str) -> dict[str, str]:
             if name.startswith("shard-")}
 
 
+def generate(root, teacher, *extra: str) -> tuple[int, str, str]:
+    """The user's command (in-process generation: Ray is not what is tested here), run through its main."""
+    return run_job_in_process(["--config", str(REPO / "configs" / "digits.yaml"), *tiny_overrides(root, teacher),
+                               "pipeline.num_workers=0", *extra])
+
+
 @pytest.fixture(scope="module")
 def s3_job(s3_server, tiny_root, tiny_teacher):
     root = s3_url("generated")
-    done = generate(tiny_root, tiny_teacher, f"data.cache_root={root}")
-    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    code, stdout, stderr = generate(tiny_root, tiny_teacher, f"data.cache_root={root}")
+    assert code == 0, (stdout + stderr)[-4000:]
     cfg = tiny_config(tiny_root, tiny_teacher, [f"data.cache_root={root}"])
-    return done, cfg, cache_dir_for(cfg)
+    return stdout, cfg, cache_dir_for(cfg)
 
 
 def test_s3_cache_is_byte_identical_to_the_disk_cache(s3_job, tiny_cache):
-    done, cfg, cache = s3_job
-    assert isinstance(cache, ObjectPath) and done.stdout.strip().splitlines()[-1] == str(cache)
+    stdout, cfg, cache = s3_job
+    assert isinstance(cache, ObjectPath) and stdout.strip().splitlines()[-1] == str(cache)
     assert cache.name == tiny_cache.name  # the location is not part of the teacher key
     assert s3_bytes(str(cache)) == local_bytes(tiny_cache)
     assert read_manifest(cache) == read_manifest(tiny_cache)  # manifest.parquet beside the shards
@@ -69,7 +64,7 @@ def test_s3_cache_is_byte_identical_to_the_disk_cache(s3_job, tiny_cache):
 
 
 def test_s3_rerun_skips_complete_shards_and_rewrites_nothing(s3_job, tiny_root, tiny_teacher):
-    done, cfg, cache = s3_job
+    _, cfg, cache = s3_job
     before = object_etags(str(cache))
     state = scan_cache(cache, Plan.from_config(cfg.data), verify=True)  # what a re-run does first
     assert sorted(state.complete) == [0, 1, 2, 3] and not state.missing and not state.rejected
@@ -87,9 +82,9 @@ def test_s3_verify_rebuilds_a_deleted_and_a_corrupted_shard_identically(s3_serve
     store.write_bytes("shard-000002.tar", bytes(data))
     untouched = {name: etag for name, etag in object_etags(cache).items() if name in ("shard-000000.tar",
                                                                                         "shard-000003.tar")}
-    done = generate(tiny_root, tiny_teacher, f"data.cache_root={root}", "pipeline.verify=true")
-    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
-    assert "2/4 shards complete, 2 to generate" in done.stdout and "rejected ['shard-000002.tar']" in done.stdout
+    code, stdout, stderr = generate(tiny_root, tiny_teacher, f"data.cache_root={root}", "pipeline.verify=true")
+    assert code == 0, (stdout + stderr)[-4000:]
+    assert "2/4 shards complete, 2 to generate" in stdout and "rejected ['shard-000002.tar']" in stdout, stdout
     assert s3_bytes(cache) == local_bytes(tiny_cache)
     assert read_manifest(cache) == read_manifest(tiny_cache)
     etags = object_etags(cache)

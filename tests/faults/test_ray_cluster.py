@@ -3,7 +3,7 @@ raylet, on this machine), the teacher job attached to it by address as ``ray sub
 (``pipeline.address=<cluster address>``), and one worker node removed in the middle of the job.
 
 The head has no CPUs, each worker node one: each of the job's two teacher workers runs on its own node.
-Every shard sleeps 2 s first (the test hook ``NOISEREFINE_SHARD_DELAY_S``, in the nodes' environment), so
+Every shard sleeps 1 s first (the test hook ``NOISEREFINE_SHARD_DELAY_S``, in the nodes' environment), so
 the node goes while shards are being written. The job must complete on the surviving node, every shard
 once, with the bytes of a clean in-process run.
 """
@@ -38,7 +38,7 @@ def cluster(tmp_path_factory):
     ray = pytest.importorskip("ray")
     from ray.cluster_utils import Cluster
 
-    env = {"NOISEREFINE_SHARD_DELAY_S": "2", "OMP_NUM_THREADS": "1",
+    env = {"NOISEREFINE_SHARD_DELAY_S": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(HOOKS), str(REPO), os.environ.get("PYTHONPATH")]))}
     saved = {key: os.environ.get(key) for key in env}
     os.environ.update(env)  # inherited by the nodes' raylets and so by their workers

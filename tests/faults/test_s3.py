@@ -10,15 +10,13 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import subprocess
-import sys
 import threading
 import time
 
 import pytest
 
 from helpers_cache import REPO, tiny_config, tiny_overrides
-from helpers_s3 import s3_server, s3_url, upload_dir  # noqa: F401
+from helpers_s3 import run_job_in_process, s3_url, upload_dir
 from noiserefine import storage
 from noiserefine.shards import read_manifest
 from noiserefine.storage import StorageUnavailable, store_for
@@ -61,13 +59,12 @@ def test_server_restarted_mid_job_the_job_completes_with_nothing_lost(s3_server,
 
     monkeypatch.setattr(S3Backend, "put_object", put_object)
     root = s3_url("restart-mid-job")
-    command = [sys.executable, "pipeline/generate_targets.py", "--config", "configs/digits.yaml",
-               *tiny_overrides(tiny_root, tiny_teacher), f"data.cache_root={root}", "pipeline.num_workers=0",
-               "data.io_retries=8", "data.io_backoff_s=0.25"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
-    assert fired.is_set() and "retry 1/8" in done.stderr, done.stderr[-3000:]  # it did see the server go
+    code, stdout, stderr = run_job_in_process(["--config", str(REPO / "configs" / "digits.yaml"),
+                                               *tiny_overrides(tiny_root, tiny_teacher), f"data.cache_root={root}",
+                                               "pipeline.num_workers=0", "data.io_retries=8",
+                                               "data.io_backoff_s=0.25"])
+    assert code == 0, (stdout + stderr)[-4000:]
+    assert fired.is_set() and "retry 1/8" in stderr, stderr[-3000:]  # it did see the server go
     cache = cache_dir_for(tiny_config(tiny_root, tiny_teacher, [f"data.cache_root={root}"]))
     store = store_for(cache)
     shards = sorted(n for n in store.names() if n.startswith("shard-"))
