@@ -30,6 +30,7 @@ Python ones. Credentials, region and endpoint come from botocore's usual chain (
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import random
 import shutil
@@ -160,22 +161,37 @@ def retry_policy() -> RetryPolicy:
     return _policy
 
 
-_TRANSIENT_CODES = ("InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "503", "500", "502",
-                    "504")
+_TRANSIENT_CODES = {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "RequestTimeTooSkewed",
+                    "Throttling", "ThrottlingException"}
+_TRANSIENT_CLASSES = {"HTTPClientError", "EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutError",
+                      "ConnectTimeoutError", "ResponseStreamingError", "IncompleteReadError", "ClientPayloadError",
+                      "ServerDisconnectedError", "ClientConnectionError", "FSTimeoutError", "TimeoutError",
+                      "ConnectionError", "IncompleteRead", "ProtocolError"}
+
+
+def _s3_status(error: BaseException) -> tuple[str | None, int | None]:
+    """The S3 error code and HTTP status of a botocore ClientError (s3fs keeps it as ``__cause__``)."""
+    for e in (error, error.__cause__):
+        response = getattr(e, "response", None)
+        if isinstance(response, dict):
+            code = (response.get("Error") or {}).get("Code")
+            status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+            return code, status
+    return None, None
 
 
 def is_transient(error: BaseException) -> bool:
-    """Connection refused/reset/closed, timeouts, a body cut short, 5xx and throttling: worth retrying."""
-    names = {cls.__name__ for cls in type(error).__mro__}
-    if names & {"HTTPClientError", "EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutError",
-                "ConnectTimeoutError", "ResponseStreamingError", "IncompleteReadError", "ClientPayloadError",
-                "ServerDisconnectedError", "ClientConnectionError", "FSTimeoutError", "TimeoutError",
-                "ConnectionError", "IncompleteRead", "ProtocolError"}:
+    """Connection refused/reset/closed, timeouts, a body cut short, 5xx and throttling: worth retrying.
+    Not: missing objects, permissions, failed preconditions, other 4xx."""
+    if {cls.__name__ for cls in type(error).__mro__} & _TRANSIENT_CLASSES:
         return True
     if isinstance(error, (FileNotFoundError, PermissionError, FileExistsError, IsADirectoryError)):
         return False
-    text = str(error)
-    return isinstance(error, OSError) and any(code in text for code in _TRANSIENT_CODES)
+    code, status = _s3_status(error)
+    if code in _TRANSIENT_CODES or (status is not None and status >= 500):
+        return True
+    return isinstance(error, OSError) and error.errno in {errno.EREMOTEIO, errno.ETIMEDOUT, errno.ECONNRESET,
+                                                          errno.ECONNREFUSED, errno.EAGAIN}
 
 
 def _precondition_failed(error: BaseException) -> bool:
