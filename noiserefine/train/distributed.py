@@ -222,6 +222,20 @@ def full_training_state(engine, named_params: list[tuple[str, torch.nn.Parameter
     return tensors, (max(steps) if steps else 0)
 
 
+def _materialise_zero_states(zero, base: torch.optim.Optimizer) -> None:
+    """A fresh ZeRO 1/2 optimizer has no AdamW state (torch creates it at the first step) and links its
+    parameters' state fragments only after that step: give its flat fp32 partitions zero AdamW states and
+    link them, so that ``safe_set_full_optimizer_state`` can fill them (DeepSpeed private API, guarded)."""
+    link = getattr(zero, "_lazy_init_hp_params_optimizer_state", None)
+    if link is None or getattr(zero, "_hp_optimizer_states_linked", True):
+        return
+    for flat in getattr(zero, "single_partition_of_fp32_groups", []):
+        if flat not in base.state:
+            base.state[flat] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(flat),
+                                "exp_avg_sq": torch.zeros_like(flat)}
+    link()
+
+
 def load_full_training_state(engine, named_params: list[tuple[str, torch.nn.Parameter]], tensors: dict,
                              step: int) -> None:
     """Load what :func:`full_training_state` saved into an engine of any world size (call on every rank)."""
@@ -229,6 +243,7 @@ def load_full_training_state(engine, named_params: list[tuple[str, torch.nn.Para
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     base = _base_optimizer(engine)
+    _materialise_zero_states(engine.optimizer, base)
     for name, param in named_params:
         value = tensors[f"param/{name}"]
         with torch.no_grad():

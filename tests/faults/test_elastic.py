@@ -6,7 +6,8 @@ elastic resume, and the clear errors for a world size or global batch the checkp
 Ranks are started directly (RANK/WORLD_SIZE/MASTER_* as the deepspeed launcher sets them, without its extra
 process); 1-rank runs are plain ``python trainer/train.py``. Global batch 8 on the tiny cache (64 samples),
 6 steps, a checkpoint every 3; the 2-rank run to resume exits after step 4 (the hook of tests/hooks), the
-1-rank one is the finished 1-rank reference cut back to its step-3 checkpoint. Each elastic run is compared
+1-rank one (ZeRO stage 1: its AdamW state is partitioned over the 2 ranks after the resume) is the finished
+1-rank reference cut back to its step-3 checkpoint. Each elastic run is compared
 with the uninterrupted run of the rank count it started on (same rounding up to the resume).
 """
 
@@ -32,6 +33,7 @@ pytestmark = pytest.mark.slow
 SETTINGS = ["train.max_steps=6", "train.checkpoint_every=3", "train.log_every=1", "train.eval_every=0",
             "train.learning_rate=0.01", "train.global_batch_size=8"]
 TIMEOUT = 600
+ZERO1 = "train.zero_stage=1"  # the 1 -> 2 runs: a partitioned optimizer (gathered/scattered by tensor fragments)
 
 
 def launch(root, teacher, out: Path, world: int, log: Path, *extra: str, **env: str) -> list[subprocess.Popen]:
@@ -89,13 +91,14 @@ def cut_back_to_step_3(source: Path, destination: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def runs(tiny_root, tiny_teacher, tiny_cache, s3_server, tmp_path_factory) -> dict:
-    """Phase 1 (at once): uninterrupted 2-rank and 1-rank references, and a 2-rank run stopped after step 4.
+    """Phase 1 (at once): uninterrupted 2-rank (ZeRO 0) and 1-rank (ZeRO 1) references, and a 2-rank run stopped
+    after step 4.
     Phase 2: that run resumed on 1 rank (reading the cache from S3), and the 1-rank reference cut back to its
     step-3 checkpoint resumed on 2 ranks with rank 1 SIGKILLed at its first step. Phase 3: the latter re-run."""
     base = tmp_path_factory.mktemp("elastic")
     s3_cache = upload_dir(tiny_cache, s3_url("elastic", tiny_cache.name))
     phase1 = {"reference": launch(tiny_root, tiny_teacher, base / "reference", 2, base / "reference"),
-              "reference1": launch(tiny_root, tiny_teacher, base / "reference1", 1, base / "reference1"),
+              "reference1": launch(tiny_root, tiny_teacher, base / "reference1", 1, base / "reference1", ZERO1),
               "two_to_one": launch(tiny_root, tiny_teacher, base / "two_to_one", 2, base / "stop2",
                                    NOISEREFINE_TRAIN_EXIT_AFTER_STEP="4")}
     results = {name: wait(procs, base / log) for (name, procs), log in
@@ -106,12 +109,12 @@ def runs(tiny_root, tiny_teacher, tiny_cache, s3_server, tmp_path_factory) -> di
     cut_back_to_step_3(base / "reference1", base / "one_to_two")
     phase2 = {"two_to_one": launch(tiny_root, tiny_teacher, base / "two_to_one", 1, base / "resume1",
                                    f"data.cache_dir={s3_cache}"),
-              "killed": launch(tiny_root, tiny_teacher, base / "one_to_two", 2, base / "killed",
+              "killed": launch(tiny_root, tiny_teacher, base / "one_to_two", 2, base / "killed", ZERO1,
                                NOISEREFINE_TRAIN_KILL_RANK="1:1")}
     results["resume1"] = wait(phase2["two_to_one"], base / "resume1")
     results["killed"] = wait(phase2["killed"], base / "killed")
     results["finished_after_kill"] = (base / "one_to_two" / "done.json").exists()
-    results["resume2"] = wait(launch(tiny_root, tiny_teacher, base / "one_to_two", 2, base / "resume2"),
+    results["resume2"] = wait(launch(tiny_root, tiny_teacher, base / "one_to_two", 2, base / "resume2", ZERO1),
                               base / "resume2")
     return {"base": base, **results}
 
