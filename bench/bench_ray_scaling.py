@@ -130,9 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f} (1 min)")
     print(f"one-off: Ray start {ray_start:.1f} s; actor start + teacher load {load_s[1]:.1f} s (1 worker), "
           f"{load_s[2]:.1f} s (2 workers)")
-    print(f"pure compute (in process, 1 thread): {compute_per_shard:.3f} s/shard (runs {[round(t, 2) for t in compute]})")
+    print(f"pure compute (in process, 1 thread): {compute_per_shard:.3f} s/shard "
+          f"(runs {[round(t, 2) for t in compute]})")
     print(f"Ray, 1 worker: {one:.2f} s ({one / plan.num_shards:.3f} s/shard; runs {[round(t, 2) for t in timings[1]]})")
-    print(f"Ray, 2 workers: {two:.2f} s ({two / plan.num_shards:.3f} s/shard; runs {[round(t, 2) for t in timings[2]]})")
+    print(f"Ray, 2 workers: {two:.2f} s ({two / plan.num_shards:.3f} s/shard; "
+          f"runs {[round(t, 2) for t in timings[2]]})")
     print(f"speed-up 2 workers / 1 worker: {one / two:.2f}x (goal >= 1.7 on 2 cores)")
     print(f"per-shard overhead of the Ray path over pure compute: {overhead * 1000:.0f} ms "
           f"({overhead / compute_per_shard:+.1%} of {compute_per_shard * 1000:.0f} ms)")

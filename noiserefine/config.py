@@ -334,7 +334,8 @@ _AT_LEAST_ONE = ("teacher.num_steps", "student.num_steps", "refiner.lora_rank", 
                  "data.shard_size", "data.max_prompt_chars", "pipeline.batch_size", "train.max_steps",
                  "train.global_batch_size", "train.checkpoint_every", "eval.num_samples", "eval.batch_size",
                  "eval.grid_columns", "model.digits.train_steps", "model.digits.batch_size", "data.io_chunk_bytes")
-_AT_LEAST_ZERO = ("pipeline.num_workers", "pipeline.max_retries", "data.io_retries", "train.log_every", "train.eval_every",
+_AT_LEAST_ZERO = ("pipeline.num_workers", "pipeline.max_retries", "data.io_retries", "train.log_every",
+                  "train.eval_every",
                   "train.num_loader_workers", "eval.seed_offset")
 
 

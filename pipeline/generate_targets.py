@@ -7,8 +7,8 @@
 An actor pool, not a task per shard: a worker loads the model once (gigabytes for
 SD/SDXL) and serves many shards. A dead worker (process killed, node lost) is replaced and
 its shard handed to another worker; shards are written by temp name + rename (one PUT on
-S3) with deterministic content, so a retried shard is byte-identical. Re-running skips complete shards. The last line printed is
-the cache directory.
+S3) with deterministic content, so a retried shard is byte-identical. Re-running skips
+complete shards. The last line printed is the cache directory.
 """
 
 from __future__ import annotations

@@ -20,8 +20,9 @@ REPO = capacity.REPO
                                                    ((1, 16, 16), "float16", 16), ((4, 30, 30), "float16", 2)])
 def test_sizes_are_those_of_real_shards(latent, dtype, count, tmp_path):
     prompt = "x" * 300  # data.max_prompt_chars: the longest prompt a sample can hold
-    samples = [ShardSample(sample_key(i), {"sample_id": i, "seed": 2**63 - 1 - i, "prompt": prompt, "source": "pickapic",
-                                           "teacher_key": "sdxl-0123456789ab", "noise_fingerprint": "0123456789abcdef"},
+    meta = {"prompt": prompt, "source": "pickapic", "teacher_key": "sdxl-0123456789ab",
+            "noise_fingerprint": "0123456789abcdef"}
+    samples = [ShardSample(sample_key(i), {**meta, "sample_id": i, "seed": 2**63 - 1 - i},
                            {"target": np.zeros(latent, dtype)}) for i in range(count)]
     info = write_shard(tmp_path / "shard-000000.tar", samples)
     per_sample = capacity.sample_bytes(latent, dtype, 300)

@@ -241,9 +241,9 @@ class _ShardReader:
         where = f"sample {key!r} of shard {path}"
         if "target" not in arrays:
             raise ValueError(f"{where} has no target array (members: {sorted(arrays)})")
-        for field in ("sample_id", "seed", "prompt", "noise_fingerprint", "teacher_key"):
-            if field not in meta:
-                raise ValueError(f"{where}: metadata has no {field!r}")
+        for name in ("sample_id", "seed", "prompt", "noise_fingerprint", "teacher_key"):
+            if name not in meta:
+                raise ValueError(f"{where}: metadata has no {name!r}")
         if meta["teacher_key"] != self.teacher_key:
             raise ValueError(f"{where} was made by teacher {meta['teacher_key']}, expected {self.teacher_key}")
         sample_id, seed, prompt = meta["sample_id"], meta["seed"], meta["prompt"]

@@ -24,7 +24,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers_cache import tiny_cache, tiny_root, tiny_teacher  # noqa: F401
 from helpers_s3 import s3_url, upload_dir
 from noiserefine.train.distributed import free_port
 from test_trainer import REPO, child_env, train_args

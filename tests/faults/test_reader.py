@@ -75,7 +75,7 @@ def make_cache(tmp_path, data: bytes, num_samples: int = 2):
 
 def stream_of(cache, skip_corrupt: bool) -> TeacherStream:
     return TeacherStream(cache, read_manifest(cache), teacher_key=KEY, seed=0, rank=0, world_size=1,
-                         batch_size=2, skip_corrupt=skip_corrupt)
+                         global_batch_size=2, skip_corrupt=skip_corrupt)
 
 
 def assert_refused_by_both(tmp_path, data: bytes, pattern: str):
