@@ -5,7 +5,7 @@ weights, a COCO captions JSON with its image folder, a tiny CLIP for CLIPScore a
 PickScore, a tiny Inception-like network: 16 samples in shards of 4. Then: a run killed by SIGKILL in
 the middle of a shard write and re-run gives the uninterrupted run's numbers without re-sampling a stored
 shard; another refiner into the same --out is refused, and with a shared --store only its own row is
-sampled.
+sampled; the trainer's periodic evaluation scores with the same CLIP code.
 """
 
 from __future__ import annotations
@@ -241,3 +241,28 @@ def test_command_line_and_missing_weights_name_the_file(setup, tmp_path):
     assert "fid" not in metrics["rows"]["refined"] and "clip_score" in metrics["rows"]["refined"]
     assert any("inception_path is not set" in note for note in metrics["notes"])
 
+
+def test_trainer_periodic_evaluation_scores_with_the_same_clip_code(setup, tmp_path):
+    import importlib.util
+
+    from noiserefine.backends import load_backend
+    from noiserefine.evaluation.evaluator import EVAL_LOG, Evaluator
+    from noiserefine.evaluation.features import TextImageScores
+    from noiserefine.refiner import load_refiner
+
+    root, _, refiner_dir, _ = setup
+    spec = importlib.util.spec_from_file_location("train_entry", REPO / "trainer" / "train.py")
+    train_entry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_entry)
+    cfg = tiny_config(root, **{"eval.metrics": "text_image", "eval.num_samples": 4, "eval.batch_size": 4,
+                               "eval.grid_columns": 2})
+    metric = train_entry.metric_factory(cfg)()
+    assert isinstance(metric, TextImageScores) and metric.names == ["clip_score", "pick_score"]
+    backend = load_backend(cfg.model)
+    result = Evaluator(cfg, backend, tmp_path, metric)(load_refiner(refiner_dir, backend), step=7)
+    assert set(result["rows"]["refined"]) >= {"clip_score", "pick_score", "nfe"}
+    assert (tmp_path / "eval_step7.png").is_file()
+    header = (tmp_path / EVAL_LOG).read_text().splitlines()[0]
+    assert "clip_score" in header and "pick_score" in header
+    with pytest.raises(ValueError, match="neither eval.clip_path nor eval.pickscore_path"):
+        tiny_config(root, **{"eval.metrics": "text_image", "eval.clip_path": "''", "eval.pickscore_path": "''"})
