@@ -23,7 +23,9 @@ rule, feature networks), never ``num_samples``, the batch size or the device, so
 killed run and samples only missing shards, a longer run extends a shorter one, and another
 configuration gets other directories. ``--out`` (default ``benchmark.output_dir/<backend>-<run key>``)
 belongs to one run key and refuses another; ``--store`` (default ``<out>/store``) may be shared between
-runs, e.g. to reuse the Gaussian rows when evaluating several refiners.
+runs, e.g. to reuse the Gaussian rows when evaluating several refiners. Several GPUs: one process each,
+``--worker I/K`` (same ``--out``), samples every K-th shard from the I-th; the last to finish writes the
+report (a process that finds shards still missing says so and exits 0).
 
 Written to ``--out``: ``metrics.json``, ``table.md``, ``grid.png`` (rows = settings, columns = the first
 ``benchmark.grid_columns`` samples), ``protocol.json`` (captions file + sha256, selection, seeds, image
@@ -137,12 +139,16 @@ class Evaluation:
 
     def __init__(self, cfg, refiner_dir: str | Path, *, out: str | Path | None = None, store: str | Path | None = None,
                  num_samples: int | None = None, distilled_path: str | None = None, progress: bool = True,
+                 worker: tuple[int, int] = (0, 1),
                  inception: InceptionFeatures | None = None, text_image: TextImageScores | None = None):
         from .backends import load_backend
         from .refiner import check_architecture, check_same_sampler, read_sampler_record, scheduler_record
         from .targets.identity import file_sha256, model_identity
 
         self.cfg, self.bench, self.progress = cfg, cfg.benchmark, progress
+        self.worker, self.num_workers = int(worker[0]), int(worker[1])
+        if not 0 <= self.worker < self.num_workers:
+            raise ValueError(f"worker {self.worker}/{self.num_workers}: need 0 <= I < K")
         self.refiner_dir = Path(refiner_dir).expanduser()
         if not (self.refiner_dir / "refiner.safetensors").is_file():
             raise FileNotFoundError(f"--refiner {str(self.refiner_dir)!r} holds no refiner.safetensors")
@@ -260,6 +266,10 @@ class Evaluation:
     def _remaining(self, store: ShardStore, windows) -> int:
         return sum(b - a for a, b in windows if not store.has(a, b))
 
+    def _mine(self, windows: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """The windows this worker samples: every K-th (``--worker I/K``; all of them for one worker)."""
+        return [window for k, window in enumerate(windows) if k % self.num_workers == self.worker]
+
     def _features(self, images_uint8: torch.Tensor, prompts: list[str] | None) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {}
         if self.inception is not None:
@@ -302,8 +312,8 @@ class Evaluation:
         return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
 
     def _run_row(self, row: Setting, bar) -> None:
-        store = self.stores[row.slug]
-        if not self._remaining(store, self.windows):
+        store, windows = self.stores[row.slug], self._mine(self.windows)
+        if not self._remaining(store, windows):
             return
         bar.set_description(row.slug)
         backend = row.backend()
@@ -313,7 +323,7 @@ class Evaluation:
 
             refiner = load_refiner(self.refiner_dir, backend)
         try:
-            for start, stop in self.windows:
+            for start, stop in windows:
                 if store.has(start, stop):
                     continue
                 store.write(start, stop, self._sample_window(row, backend, refiner, start, stop))
@@ -330,6 +340,8 @@ class Evaluation:
                     torch.cuda.empty_cache()
 
     def _reference_statistics(self, bar) -> tuple[np.ndarray, np.ndarray] | None:
+        """(mu, sigma) of the reference, None without one; ``self.reference_pending`` while other workers'
+        reference shards are missing."""
         protocol = self.protocol
         if self.reference_identity is None:
             return None
@@ -343,7 +355,7 @@ class Evaluation:
         windows = shard_windows(len(files), self.bench.shard_size)
         bar.set_description("reference")
         with _thread_pool() as pool:
-            for start, stop in windows:
+            for start, stop in self._mine(windows):
                 if store.has(start, stop):
                     continue
                 pools = []
@@ -354,6 +366,9 @@ class Evaluation:
                 ids = np.arange(start, stop, dtype=np.int64)
                 store.write(start, stop, {"sample_ids": ids, "seeds": ids, "inception_pool": np.concatenate(pools)})
                 bar.update(stop - start)
+        if self._remaining(store, windows):
+            self.reference_pending = True
+            return None
         pool_features = store.read_all(windows, None)["inception_pool"]
         mu, sigma = feature_statistics(pool_features)
         with atomic_path(stats_path, durable=True) as tmp:
@@ -363,27 +378,35 @@ class Evaluation:
 
     # ------------------------------------------------------------------------------------------ run
     def run(self) -> dict:
+        """Sample and score what is missing (this worker's windows), then write the report once every row
+        and the reference are complete; otherwise return ``{"complete": False, "missing": ...}``."""
         from tqdm.auto import tqdm
 
         self._write_protocol()
-        n = self.protocol.num_samples
-        reference_count = 0
+        self.reference_pending = False
+        stores = [(self.stores[row.slug], self.windows) for row in self.rows]
         if self.reference_identity is not None and self.protocol.reference_files is not None:
-            reference_count = len(self.protocol.reference_files)
-        total = n * len(self.rows) + reference_count
-        done = sum(n - self._remaining(self.stores[row.slug], self.windows) for row in self.rows)
-        if reference_count:
             ref_store = ShardStore(self.store_root, "reference", self.reference_identity)
-            done += reference_count if (ref_store.directory / "stats.npz").is_file() else \
-                reference_count - self._remaining(ref_store, shard_windows(reference_count, self.bench.shard_size))
-        bar = tqdm(total=total, initial=done, unit="image", disable=not self.progress, dynamic_ncols=True,
-                   desc="evaluate")
+            if not (ref_store.directory / "stats.npz").is_file():
+                stores.append((ref_store, shard_windows(len(self.protocol.reference_files), self.bench.shard_size)))
+        total = sum(b - a for _, windows in stores for a, b in self._mine(windows))
+        remaining = sum(self._remaining(store, self._mine(windows)) for store, windows in stores)
+        bar = tqdm(total=total, initial=total - remaining, unit="image", disable=not self.progress,
+                   dynamic_ncols=True, desc="evaluate")
         try:
             reference = self._reference_statistics(bar)
             for row in self.rows:
                 self._run_row(row, bar)
         finally:
             bar.close()
+        missing = {row.slug: self._remaining(self.stores[row.slug], self.windows) for row in self.rows}
+        if self.reference_pending:  # the other workers may have finished meanwhile
+            self.reference_pending = False
+            reference = self._reference_statistics(bar)
+        if any(missing.values()) or self.reference_pending:
+            return {"complete": False, "out": str(self.out), "run_key": self.run_key,
+                    "missing": {**{k: v for k, v in missing.items() if v},
+                                **({"reference": True} if self.reference_pending else {})}}
         return self._report(reference)
 
     def _write_protocol(self) -> None:
@@ -430,7 +453,7 @@ class Evaluation:
                 metrics["gap_closed"] = gap_closed(unguided, metrics["fid"], guided)
         notes = list(dict.fromkeys(self.notes))
         device = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else str(self.device)
-        report = {"run_key": self.run_key, "protocol": self.protocol.record, "resolution": self.resolution,
+        report = {"complete": True, "run_key": self.run_key, "protocol": self.protocol.record, "resolution": self.resolution,
                   "num_steps": self.steps, "device": device, "dtype": self.cfg.model.dtype, "rows": results,
                   "notes": notes, "out": str(self.out)}
         write_text_atomic(self.out / "metrics.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
@@ -513,6 +536,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--store", default=None, help="per-sample results (default: <out>/store); shareable between runs")
     p.add_argument("--distilled", default=None, help="a guidance-distilled model directory (default: "
                                                       "benchmark.distilled_path)")
+    p.add_argument("--worker", default="0/1", help="I/K: sample every K-th shard from the I-th (one process per "
+                                                   "GPU, same --out); the last to finish writes the report")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, applied last")
     return p
@@ -524,8 +549,17 @@ def main(argv: list[str] | None = None) -> int:
     if not refiner_dir.is_dir():
         raise FileNotFoundError(f"--refiner {str(refiner_dir)!r} is not a directory")
     cfg = load_config(args.config or [refiner_dir / "config.yaml"], args.overrides)
+    try:
+        worker = tuple(int(part) for part in args.worker.split("/"))
+        assert len(worker) == 2
+    except (ValueError, AssertionError):
+        raise ValueError(f"--worker {args.worker!r} is not I/K") from None
     report = evaluate(cfg, refiner_dir, out=args.out, store=args.store, num_samples=args.num_samples,
-                      distilled_path=args.distilled, progress=not args.no_progress)
+                      distilled_path=args.distilled, progress=not args.no_progress, worker=worker)
+    if not report["complete"]:
+        print(f"worker {args.worker} done; still missing (other workers): {report['missing']}; the last worker to "
+              f"finish, or this command again, writes the report to {report['out']}", flush=True)
+        return 0
     print(markdown_table(report))
     print(f"written to {report['out']}", flush=True)
     return 0

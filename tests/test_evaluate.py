@@ -223,6 +223,22 @@ def test_another_refiner_is_refused_in_the_same_out_and_shares_a_store(setup, tm
     assert result["rows"]["refined"]["fid"] != pytest.approx(report["rows"]["refined"]["fid"])
 
 
+def test_two_workers_share_the_shards_and_the_last_writes_the_report(setup, tmp_path, monkeypatch):
+    root, cfg, refiner, report = setup
+    counter = RolloutCounter(monkeypatch)
+    first = evaluate(cfg, refiner, out=tmp_path / "out", progress=False, worker=(0, 2),
+                     inception=tiny_inception_features())
+    assert first["complete"] is False and counter.samples == 4 * NUM_SAMPLES // 2  # windows 0 and 2 of each row
+    assert first["missing"] == {slug: NUM_SAMPLES // 2 for slug in report["rows"]} | {"reference": True}
+    assert not (tmp_path / "out" / "metrics.json").exists()
+    second = evaluate(cfg, refiner, out=tmp_path / "out", progress=False, worker=(1, 2),
+                      inception=tiny_inception_features())
+    assert counter.samples == 4 * NUM_SAMPLES
+    for slug, metrics in report["rows"].items():
+        assert second["rows"][slug]["fid"] == pytest.approx(metrics["fid"], rel=1e-9)
+        assert second["rows"][slug]["pick_score"] == pytest.approx(metrics["pick_score"], rel=1e-9)
+
+
 def test_command_line_and_missing_weights_name_the_file(setup, tmp_path):
     root, cfg, refiner, _ = setup
     from noiserefine.evaluate import main
