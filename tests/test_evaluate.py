@@ -180,6 +180,7 @@ def _killed_run(config_path: str, refiner: str, out: str, kill_at_write: int) ->
     evaluate(load_config(config_path), refiner, out=out, progress=False, inception=tiny_inception_features())
 
 
+@pytest.mark.slow  # starts (forks) a process
 def test_resume_after_sigkill_gives_the_same_numbers_and_samples_nothing_twice(setup, tmp_path, monkeypatch):
     root, cfg, refiner, report = setup
     out = tmp_path / "out"
@@ -221,6 +222,10 @@ def test_another_refiner_is_refused_in_the_same_out_and_shares_a_store(setup, tm
     assert counter.samples == NUM_SAMPLES  # only the new refined row; the Gaussian and distilled rows are reused
     assert result["rows"]["gaussian-guided"]["fid"] == pytest.approx(report["rows"]["gaussian-guided"]["fid"])
     assert result["rows"]["refined"]["fid"] != pytest.approx(report["rows"]["refined"]["fid"])
+    counter.samples = 0  # a shorter run on the shared store: its whole shards exist, nothing is sampled
+    shorter = evaluate(cfg, root / "refiner", out=tmp_path / "out8", store=root / "out" / "store", num_samples=8,
+                       progress=False, inception=tiny_inception_features())
+    assert counter.samples == 0 and shorter["rows"]["refined"]["num_samples"] == 8
 
 
 def test_two_workers_share_the_shards_and_the_last_writes_the_report(setup, tmp_path, monkeypatch):
