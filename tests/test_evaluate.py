@@ -68,7 +68,8 @@ def make_refiner(cfg, directory: Path, seed: int) -> Path:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate")
-    os.environ.setdefault("NOISEREFINE_HASH_CACHE", str(root / "file_hashes.json"))
+    patch = pytest.MonkeyPatch()
+    patch.setenv("NOISEREFINE_HASH_CACHE", str(root / "file_hashes.json"))  # model files' sha256 memo
     build_tiny_sd(root / "sd", seed=0)
     build_tiny_sd(root / "distilled", seed=1)
     write_coco_fixture(root, num_images=20)
@@ -78,7 +79,8 @@ def setup(tmp_path_factory):
     save_config(cfg, root / "eval.yaml")
     refiner = make_refiner(cfg, root / "refiner", seed=0)
     report = evaluate(cfg, refiner, out=root / "out", progress=False, inception=tiny_inception_features())
-    return root, cfg, refiner, report
+    yield root, cfg, refiner, report
+    patch.undo()
 
 
 class RolloutCounter:
@@ -287,3 +289,31 @@ def test_trainer_periodic_evaluation_scores_with_the_same_clip_code(setup, tmp_p
     assert "clip_score" in header and "pick_score" in header
     with pytest.raises(ValueError, match="neither eval.clip_path nor eval.pickscore_path"):
         tiny_config(root, **{"eval.metrics": "text_image", "eval.clip_path": "''", "eval.pickscore_path": "''"})
+
+
+def test_imagenet_protocol_on_a_tiny_sit_with_a_statistics_file(tmp_path, monkeypatch):
+    """configs/sit_xl2.yaml's classes: class-conditional samples (i % classes), FID against an npz's mu/sigma."""
+    from tiny_models import build_tiny_dit
+
+    from noiserefine.evaluation.scores import feature_statistics, frechet_distance
+
+    monkeypatch.setenv("NOISEREFINE_HASH_CACHE", str(tmp_path / "file_hashes.json"))
+    build_tiny_dit(tmp_path / "sit", flow=True, num_classes=10)
+    reference = np.random.default_rng(0).normal(size=(50, 8))
+    np.savez(tmp_path / "ref.npz", mu=reference.mean(0), sigma=np.cov(reference, rowvar=False))
+    overrides = {"model.path": tmp_path / "sit", "model.device": "cpu", "model.dtype": "float32",
+                 "teacher.num_steps": 2, "student.num_steps": 2, "benchmark.num_classes": 10,
+                 "benchmark.num_samples": 20, "benchmark.shard_size": 10, "benchmark.batch_size": 5,
+                 "benchmark.reference": tmp_path / "ref.npz", "benchmark.inception_path": "''"}
+    cfg = load_config(REPO / "configs" / "sit_xl2.yaml", [f"{k}={v}" for k, v in overrides.items()])
+    refiner = make_refiner(cfg, tmp_path / "refiner", seed=0)
+    report = evaluate(cfg, refiner, out=tmp_path / "out", progress=False, inception=tiny_inception_features())
+    assert report["protocol"]["samples_per_class"] == [2, 2] and report["rows"]["gaussian-guided"]["nfe"] == 4
+    lines = (tmp_path / "out" / "samples.csv").read_text().splitlines()
+    assert [line.split(",")[2] for line in lines[1:12]] == [str(i % 10) for i in range(11)]
+    store = next((tmp_path / "out" / "store").glob("refined-*"))
+    pool = np.concatenate([np.load(store / name)["inception_pool"]
+                           for name in ("shard-00000000-00000010.npz", "shard-00000010-00000020.npz")])
+    assert report["rows"]["refined"]["fid"] == pytest.approx(
+        frechet_distance(*feature_statistics(pool), *feature_statistics(reference)), rel=1e-9)
+    assert "CLIPScore" in (tmp_path / "out" / "table.md").read_text()  # the column is there, n/a
