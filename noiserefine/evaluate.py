@@ -142,7 +142,7 @@ class Evaluation:
                  worker: tuple[int, int] = (0, 1),
                  inception: InceptionFeatures | None = None, text_image: TextImageScores | None = None):
         from .backends import load_backend
-        from .refiner import check_architecture, check_same_sampler, read_sampler_record, scheduler_record
+        from .sampler_record import check_architecture, check_same_sampler, read_sampler_record, scheduler_record
         from .targets.identity import file_sha256, model_identity
 
         self.cfg, self.bench, self.progress = cfg, cfg.benchmark, progress
