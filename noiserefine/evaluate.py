@@ -143,7 +143,8 @@ class Evaluation:
                  inception: InceptionFeatures | None = None, text_image: TextImageScores | None = None):
         from .backends import load_backend
         from .sampler_record import check_architecture, check_same_sampler, read_sampler_record, scheduler_record
-        from .targets.identity import file_sha256, model_identity
+        from .hashing import file_sha256
+        from .targets.identity import model_identity
 
         self.cfg, self.bench, self.progress = cfg, cfg.benchmark, progress
         self.worker, self.num_workers = int(worker[0]), int(worker[1])

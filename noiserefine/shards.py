@@ -24,6 +24,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from .files import atomic_path
+from .hashing import file_sha256
 
 MANIFEST_NAME = "manifest.parquet"
 MANIFEST_COLUMNS = ("name", "num_samples", "num_bytes", "sha256")
@@ -138,14 +139,6 @@ def write_shard(path: Path, samples: Iterable[ShardSample]) -> ShardInfo:
         finally:
             writer.close()  # on error too, so tarfile never writes to a closed file later
     return ShardInfo(path.name, len(seen), path.stat().st_size, file_sha256(path))
-
-
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def decode_sample(sample: dict, *, source: str = "") -> dict:

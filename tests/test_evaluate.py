@@ -124,7 +124,7 @@ def test_tiny_sd21_evaluation_end_to_end(setup):
         assert grid.size[1] == 2 + 4 * (16 * 4 + 2)
 
     protocol = json.loads((out / "protocol.json").read_text())
-    from noiserefine.targets.identity import file_sha256
+    from noiserefine.hashing import file_sha256
 
     assert protocol["captions_sha256"] == file_sha256(root / "captions_val2014.json")
     assert protocol["num_samples"] == NUM_SAMPLES and protocol["resolution"] == 16

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..targets.identity import file_sha256, tree_sha256
+from ..hashing import file_sha256, tree_sha256
 from .metrics import clip_scores, pick_scores
 from .protocols import to_uint8
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ..noise import sample_seed
-from ..targets.identity import file_sha256
+from ..hashing import file_sha256
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 FID_IMAGE_RULE = ("uint8 RGB (generated: round(255 * x) of the decoded image in [0, 1]); center crop to the "

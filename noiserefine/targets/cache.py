@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING
 
 import yaml
 
+from ..hashing import file_sha256
 from ..files import write_text_atomic
-from ..shards import (MANIFEST_NAME, ShardInfo, file_sha256, iter_samples, parse_shard_name, read_manifest,
+from ..shards import (MANIFEST_NAME, ShardInfo, iter_samples, parse_shard_name, read_manifest,
                       sample_key, shard_name, write_manifest)
 from .identity import teacher_key, teacher_record
 from .lock import LOCK_FILES, cache_lock, manifest_lock

@@ -27,9 +27,10 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from ..hashing import file_sha256
 from ..files import write_text_atomic
 from ..refiner import Refiner, save_refiner
-from ..shards import ShardInfo, file_sha256, read_manifest
+from ..shards import ShardInfo, read_manifest
 from ..targets.cache import cache_dir_for
 from . import distributed
 from .distributed import CheckpointDamaged
