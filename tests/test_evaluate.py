@@ -22,7 +22,7 @@ import torch
 from tiny_eval import build_tiny_clip, tiny_inception_features, write_coco_fixture
 from tiny_models import build_tiny_sd
 
-import noiserefine.evaluate as evaluate_module
+import noiserefine.evaluation.benchmark as benchmark_module
 from noiserefine.config import load_config, save_config
 from noiserefine.evaluate import evaluate
 
@@ -84,17 +84,17 @@ def setup(tmp_path_factory):
 
 
 class RolloutCounter:
-    """Counts the samples each row's rollouts produce (wraps noiserefine.evaluate's rollout)."""
+    """Counts the samples each row's rollouts produce (wraps noiserefine.evaluation.benchmark's rollout)."""
 
     def __init__(self, monkeypatch):
         self.samples = 0
-        original = evaluate_module.rollout
+        original = benchmark_module.rollout
 
         def counted(backend, noise, *args, **kwargs):
             self.samples += noise.shape[0]
             return original(backend, noise, *args, **kwargs)
 
-        monkeypatch.setattr(evaluate_module, "rollout", counted)
+        monkeypatch.setattr(benchmark_module, "rollout", counted)
 
 
 def test_tiny_sd21_evaluation_end_to_end(setup):
