@@ -154,8 +154,38 @@ class EvalConfig:
     batch_size: int = 250
     grid_columns: int = 10
     prompts: list[str] = field(default_factory=list)  # cycled; empty = the plan's prompt draw
-    metrics: str = "none"  # none | digit_classifier (the embedded default's in-domain classifier)
+    # none | digit_classifier (the embedded default's in-domain classifier) | text_image (CLIPScore and/or
+    # PickScore from the local weights below, whichever are set; noiserefine.evaluation.features)
+    metrics: str = "none"
     classifier_dir: str = ""  # digit_classifier: where the classifier is trained once and cached
+    # Local weight directories (nothing is downloaded); also used by ``python -m noiserefine.evaluate``.
+    clip_path: str = ""  # CLIPScore: a transformers CLIPModel + CLIPProcessor directory (e.g. CLIP ViT-L/14)
+    pickscore_path: str = ""  # PickScore: the PickScore_v1 CLIPModel directory
+    pickscore_processor_path: str = ""  # its CLIPProcessor (CLIP-ViT-H-14 laion2B); "" = pickscore_path
+
+
+@dataclass
+class BenchmarkConfig:
+    """The paper-table evaluation (``python -m noiserefine.evaluate``; docs/paper_table.md)."""
+
+    protocol: str = "coco"  # coco (MS-COCO captions) | imagenet (class-conditional) | prompts (a text file)
+    captions: str = ""  # coco: captions_val2014.json / captions_val2017.json
+    prompts_file: str = ""  # prompts: one prompt per line, cycled
+    num_classes: int = 1000  # imagenet: sample i is class i % num_classes (50K samples = 50 per class)
+    num_samples: int = 30000
+    base_seed: int = 0  # seed of sample i: noise.sample_seed(base_seed, seed_offset + i)
+    seed_offset: int = 20_000_000  # beyond the teacher cache's and the periodic evaluation's ids
+    reference: str = ""  # FID reference: a folder of real images or an .npz with mu/sigma; "" = no FID
+    resolution: int = 0  # images are center-cropped and resized to this square size for FID; 0 = generated size
+    inception_path: str = ""  # torch-fidelity's weights-inception-2015-12-05-6726825d.pth; "" = no FID/IS
+    distilled_path: str = ""  # a guidance-distilled model (same family) for the third row; "" = no such row
+    num_steps: int = 0  # sampler steps of every row; 0 = student.num_steps
+    batch_size: int = 16  # sampling batch
+    feature_batch_size: int = 64  # Inception/CLIP batch
+    shard_size: int = 500  # samples per stored shard (the resume granularity)
+    grid_columns: int = 8
+    save_images: bool = False  # keep every sample as PNG (else only the grid's first columns)
+    output_dir: str = "runs/eval"  # default --out: <output_dir>/<backend>-<run key>
 
 
 @dataclass
@@ -179,6 +209,7 @@ class Config:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
 
 
@@ -191,7 +222,8 @@ _CHOICES = {
     "teacher.guidance": ("cfg", "cfg_pag"),
     "data.target_dtype": ("float16", "float32"),
     "train.loss": ("msd", "full_gradient", "noise_space"),
-    "eval.metrics": ("none", "digit_classifier"),
+    "eval.metrics": ("none", "digit_classifier", "text_image"),
+    "benchmark.protocol": ("coco", "imagenet", "prompts"),
     # ZeRO-3 partitions the LoRA weights, which the refiner export does not gather
     "train.zero_stage": (0, 1, 2),
 }
@@ -333,10 +365,12 @@ _RANGES = {
 _AT_LEAST_ONE = ("teacher.num_steps", "student.num_steps", "refiner.lora_rank", "data.num_samples",
                  "data.shard_size", "data.max_prompt_chars", "pipeline.batch_size", "train.max_steps",
                  "train.global_batch_size", "train.checkpoint_every", "eval.num_samples", "eval.batch_size",
-                 "eval.grid_columns", "model.digits.train_steps", "model.digits.batch_size", "data.io_chunk_bytes")
+                 "eval.grid_columns", "model.digits.train_steps", "model.digits.batch_size", "data.io_chunk_bytes",
+                 "benchmark.num_classes", "benchmark.num_samples", "benchmark.batch_size",
+                 "benchmark.feature_batch_size", "benchmark.shard_size", "benchmark.grid_columns")
 _AT_LEAST_ZERO = ("pipeline.num_workers", "pipeline.max_retries", "data.io_retries", "train.log_every",
-                  "train.eval_every",
-                  "train.num_loader_workers", "eval.seed_offset")
+                  "train.eval_every", "train.num_loader_workers", "eval.seed_offset", "benchmark.seed_offset",
+                  "benchmark.resolution", "benchmark.num_steps")
 
 
 def _check_range(key: str, value: float, low: float, high: float, low_inclusive: bool) -> None:
@@ -377,6 +411,15 @@ def validate(cfg: DictConfig) -> None:
             f"config key 'eval.seed_offset' is {offset}: the held-out sample ids {offset}..{offset + count - 1} "
             f"overlap the teacher cache's training ids 0..{planned - 1} (data.num_samples={planned}); "
             f"use eval.seed_offset >= {planned}", "eval.seed_offset", "data.num_samples")
+    bench = cfg.benchmark
+    if bench.base_seed == cfg.data.base_seed and bench.seed_offset < planned:
+        raise ConfigValueError(
+            f"config key 'benchmark.seed_offset' is {bench.seed_offset}: the benchmark's sample ids overlap the "
+            f"teacher cache's training ids 0..{planned - 1} (same base seed {bench.base_seed}); "
+            f"use benchmark.seed_offset >= {planned}", "benchmark.seed_offset", "data.num_samples")
+    if cfg.eval.metrics == "text_image" and not (cfg.eval.clip_path or cfg.eval.pickscore_path):
+        raise ConfigValueError("config key 'eval.metrics' is 'text_image' but neither eval.clip_path nor "
+                               "eval.pickscore_path is set (local CLIP / PickScore weight directories)", "eval.metrics")
 
 
 def to_yaml(cfg: DictConfig) -> str:

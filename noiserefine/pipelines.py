@@ -54,8 +54,8 @@ import torch
 
 from .backends.base import Backend
 from .noise import noise_from_seeds
-from .refiner import (SAMPLER_FILE, Refiner, check_model_schedule, detach_refiner, load_refiner,
-                      read_sampler_record)
+from .refiner import Refiner, detach_refiner, load_refiner
+from .sampler_record import SAMPLER_FILE, check_model_schedule, read_sampler_record
 
 _ATTACHED = "_noiserefine_refiner"  # pipeline attribute: (refiner directory, Refiner)
 

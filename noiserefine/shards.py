@@ -24,6 +24,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from .hashing import file_sha256
 from .storage import Location, location, store_for
 
 MANIFEST_NAME = "manifest.parquet"
@@ -142,14 +143,6 @@ def write_shard(path: str | Path | Location, samples: Iterable[ShardSample]) -> 
                 writer.close()  # on error too, so tarfile never writes to a closed file later
         info = ShardInfo(path.name, len(seen), tmp.stat().st_size, file_sha256(tmp))
     return info
-
-
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def decode_sample(sample: dict, *, source: str = "") -> dict:

@@ -26,7 +26,8 @@ from PIL import Image
 
 from noiserefine.backends import load_backend
 from noiserefine.config import load_config
-from noiserefine.refiner import SAMPLER_FILE, load_refiner, read_sampler_record
+from noiserefine.refiner import load_refiner
+from noiserefine.sampler_record import SAMPLER_FILE, read_sampler_record
 from tiny_models import IMAGE_SIZE, build_tiny_dit, build_tiny_sd, build_tiny_sd3, build_tiny_sdxl
 
 REPO = Path(__file__).resolve().parents[1]

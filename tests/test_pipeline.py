@@ -36,7 +36,8 @@ from noiserefine.config import load_config
 from noiserefine.noise import fingerprint, noise_from_seed
 from noiserefine.targets.plan import Plan
 from noiserefine.sampling import UNGUIDED, Guidance, rollout
-from noiserefine.shards import (MANIFEST_NAME, decode_sample, file_sha256, read_manifest, read_shard,
+from noiserefine.hashing import file_sha256
+from noiserefine.shards import (MANIFEST_NAME, decode_sample, read_manifest, read_shard,
                                 sample_key, shard_name, write_manifest)
 
 wds = pytest.importorskip("webdataset")
@@ -370,7 +371,7 @@ def test_growing_num_samples_keeps_complete_shards(clean_1w, tmp_path):
     grown = 27  # shard 3 grows from 4 to 6 samples, shard 4 is new with 3
     job = run_ok([*overrides, f"data.num_samples={grown}"])
     assert job.cache_dir == cache_dir  # num_samples is not part of the teacher key
-    assert f"3/5 shards complete, 2 to generate" in job.stdout, job.describe()
+    assert "3/5 shards complete, 2 to generate" in job.stdout, job.describe()
     assert f"growing ['{SHARD_NAMES[3]}']" in job.stdout and "rejected" not in job.stdout, job.describe()
     after = file_ids(cache_dir)
     clean_hashes = shard_hashes(clean_1w.cache_dir)

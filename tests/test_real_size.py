@@ -9,8 +9,6 @@ an MSD step) is marked ``slow``.
 from __future__ import annotations
 
 import json
-import resource
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -279,51 +277,3 @@ def test_pretrained_errors_name_path_and_expected_model(tmp_path, tiny_dirs):
     # An SDXL directory has every SD 1.x/2.x subfolder: refused on its UNet's config, before loading weights.
     with pytest.raises(ValueError, match=r"'.*sdxl' holds an SDXL UNet.*use model.backend=sdxl"):
         load_pretrained("stable_diffusion", tiny_dirs["sdxl"])
-
-
-# --- one real-size build (slow) -------------------------------------------------------------------------------
-
-@pytest.mark.slow
-def test_sd21_real_size_on_cpu():
-    """SD 2.1 at its published size with random weights on the CPU: one denoise of a 1x4x64x64 latent, one
-    teacher step as configs/sd21.yaml runs it (CFG+PAG: one forward of 3 samples) and one MSD training step
-    (refiner forward with its LoRA graph, a 1-step unguided rollout, backward, AdamW). Prints seconds and peak RSS."""
-    from noiserefine.config import RefinerConfig
-    from noiserefine.losses import MSDLoss
-    from noiserefine.refiner import Refiner
-    from noiserefine.sampling import rollout
-
-    started = time.perf_counter()
-    with pytest.warns(RandomWeightsWarning):
-        model = load_backend(model_cfg(architecture="sd21"))
-    built = time.perf_counter() - started
-    assert count_parameters(model.denoiser) == PUBLISHED["sd21", "unet"]
-    cond = model.encode_prompts(["a red cat"])
-    x_t = torch.randn(1, *model.latent_shape, generator=torch.Generator().manual_seed(0))
-    started = time.perf_counter()
-    with torch.no_grad():
-        out = model.denoise(x_t, torch.tensor(999), cond)
-    denoised = time.perf_counter() - started
-    assert out.shape == (1, 4, 64, 64) and torch.isfinite(out).all()
-
-    teacher = load_config(ARCH_CONFIGS / "sd21.yaml").teacher
-    started = time.perf_counter()
-    with torch.no_grad():
-        guided = rollout(model, x_t, cond, 1, Guidance.from_teacher(teacher))
-    teacher_step = time.perf_counter() - started
-    assert teacher.guidance == "cfg_pag" and torch.isfinite(guided).all()
-
-    torch.manual_seed(0)
-    refiner = Refiner(model, RefinerConfig())
-    optimizer = torch.optim.AdamW(refiner.trainable_parameters(), lr=1e-4)
-    target = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(1))
-    started = time.perf_counter()
-    loss, _ = MSDLoss(model, 1)(refiner(x_t, cond), cond, target)
-    loss.backward()
-    optimizer.step()
-    msd_step = time.perf_counter() - started
-    assert torch.isfinite(loss) and all(p.grad is not None for p in refiner.trainable_parameters())
-    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(f"sd21 random init, float32, {torch.get_num_threads()} threads: build {built:.1f} s, one denoise "
-          f"(1x4x64x64) {denoised:.1f} s, one teacher CFG+PAG step {teacher_step:.1f} s, one MSD step "
-          f"(1-step student) {msd_step:.1f} s, peak RSS {peak_gb:.2f} GB")

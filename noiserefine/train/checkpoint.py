@@ -36,8 +36,9 @@ import torch
 from omegaconf import OmegaConf
 
 from ..files import atomic_path, write_text_atomic
+from ..hashing import file_sha256
 from ..refiner import Refiner, save_refiner
-from ..shards import ShardInfo, file_sha256, read_manifest
+from ..shards import ShardInfo, read_manifest
 from ..targets.cache import cache_dir_for
 from . import distributed
 from .distributed import CheckpointDamaged

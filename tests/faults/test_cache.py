@@ -8,8 +8,6 @@ takes well under a second. Each test names the issue item it covers.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import importlib.util
 import io
 import os
@@ -28,10 +26,10 @@ import torch
 
 from conftest import tiny_digits_backend
 from noiserefine.config import load_config
-from noiserefine.shards import (MANIFEST_NAME, ShardInfo, _check_plain_name, ShardSample, file_sha256, read_manifest, read_shard,
+from noiserefine.hashing import file_sha256
+from noiserefine.shards import (ShardInfo, _check_plain_name, ShardSample, read_manifest, read_shard,
                                 verify_shard, write_manifest, write_shard)
 from noiserefine.targets import generate as generate_module
-from noiserefine.targets import identity
 from noiserefine.targets.cache import cache_dir_for, open_cache, prepare_cache_dir, record_shards
 from noiserefine.train.stream import TeacherStream
 
