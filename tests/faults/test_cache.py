@@ -499,7 +499,7 @@ def test_growing_num_samples_never_rewrites_a_recorded_shard(teacher, tmp_path, 
     assert [s.meta for s in new_samples[:len(old_samples)]] == [s.meta for s in old_samples]
     # a trainer resumed from a checkpoint naming the old rows still reads exactly them
     stream = TeacherStream(cache_dir, old_manifest, teacher_key=cache_dir.name, seed=0, rank=0, world_size=1,
-                           batch_size=2)
+                           global_batch_size=2)
     assert sorted(i for batch in stream.epoch_batches(0) for i in batch["sample_id"]) == list(range(6))
 
 
