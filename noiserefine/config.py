@@ -8,7 +8,6 @@ key and the file. The resolved config is saved next to every output.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .config_checks import ConfigValueError, validate
 from .files import write_text_atomic
 
 
@@ -213,22 +213,6 @@ class Config:
     demo: DemoConfig = field(default_factory=DemoConfig)
 
 
-_CHOICES = {
-    "model.backend": ("digits", "stable_diffusion", "sdxl", "sit", "sd3"),
-    "model.dtype": ("float32", "bfloat16", "float16"),
-    "model.init": ("pretrained", "random"),
-    # "" or a directory of noiserefine/backends/architectures/ (tests/test_real_size.py keeps the two in step)
-    "model.architecture": ("", "sd15", "sd21", "sd21_768", "sdxl", "dit_xl2", "sit_xl2"),
-    "teacher.guidance": ("cfg", "cfg_pag"),
-    "data.target_dtype": ("float16", "float32"),
-    "train.loss": ("msd", "full_gradient", "noise_space"),
-    "eval.metrics": ("none", "digit_classifier", "text_image"),
-    "benchmark.protocol": ("coco", "imagenet", "prompts"),
-    # ZeRO-3 partitions the LoRA weights, which the refiner export does not gather
-    "train.zero_stage": (0, 1, 2),
-}
-
-
 _RENAMED = {"train.batch_size": "train.batch_size (per rank) was replaced by train.global_batch_size (samples "
                                   "per step over all ranks: the old value times the number of ranks)"}
 
@@ -335,91 +319,6 @@ def _origin(keys: tuple[str, ...], origins: list[tuple[str, Any]]) -> str:
         if any(_sets(source, key) for key in keys):
             return where
     return "defaults"
-
-
-class ConfigValueError(ValueError):
-    """A value the schema accepts but the code cannot use; ``keys``: the key(s) at fault, first = named."""
-
-    def __init__(self, message: str, *keys: str):
-        super().__init__(message)
-        self.keys = keys
-
-
-# Numeric ranges: key -> (low, high, low inclusive); all must also be finite.
-_RANGES = {
-    "teacher.guidance_scale": (0.0, 100.0, True),  # 0 = unguided (SD-Turbo); CFG is used at 1..~30
-    "teacher.pag_scale": (0.0, 100.0, True),
-    "model.digits.learning_rate": (0.0, math.inf, False),
-    "model.digits.cond_dropout": (0.0, 1.0, True),
-    "model.digits.distill_guidance_scale": (0.0, 100.0, True),
-    "refiner.timestep": (0.0, math.inf, True),
-    "refiner.lora_alpha": (0.0, math.inf, False),
-    "pipeline.gpus_per_worker": (0.0, math.inf, True),
-    "pipeline.cpus_per_worker": (0.0, math.inf, True),
-    "pipeline.lock_ttl_s": (0.0, math.inf, False),
-    "data.io_backoff_s": (0.0, 3600.0, True),
-    "train.learning_rate": (0.0, math.inf, False),
-    "train.weight_decay": (0.0, math.inf, True),
-    "train.gradient_clipping": (0.0, math.inf, True),  # 0 = off
-}
-_AT_LEAST_ONE = ("teacher.num_steps", "student.num_steps", "refiner.lora_rank", "data.num_samples",
-                 "data.shard_size", "data.max_prompt_chars", "pipeline.batch_size", "train.max_steps",
-                 "train.global_batch_size", "train.checkpoint_every", "eval.num_samples", "eval.batch_size",
-                 "eval.grid_columns", "model.digits.train_steps", "model.digits.batch_size", "data.io_chunk_bytes",
-                 "benchmark.num_classes", "benchmark.num_samples", "benchmark.batch_size",
-                 "benchmark.feature_batch_size", "benchmark.shard_size", "benchmark.grid_columns")
-_AT_LEAST_ZERO = ("pipeline.num_workers", "pipeline.max_retries", "data.io_retries", "train.log_every",
-                  "train.eval_every", "train.num_loader_workers", "eval.seed_offset", "benchmark.seed_offset",
-                  "benchmark.resolution", "benchmark.num_steps")
-
-
-def _check_range(key: str, value: float, low: float, high: float, low_inclusive: bool) -> None:
-    above = value >= low if low_inclusive else value > low
-    if not (math.isfinite(value) and above and value <= high):
-        bound = f"{'[' if low_inclusive else '('}{low:g}, {high:g}{']' if math.isfinite(high) else ')'}"
-        raise ConfigValueError(f"config key '{key}' must be finite and in {bound}, got {value}", key)
-
-
-def validate(cfg: DictConfig) -> None:
-    """Checks the schema cannot express: choices, counts and finite ranges, sources, held-out seeds.
-
-    Raises :class:`ConfigValueError` (a ``ValueError``) naming the key.
-    """
-    for key, choices in _CHOICES.items():
-        value = OmegaConf.select(cfg, key)
-        if value not in choices:
-            raise ConfigValueError(f"config key '{key}' is {value!r}; expected one of {choices}", key)
-    for key in _AT_LEAST_ONE:
-        value = OmegaConf.select(cfg, key)
-        if value < 1:
-            raise ConfigValueError(f"config key '{key}' must be >= 1, got {value}", key)
-    for key in _AT_LEAST_ZERO:
-        value = OmegaConf.select(cfg, key)
-        if value < 0:
-            raise ConfigValueError(f"config key '{key}' must be >= 0, got {value}", key)
-    for key, (low, high, low_inclusive) in _RANGES.items():
-        _check_range(key, float(OmegaConf.select(cfg, key)), low, high, low_inclusive)
-    if len(cfg.data.sources) == 0:
-        raise ConfigValueError("config key 'data.sources' is empty; list at least one prompt source", "data.sources")
-    for index, source in enumerate(cfg.data.sources):
-        _check_range(f"data.sources.{index}.weight", float(source.weight), 0.0, math.inf, False)
-    # Held-out evaluation ids are seed_offset .. seed_offset+eval.num_samples-1; the cache's plan uses
-    # 0 .. data.num_samples-1 (sample seeds are a hash of the id): the two ranges must not meet.
-    offset, count, planned = cfg.eval.seed_offset, cfg.eval.num_samples, cfg.data.num_samples
-    if offset < planned:
-        raise ConfigValueError(
-            f"config key 'eval.seed_offset' is {offset}: the held-out sample ids {offset}..{offset + count - 1} "
-            f"overlap the teacher cache's training ids 0..{planned - 1} (data.num_samples={planned}); "
-            f"use eval.seed_offset >= {planned}", "eval.seed_offset", "data.num_samples")
-    bench = cfg.benchmark
-    if bench.base_seed == cfg.data.base_seed and bench.seed_offset < planned:
-        raise ConfigValueError(
-            f"config key 'benchmark.seed_offset' is {bench.seed_offset}: the benchmark's sample ids overlap the "
-            f"teacher cache's training ids 0..{planned - 1} (same base seed {bench.base_seed}); "
-            f"use benchmark.seed_offset >= {planned}", "benchmark.seed_offset", "data.num_samples")
-    if cfg.eval.metrics == "text_image" and not (cfg.eval.clip_path or cfg.eval.pickscore_path):
-        raise ConfigValueError("config key 'eval.metrics' is 'text_image' but neither eval.clip_path nor "
-                               "eval.pickscore_path is set (local CLIP / PickScore weight directories)", "eval.metrics")
 
 
 def to_yaml(cfg: DictConfig) -> str:

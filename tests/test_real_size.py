@@ -21,7 +21,8 @@ from noiserefine.backends.random_init import (ARCHITECTURES_DIR, RANDOM_WEIGHTS,
                                               architecture_names, build_components, build_model,
                                               builtin_clip_tokenizer, check_tokenizer_fits, count_parameters,
                                               read_architecture)
-from noiserefine.config import _CHOICES, load_config
+from noiserefine.config import load_config
+from noiserefine.config_checks import _CHOICES
 from noiserefine.sampling import Guidance, guided_output
 
 ARCH_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
