@@ -29,10 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from noiserefine import storage  # noqa: E402
 from noiserefine.backends import load_backend  # noqa: E402
 from noiserefine.config import config_from_container, parse_cli, to_yaml  # noqa: E402
-from noiserefine.targets.cache import hold_cache, record_shards, scan_cache  # noqa: E402
+from noiserefine.targets.cache import hold_cache, record_shards  # noqa: E402
 from noiserefine.targets.generate import generate_shard  # noqa: E402
 from noiserefine.targets.identity import teacher_key  # noqa: E402
 from noiserefine.targets.plan import Plan  # noqa: E402
+from noiserefine.targets.scan import scan_cache  # noqa: E402
 
 
 class TargetWorker:

@@ -16,7 +16,8 @@ import pytest
 
 from noiserefine.backends import load_backend
 from noiserefine.digits.teacher import ensure_digits_teacher
-from noiserefine.targets.cache import prepare_cache_dir, record_shards, scan_cache
+from noiserefine.targets.cache import prepare_cache_dir, record_shards
+from noiserefine.targets.scan import scan_cache
 from noiserefine.config import load_config
 from noiserefine.targets.identity import teacher_key
 from noiserefine.targets.generate import generate_shard

@@ -31,7 +31,8 @@ import torch
 
 from noiserefine.backends import load_backend
 from noiserefine.digits.teacher import train_digits_teacher
-from noiserefine.targets.cache import cache_dir_for, read_teacher_record, scan_cache
+from noiserefine.targets.cache import cache_dir_for, read_teacher_record
+from noiserefine.targets.scan import scan_cache
 from noiserefine.config import load_config
 from noiserefine.noise import fingerprint, noise_from_seed
 from noiserefine.targets.plan import Plan

@@ -19,7 +19,8 @@ from helpers_cache import REPO, tiny_cache, tiny_config, tiny_overrides, tiny_ro
 from helpers_s3 import object_etags, run_job_in_process, s3_url, upload_dir
 from noiserefine.shards import read_manifest, read_shard
 from noiserefine.storage import ObjectPath, store_for
-from noiserefine.targets.cache import cache_dir_for, record_shards, scan_cache
+from noiserefine.targets.cache import cache_dir_for, record_shards
+from noiserefine.targets.scan import scan_cache
 from noiserefine.targets.plan import Plan
 
 pytestmark = pytest.mark.slow  # a real job (teacher rollouts) and a server: `make test` only

@@ -30,7 +30,8 @@ from safetensors.torch import load_file
 from helpers_cache import SHARD_SIZE, TINY, copy_cache, tiny_config
 from noiserefine.noise import fingerprint, noise_from_seed
 from noiserefine.shards import ShardInfo, read_manifest, read_shard, sample_key, write_manifest, write_shard
-from noiserefine.targets.cache import open_cache, record_shards, scan_cache
+from noiserefine.targets.cache import open_cache, record_shards
+from noiserefine.targets.scan import scan_cache
 from noiserefine.targets.plan import Plan
 from noiserefine.train.checkpoint import finished_run
 from noiserefine.train.distributed import free_port
