@@ -72,7 +72,7 @@ def s3_server():
     server.start()
     saved = {key: os.environ.get(key) for key in s3_env(server.endpoint)}
     os.environ.update(s3_env(server.endpoint))
-    from noiserefine.storage import s3_filesystem
+    from noiserefine.s3_store import s3_filesystem
 
     try:
         s3_filesystem().mkdir(BUCKET)
@@ -117,7 +117,7 @@ def run_job_in_process(argv: list[str]) -> tuple[int, str, str]:
     import importlib.util
     import io
 
-    from noiserefine import storage
+    from noiserefine import retries
 
     spec = importlib.util.spec_from_file_location("generate_targets_job",
                                                   Path(__file__).resolve().parents[1] / "pipeline" /
@@ -127,11 +127,11 @@ def run_job_in_process(argv: list[str]) -> tuple[int, str, str]:
     import torch
 
     out, err = io.StringIO(), io.StringIO()
-    saved = (storage._policy, storage._chunk_bytes, torch.get_num_threads())
+    saved = (retries._policy, retries._chunk_bytes, torch.get_num_threads())
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             code = job.main(argv)
     finally:
-        storage._policy, storage._chunk_bytes, threads = saved
+        retries._policy, retries._chunk_bytes, threads = saved
         torch.set_num_threads(threads)  # the job's worker sets its own count
     return code, out.getvalue(), err.getvalue()

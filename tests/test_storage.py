@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from noiserefine import storage
-from noiserefine.storage import LocalStore, ObjectPath, RetryPolicy, StorageUnavailable, location, store_for
+from noiserefine import retries, s3_store
+from noiserefine.retries import RetryPolicy, StorageUnavailable
+from noiserefine.storage import LocalStore, ObjectPath, location, store_for
 
 
 def test_locations():
@@ -18,14 +19,14 @@ def test_locations():
     assert (where / "x.tar").name == "x.tar" and (where / "x.tar").parent == where
     assert where.fs_path == "bucket/some/prefix" and location(where) is where
     assert location("~/cache") == Path.home() / "cache"
-    assert isinstance(store_for("cache/x"), LocalStore) and isinstance(store_for(where), storage.S3Store)
+    assert isinstance(store_for("cache/x"), LocalStore) and isinstance(store_for(where), s3_store.S3Store)
     with pytest.raises(ValueError, match="names no bucket"):
         ObjectPath("s3:///prefix")
 
 
 def test_retries_are_bounded_then_name_the_call(monkeypatch):
     sleeps = []
-    monkeypatch.setattr(storage.time, "sleep", sleeps.append)
+    monkeypatch.setattr(retries.time, "sleep", sleeps.append)
     calls = []
 
     def refused():
@@ -58,13 +59,13 @@ def test_transient_errors():
         error.__cause__ = ClientError({"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "Get")
         return error
 
-    assert storage.is_transient(EndpointConnectionError(endpoint_url="http://127.0.0.1:1"))
-    assert storage.is_transient(ReadTimeoutError(endpoint_url="http://127.0.0.1:1"))
-    assert storage.is_transient(wrapped("SlowDown", 503)) and storage.is_transient(wrapped("InternalError", 500))
-    assert not storage.is_transient(wrapped("AccessDenied", 403))
-    assert not storage.is_transient(FileNotFoundError("s3://b/shard-000500.tar"))
-    assert not storage.is_transient(OSError("s3://b/shard-000500.tar: something else"))
-    assert not storage.is_transient(ValueError("bad bytes"))
+    assert retries.is_transient(EndpointConnectionError(endpoint_url="http://127.0.0.1:1"))
+    assert retries.is_transient(ReadTimeoutError(endpoint_url="http://127.0.0.1:1"))
+    assert retries.is_transient(wrapped("SlowDown", 503)) and retries.is_transient(wrapped("InternalError", 500))
+    assert not retries.is_transient(wrapped("AccessDenied", 403))
+    assert not retries.is_transient(FileNotFoundError("s3://b/shard-000500.tar"))
+    assert not retries.is_transient(OSError("s3://b/shard-000500.tar: something else"))
+    assert not retries.is_transient(ValueError("bad bytes"))
 
 
 def test_local_publish_is_all_or_nothing(tmp_path):

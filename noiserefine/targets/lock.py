@@ -165,7 +165,7 @@ class _Lease:
                             "token": self.token, "renewed": time.time(), "ttl_s": self.ttl_s}) + "\n").encode()
 
     def acquire(self) -> None:
-        from ..storage import PreconditionFailed
+        from ..s3_store import PreconditionFailed
 
         where = self.store.location
         for _ in range(20):
@@ -199,7 +199,7 @@ class _Lease:
         raise CacheLockedError(f"{where}: could not take the job lock (its lease object kept changing)")
 
     def _heartbeat(self) -> None:
-        from ..storage import PreconditionFailed
+        from ..s3_store import PreconditionFailed
 
         while not self._stop.wait(self.ttl_s / 4):
             try:

@@ -17,7 +17,7 @@ import pytest
 
 from helpers_cache import REPO, tiny_config, tiny_overrides
 from helpers_s3 import run_job_in_process, s3_url, upload_dir
-from noiserefine import storage
+from noiserefine import retries, s3_store, storage
 from noiserefine.shards import read_manifest
 from noiserefine.storage import StorageUnavailable, store_for
 from noiserefine.targets.cache import cache_dir_for, hold_cache, record_shards
@@ -31,9 +31,9 @@ LATENT = (1, 16, 16)
 @pytest.fixture
 def io_settings():
     """Restore the process's retry policy and chunk size after a test changes them."""
-    saved = (storage._policy, storage._chunk_bytes)
+    saved = (retries._policy, retries._chunk_bytes)
     yield
-    storage._policy, storage._chunk_bytes = saved
+    retries._policy, retries._chunk_bytes = saved
 
 
 def configure(cfg) -> None:
@@ -124,7 +124,7 @@ def test_server_restarted_mid_epoch_the_read_resumes_at_the_offset_reached(s3_se
     and is back 1 s later: the read is retried with backoff from the chunk it had reached, the epoch's batches
     are those of the disk cache, and the sha256/fingerprint checks passed on every sample."""
     remote, local = streams(tiny_root, tiny_teacher, s3_cache, tiny_cache)
-    fs = storage.s3_filesystem()
+    fs = s3_store.s3_filesystem()
     calls, original = [], fs.cat_file
 
     def cat_file(path, start=None, end=None, **kwargs):
@@ -147,7 +147,7 @@ def test_server_restarted_mid_epoch_the_read_resumes_at_the_offset_reached(s3_se
 def test_server_down_mid_epoch_the_stream_fails_naming_the_shard(s3_server, s3_cache, tiny_root, tiny_teacher,
                                                                 tiny_cache, io_settings, monkeypatch):
     remote, _ = streams(tiny_root, tiny_teacher, s3_cache, tiny_cache)
-    storage._policy = storage.RetryPolicy(attempts=3, backoff_s=0.05)
+    retries._policy = retries.RetryPolicy(attempts=3, backoff_s=0.05)
     batches = remote.batches()
     next(batches)  # the first shard was read
     s3_server.stop()

@@ -1,0 +1,187 @@
+"""The S3 store (s3fs): one PUT per published file, ranged GETs, conditional PUTs for the locks and manifest.
+
+Every call goes through :func:`retries.retry_policy` (s3fs's and botocore's own retries are off).
+See ``storage.py`` for the interface and the semantics it shares with a local directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+from .retries import read_chunk_bytes, retry_policy
+from .storage import ObjectPath, Store
+
+T = TypeVar("T")
+
+
+class PreconditionFailed(Exception):
+    """A conditional write lost: the object exists (``If-None-Match``) or changed (``If-Match``)."""
+
+
+def _precondition_failed(error: BaseException) -> bool:
+    """S3's 412 (s3fs raises FileExistsError for If-None-Match, OSError(EINVAL) caused by the ClientError for
+    If-Match)."""
+    if isinstance(error, FileExistsError):
+        return True
+    chain = [error, error.__cause__, error.__context__]
+    return any(e is not None and ("PreconditionFailed" in str(e) or "pre-conditions you specified" in str(e))
+               for e in chain)
+
+
+_filesystems: dict[int, object] = {}  # pid -> s3fs filesystem (a forked DataLoader worker makes its own)
+_fs_guard = threading.Lock()
+
+
+def s3_filesystem():
+    """This process's s3fs filesystem: one client, no retries of its own (s3fs's and botocore's would add an
+    unbounded-looking second layer): every retry is :class:`RetryPolicy`'s, bounded and logged."""
+    pid = os.getpid()
+    with _fs_guard:
+        fs = _filesystems.get(pid)
+        if fs is None:
+            import s3fs
+
+            fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False,
+                                   config_kwargs={"retries": {"max_attempts": 1, "mode": "standard"},
+                                                  "connect_timeout": 5, "read_timeout": 60})
+            fs.retries = 1  # s3fs's own retry loop: one attempt
+            _filesystems.clear()
+            _filesystems[pid] = fs
+        return fs
+
+
+class S3Store(Store):
+    def __init__(self, where: ObjectPath):
+        self.location = where
+
+    @property
+    def fs(self):
+        return s3_filesystem()
+
+    def _key(self, name: str) -> str:
+        return (self.location / name).fs_path
+
+    def _retry(self, what: str, call: Callable[[], T]) -> T:
+        return retry_policy().run(what, call)
+
+    def info(self, name: str) -> dict | None:
+        def call():
+            try:
+                return self.fs.info(self._key(name))
+            except FileNotFoundError:
+                return None
+        info = self._retry(f"HEAD {self.path(name)}", call)
+        return info if info is None or info.get("type") == "file" else None
+
+    def size(self, name: str) -> int | None:
+        info = self.info(name)
+        return None if info is None else int(info["size"])
+
+    def sizes(self) -> dict[str, int]:
+        def call():
+            try:
+                return self.fs.ls(self.location.fs_path, detail=True, refresh=True)
+            except FileNotFoundError:
+                return []
+        entries = self._retry(f"LIST {self.location}", call)
+        return {e["name"].rsplit("/", 1)[-1]: int(e["size"]) for e in entries if e.get("type") == "file"}
+
+    def read_range(self, name: str, start: int, end: int) -> bytes:
+        return self._retry(f"GET {self.path(name)} bytes {start}-{end - 1}",
+                           lambda: self.fs.cat_file(self._key(name), start=start, end=end))
+
+    def read_bytes(self, name: str) -> bytes:
+        """The whole object by ranged GETs of ``data.io_chunk_bytes``; a broken read resumes at the offset reached."""
+        size = self.size(name)
+        if size is None:
+            raise FileNotFoundError(f"{self.path(name)} does not exist")
+        parts, offset = [], 0
+        while offset < size:
+            part = self.read_range(name, offset, min(offset + read_chunk_bytes(), size))
+            if not part:
+                raise OSError(f"{self.path(name)}: empty read at offset {offset} of {size} (object changed?)")
+            parts.append(part)
+            offset += len(part)
+        return b"".join(parts)
+
+    def read_with_etag(self, name: str) -> tuple[bytes | None, str | None]:
+        """The object and the ETag of exactly those bytes (HEAD, GET, HEAD: retried until both HEADs agree)."""
+        for _ in range(10):
+            before = self.info(name)
+            if before is None:
+                return None, None
+            try:
+                data = self.read_bytes(name)
+            except FileNotFoundError:
+                continue
+            after = self.info(name)
+            if after is not None and after["ETag"] == before["ETag"]:
+                return data, before["ETag"]
+        raise OSError(f"{self.path(name)} kept changing while it was read")
+
+    @contextlib.contextmanager
+    def publish(self, name: str) -> Iterator[Path]:
+        spool = Path(tempfile.mkdtemp(prefix="noiserefine-upload-"))
+        try:
+            tmp = spool / name
+            yield tmp
+            self._retry(f"PUT {self.path(name)}", lambda: self.fs.put_file(str(tmp), self._key(name)))
+        finally:
+            shutil.rmtree(spool, ignore_errors=True)
+
+    def put_if(self, name: str, data: bytes, *, etag: str | None) -> str:
+        """PUT ``data`` only if ``name`` is absent (``etag`` None) or still has ``etag``; its new ETag.
+        :class:`PreconditionFailed` if not (a retried PUT that already landed reads as one too)."""
+        condition = {"IfNoneMatch": "*"} if etag is None else {"IfMatch": etag}
+
+        def call():
+            try:
+                return self.fs.pipe_file(self._key(name), data, **condition)
+            except Exception as error:  # noqa: BLE001
+                if _precondition_failed(error):
+                    raise PreconditionFailed(str(error)) from None
+                raise
+        response = self._retry(f"conditional PUT {self.path(name)}", call)
+        return (response or {}).get("ETag") or self.info(name)["ETag"]
+
+    def delete(self, name: str) -> None:
+        def call():
+            try:
+                self.fs.rm_file(self._key(name))
+            except FileNotFoundError:
+                pass
+        self._retry(f"DELETE {self.path(name)}", call)
+
+    def move(self, name: str, new_name: str) -> None:
+        """Server-side copy, then delete (S3 has no rename)."""
+        self._retry(f"COPY {self.path(name)}", lambda: self.fs.copy(self._key(name), self._key(new_name)))
+        self.delete(name)
+
+    def job_lock(self, ttl_s: float | None = None):
+        from .targets.lock import lease_lock
+
+        return lease_lock(self, ttl_s)
+
+    def read_modify_write(self, name: str, change: Callable[[bytes | None], bytes | None]) -> None:
+        """Compare-and-swap: read ``name`` with its ETag, PUT ``change(old)`` ``If-Match`` that ETag
+        (``If-None-Match: *`` when absent); another writer in between makes it read and merge again."""
+        for _ in range(100):
+            old, etag = self.read_with_etag(name)
+            new = change(old)
+            if new is None:
+                return
+            try:
+                self.put_if(name, new, etag=etag)
+                return
+            except PreconditionFailed:
+                time.sleep(random.random() * 0.2)
+        raise OSError(f"{self.path(name)}: 100 concurrent updates in a row lost the compare-and-swap")
