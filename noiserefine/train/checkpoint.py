@@ -42,7 +42,7 @@ from ..shards import ShardInfo, read_manifest
 from ..targets.cache import cache_dir_for
 from . import distributed
 from .distributed import CheckpointDamaged
-from .stream import allowed_world_sizes
+from .order import allowed_world_sizes
 
 CHECKPOINT_PREFIX = "step"
 # Keys that may change between a run and its resumption without changing what is trained.

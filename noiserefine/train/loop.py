@@ -43,7 +43,8 @@ from ..targets.cache import open_cache
 from . import distributed
 from .checkpoint import Checkpointer, finished_run
 from .logs import LOG_FIELDS, LogWindow, append_csv, trim_csv, trim_jsonl
-from .stream import TeacherStream, per_rank_batch
+from .order import per_rank_batch
+from .stream import TeacherStream
 
 
 def train_step(engine, refiner: Refiner, loss_fn: LossFn, backend, batch: dict) -> dict:

@@ -1,16 +1,7 @@
 """The teacher cache as an infinite, deterministic, resumable batch stream per rank, in one GLOBAL order.
 
-Order (independent of the number of ranks, like mosaic streaming's elastic determinism):
-epoch ``e`` permutes the shard list with a generator seeded by ``(train.seed, e)``; the
-samples keep their order inside a shard; the epochs are concatenated into one infinite
-global stream of sample *positions* (position ``p`` is sample ``p mod N`` of epoch ``p // N``,
-``N`` = samples per epoch, counted from the manifest rows). Global batch ``b`` is positions
-``[b*G, (b+1)*G)`` with ``G = train.global_batch_size`` (a batch may straddle two epochs: no
-sample is dropped and every batch is full); rank ``r`` of ``W`` takes the contiguous slice
-``[b*G + r*G/W, b*G + (r+1)*G/W)``. So every rank runs one step per global batch (equal step
-counts by construction, no collective waits on a rank that ran out of data), the ranks'
-samples are disjoint, and the sequence of global batches is the same for every ``W`` that
-divides ``G``: a run checkpointed on ``W`` ranks continues the same sequence on ``W'``.
+Order: one global sequence of sample positions, independent of the number of ranks
+(``order.py``); rank ``r`` of ``W`` takes its contiguous slice of every global batch.
 
 Resume: a :class:`DataPosition` (global batches consumed) in the checkpoint; the stream
 starts at that batch's first shard (earlier shards are not read again).
@@ -48,6 +39,7 @@ from ..shards import ShardFormatError, ShardInfo, ShardSample, iter_samples, sam
 from ..storage import Location, StorageUnavailable, location, store_for
 from ..targets.cache import REPAIR_HINT, open_cache
 from ..targets.identity import teacher_key
+from .order import GlobalOrder, per_rank_batch
 
 
 @dataclass(frozen=True)
@@ -78,76 +70,6 @@ class SkipEvent:
     shard: str
     num_samples: int
     reason: str
-
-
-def epoch_permutation(num_shards: int, seed: int, epoch: int) -> list[int]:
-    """The shard order of ``epoch``: a permutation seeded by ``(seed, epoch)`` only."""
-    digest = hashlib.sha256(f"noiserefine-shards:{seed}:{epoch}".encode()).digest()
-    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
-    return torch.randperm(num_shards, generator=generator).tolist()
-
-
-def allowed_world_sizes(global_batch_size: int) -> list[int]:
-    """The rank counts that split ``global_batch_size`` evenly (its divisors)."""
-    return [w for w in range(1, global_batch_size + 1) if global_batch_size % w == 0]
-
-
-def per_rank_batch(global_batch_size: int, world_size: int) -> int:
-    """``global / world``; ``ValueError`` naming the allowed rank counts if it does not divide."""
-    if global_batch_size < 1 or world_size < 1:
-        raise ValueError(f"global batch {global_batch_size} and world size {world_size} must be >= 1")
-    if global_batch_size % world_size:
-        allowed = allowed_world_sizes(global_batch_size)
-        raise ValueError(f"train.global_batch_size={global_batch_size} cannot be split evenly over {world_size} "
-                         f"ranks; allowed rank counts: {allowed} (or a global batch size divisible by "
-                         f"{world_size})")
-    return global_batch_size // world_size
-
-
-@dataclass(frozen=True)
-class ShardSpan:
-    """Shard ``name`` holds global positions ``[start, start + count)`` (one epoch's pass over it)."""
-
-    name: str
-    start: int
-    count: int
-
-
-class GlobalOrder:
-    """The world-size-independent sample order of a cache (see the module docstring)."""
-
-    def __init__(self, names: list[str], counts: dict[str, int], seed: int, global_batch_size: int):
-        if global_batch_size < 1:
-            raise ValueError(f"global_batch_size must be >= 1, got {global_batch_size}")
-        self.names, self.counts, self.seed = list(names), dict(counts), int(seed)
-        self.global_batch_size = int(global_batch_size)
-        self.samples_per_epoch = sum(self.counts[name] for name in self.names)
-        if self.samples_per_epoch < 1:
-            raise ValueError("the cache holds no samples")
-
-    def epoch_spans(self, epoch: int) -> list[ShardSpan]:
-        spans, position = [], epoch * self.samples_per_epoch
-        for index in epoch_permutation(len(self.names), self.seed, epoch):
-            name = self.names[index]
-            spans.append(ShardSpan(name, position, self.counts[name]))
-            position += self.counts[name]
-        return spans
-
-    def rank_slice(self, batch: int, rank: int, world_size: int) -> tuple[int, int]:
-        """Global positions ``[lo, hi)`` of ``rank``'s part of global batch ``batch``."""
-        size = per_rank_batch(self.global_batch_size, world_size)
-        lo = batch * self.global_batch_size + rank * size
-        return lo, lo + size
-
-    def wanted(self, span: ShardSpan, rank: int, world_size: int, first: int) -> list[int]:
-        """Indices inside ``span``'s shard of the positions ``>= first`` that fall in ``rank``'s slices."""
-        size = per_rank_batch(self.global_batch_size, world_size)
-        lo, hi = rank * size, (rank + 1) * size
-        return [i for i in range(max(first - span.start, 0), span.count)
-                if lo <= (span.start + i) % self.global_batch_size < hi]
-
-    def epoch_of(self, position: int) -> int:
-        return position // self.samples_per_epoch
 
 
 # --- reading shards (inside the DataLoader workers) --------------------------------------------------
