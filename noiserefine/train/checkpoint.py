@@ -32,16 +32,16 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from omegaconf import OmegaConf
 
-from ..files import atomic_path, write_text_atomic
+from ..files import write_text_atomic
 from ..hashing import file_sha256
 from ..refiner import Refiner, save_refiner
 from ..shards import ShardInfo, read_manifest
 from ..targets.cache import cache_dir_for
 from . import distributed
 from .distributed import CheckpointDamaged
+from .elastic import ELASTIC_FILE, load_elastic, save_elastic, trainable_names, trainable_parameters
 from .order import allowed_world_sizes
 
 CHECKPOINT_PREFIX = "step"
@@ -104,7 +104,6 @@ def finished_run(cfg) -> dict | None:
 _TAG = re.compile(rf"{CHECKPOINT_PREFIX}\d{{8}}")
 _TAG_PREFIX = re.compile(r"(s(t(e(p\d{0,7})?)?)?)?")  # what DeepSpeed's in-place write of `latest` may leave
 RECORD_FILE = "checkpoint.json"
-ELASTIC_FILE = "elastic.safetensors"
 # format 2: a RECORD_FILE once the save completed; format 3: the global sample order (a position in global
 # batches, train.global_batch_size) and ELASTIC_FILE
 CHECKPOINT_FORMAT = 3
@@ -341,34 +340,6 @@ class Checkpointer:
                   f"{distributed.world_size()}; loading {ELASTIC_FILE} (LoRA weights and AdamW state)", flush=True)
         distributed.load_full_training_state(engine, trainable_parameters(refiner), tensors,
                                              int(meta["optimizer_step"]))
-
-
-def trainable_names(refiner: Refiner) -> list[str]:
-    return sorted(n for n, p in refiner.named_parameters() if p.requires_grad)
-
-
-def trainable_parameters(refiner: Refiner) -> list[tuple[str, torch.nn.Parameter]]:
-    return sorted(((n, p) for n, p in refiner.named_parameters() if p.requires_grad), key=lambda item: item[0])
-
-
-def save_elastic(path: Path, tensors: dict, meta: dict) -> None:
-    """``elastic.safetensors``: the world-size-independent training state (metadata values as JSON)."""
-    from safetensors.torch import save_file
-
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "noiserefine-elastic-1",
-                                               **{k: json.dumps(v) for k, v in meta.items()}})
-
-
-def load_elastic(path: Path) -> tuple[dict, dict]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as handle:
-        meta = handle.metadata() or {}
-        if meta.get("format") != "noiserefine-elastic-1":
-            raise ValueError(f"{path}: not an elastic training state of this trainer")
-        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    return tensors, {k: json.loads(v) for k, v in meta.items() if k != "format"}
 
 
 def merge_windows(windows: list[dict]) -> dict:
