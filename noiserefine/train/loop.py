@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -93,8 +94,63 @@ def train(cfg, metric_factory: Callable[[], MetricFn] | None = None) -> dict:
             print(f"{cfg.train.output_dir}: already trained to step {done['max_steps']} (done.json); "
                   "nothing to do", flush=True)
         return done
-    # Fail fast, before any model, engine or process group exists: the checkpoint to resume from (its
-    # config compared with this one) and the shards to train on (a resumed run: exactly its recorded rows).
+    run = _start(cfg)
+    loss_fn = build_loss(cfg, run.backend)
+    evaluator = None
+    if run.is_main and cfg.train.eval_every > 0:
+        evaluator = Evaluator(cfg, run.backend, run.output_dir, metric_factory() if metric_factory else None)
+    batches = run.stream.batches(run.stream.position)
+    started = time.perf_counter() - run.elapsed
+    last_row: dict = {}
+    bar = tqdm(total=cfg.train.max_steps, initial=run.start, desc="train refiner", unit="step",
+               disable=not run.is_main, dynamic_ncols=True)
+    step = run.start
+    with stop_on_sigterm(run.rank, lambda: step), lost_rank_error(run.rank, run.world, lambda: step), \
+            open(run.output_dir / f"samples_rank{run.rank}.jsonl", "a") as samples_log:
+        for step in range(run.start + 1, cfg.train.max_steps + 1):
+            batch = next(batches)
+            stats = train_step(run.engine, run.refiner, loss_fn, run.backend, batch)
+            samples_log.write(json.dumps({"step": step, "epoch": batch["epoch"], "index": batch["index"],
+                                          "sample_ids": batch["sample_id"]}) + "\n")
+            samples_log.flush()
+            run.window.add(stats["loss"], len(batch["sample_id"]))
+            if (cfg.train.log_every > 0 and step % cfg.train.log_every == 0) or step == cfg.train.max_steps:
+                last_row = _log_row(step, stats, run, started)
+            if evaluator is not None and step % cfg.train.eval_every == 0:
+                tqdm.write(evaluator(run.refiner, step)["text"])
+            if run.checkpointer.due(step):
+                run.checkpointer.save(run.engine, run.refiner, step,
+                                      {**run.stream.state_dict(), "log_window": run.window.state_dict()},
+                                      time.perf_counter() - started,
+                                      [run.stream.manifest[n] for n in run.stream.shard_names])
+            bar.update(1)
+    bar.close()
+    return _finish(cfg, run, last_row, started)
+
+
+@dataclass
+class _Run:
+    """What the loop works with, built (or restored from a checkpoint) by :func:`_start`."""
+    rank: int
+    world: int
+    is_main: bool
+    output_dir: Path
+    backend: object
+    refiner: Refiner
+    engine: object
+    stream: TeacherStream
+    window: LogWindow
+    checkpointer: Checkpointer
+    start: int  # the step this run continues from (0: a new run)
+    elapsed: float  # training seconds before this run (a resumed run's clock goes on)
+
+
+def _start(cfg) -> _Run:
+    """Checks, process group, model, engine and data, restored from the newest checkpoint if there is one.
+
+    Fails fast, before any model, engine or process group exists: the checkpoint to resume from (its
+    config compared with this one) and the shards to train on (a resumed run: exactly its recorded rows).
+    """
     storage.configure(cfg.data)  # object-store retries and read chunks (inherited by forked loader workers)
     launch_rank, launch_world = distributed.launch_rank_world()
     per_rank_batch(cfg.train.global_batch_size, launch_world)  # the global batch must split over the ranks
@@ -102,72 +158,45 @@ def train(cfg, metric_factory: Callable[[], MetricFn] | None = None) -> dict:
     resume = checkpointer.find(launch_rank, launch_world)
     cache_dir, rows = open_cache(cfg, rows=resume.shard_rows if resume else None)
     info = distributed.init()
-    rank, world, is_main = info.rank, info.world_size, info.is_main
-    _set_threads(world)
-    output_dir = Path(cfg.train.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-
+    _set_threads(info.world_size)
     backend = load_backend(OmegaConf.merge(cfg.model, {"device": distributed.device_for(cfg.model.device)}))
     torch.manual_seed(cfg.train.seed)  # LoRA A is random: the same on every rank and in every resumed run
     refiner = Refiner(backend, cfg.refiner)
     engine = distributed.build_engine(refiner, cfg)
     if resume:
         checkpointer.load(engine, refiner, resume)
-    start, elapsed = (resume.step, resume.seconds) if resume else (0, 0.0)
     shards = [row.name for row in resume.shard_rows] if resume else None  # a resumed run: in the recorded order
-    stream = TeacherStream.from_config(cfg, rank, world, shards=shards, cache=(cache_dir, rows),
+    stream = TeacherStream.from_config(cfg, info.rank, info.world_size, shards=shards, cache=(cache_dir, rows),
                                        latent_shape=backend.latent_shape)
     window = LogWindow()
     if resume:
         stream.load_state_dict(resume.data_state)
         window.load_state_dict(resume.data_state.get("log_window", {}))
-    samples_path = output_dir / f"samples_rank{rank}.jsonl"
-    trim_jsonl(samples_path, start)
-    if is_main and resume and resume.world_size > world:  # ranks that no longer exist: cut their logs back too
-        for gone in range(world, resume.world_size):
-            trim_jsonl(output_dir / f"samples_rank{gone}.jsonl", start)
-    if is_main:
-        if resume:
-            print(f"resuming from {resume.path} at step {start}", flush=True)
-        (output_dir / "done.json").unlink(missing_ok=True)
-        save_config(cfg, output_dir / "config.yaml")
-        trim_csv(output_dir / "train_log.csv", start)
-        trim_csv(output_dir / EVAL_LOG, start)
-        print(f"teacher cache {cache_dir}: {len(stream.shard_names)} shards, {stream.samples_per_epoch} "
-              f"samples/epoch; {world} rank(s) x batch {stream.batch_size} (global batch "
-              f"{cfg.train.global_batch_size}), loss {cfg.train.loss}, "
-              f"steps {start}->{cfg.train.max_steps}", flush=True)
+    run = _Run(info.rank, info.world_size, info.is_main, Path(cfg.train.output_dir), backend, refiner, engine,
+               stream, window, checkpointer, resume.step if resume else 0, resume.seconds if resume else 0.0)
+    _prepare_outputs(cfg, run, resume, cache_dir)
     distributed.barrier()
+    return run
 
-    loss_fn = build_loss(cfg, backend)
-    evaluator = None
-    if is_main and cfg.train.eval_every > 0:
-        evaluator = Evaluator(cfg, backend, output_dir, metric_factory() if metric_factory else None)
-    batches = stream.batches(stream.position)
-    started = time.perf_counter() - elapsed
-    last_row: dict = {}
-    bar = tqdm(total=cfg.train.max_steps, initial=start, desc="train refiner", unit="step", disable=not is_main,
-               dynamic_ncols=True)
-    step = start
-    with stop_on_sigterm(rank, lambda: step), lost_rank_error(rank, world, lambda: step), \
-            open(samples_path, "a") as samples_log:
-        for step in range(start + 1, cfg.train.max_steps + 1):
-            batch = next(batches)
-            stats = train_step(engine, refiner, loss_fn, backend, batch)
-            samples_log.write(json.dumps({"step": step, "epoch": batch["epoch"], "index": batch["index"],
-                                          "sample_ids": batch["sample_id"]}) + "\n")
-            samples_log.flush()
-            window.add(stats["loss"], len(batch["sample_id"]))
-            if (cfg.train.log_every > 0 and step % cfg.train.log_every == 0) or step == cfg.train.max_steps:
-                last_row = _log_row(step, stats, window, stream, started, output_dir if is_main else None)
-            if evaluator is not None and step % cfg.train.eval_every == 0:
-                tqdm.write(evaluator(refiner, step)["text"])
-            if checkpointer.due(step):
-                checkpointer.save(engine, refiner, step, {**stream.state_dict(), "log_window": window.state_dict()},
-                                  time.perf_counter() - started, [stream.manifest[n] for n in stream.shard_names])
-            bar.update(1)
-    bar.close()
-    return _finish(cfg, refiner, stream, last_row, started, is_main)
+
+def _prepare_outputs(cfg, run: _Run, resume, cache_dir) -> None:
+    """Cut the logs back to the step this run continues from; rank 0 saves the config and says what runs."""
+    run.output_dir.mkdir(parents=True, exist_ok=True)
+    trim_jsonl(run.output_dir / f"samples_rank{run.rank}.jsonl", run.start)
+    if not run.is_main:
+        return
+    if resume:
+        for gone in range(run.world, resume.world_size):  # ranks that no longer exist: cut their logs back too
+            trim_jsonl(run.output_dir / f"samples_rank{gone}.jsonl", run.start)
+        print(f"resuming from {resume.path} at step {run.start}", flush=True)
+    (run.output_dir / "done.json").unlink(missing_ok=True)
+    save_config(cfg, run.output_dir / "config.yaml")
+    trim_csv(run.output_dir / "train_log.csv", run.start)
+    trim_csv(run.output_dir / EVAL_LOG, run.start)
+    print(f"teacher cache {cache_dir}: {len(run.stream.shard_names)} shards, {run.stream.samples_per_epoch} "
+          f"samples/epoch; {run.world} rank(s) x batch {run.stream.batch_size} (global batch "
+          f"{cfg.train.global_batch_size}), loss {cfg.train.loss}, "
+          f"steps {run.start}->{cfg.train.max_steps}", flush=True)
 
 
 @contextlib.contextmanager
@@ -205,34 +234,34 @@ def lost_rank_error(rank: int, world: int, current_step: Callable[[], int]):
         raise
 
 
-def _log_row(step: int, stats: dict, window: LogWindow, stream: TeacherStream, started: float,
-             output_dir: Path | None) -> dict:
-    """All ranks: reduce the window; rank 0 (``output_dir`` given) appends the row and prints it."""
+def _log_row(step: int, stats: dict, run: _Run, started: float) -> dict:
+    """All ranks: reduce the log window; rank 0 appends the row and prints it."""
+    window = run.window
     loss_sum, steps, samples, skipped = distributed.all_reduce_sum(
-        [window.loss, window.steps, window.samples, stream.corrupt_skipped])
+        [window.loss, window.steps, window.samples, run.stream.corrupt_skipped])
     row = {"step": step, "loss": loss_sum / steps, "grad_norm": stats["grad_norm"],
            "samples_per_s": samples / max(window.seconds(), 1e-9),
            "seconds": round(time.perf_counter() - started, 3), "corrupt_skipped": int(skipped)}
     window.reset()
-    if output_dir is not None:
-        append_csv(output_dir / "train_log.csv", LOG_FIELDS, row)
+    if run.is_main:
+        append_csv(run.output_dir / "train_log.csv", LOG_FIELDS, row)
         tqdm.write(f"step {step} loss {row['loss']:.6f} grad_norm {row['grad_norm']:.4f} "
                    f"{row['samples_per_s']:.1f} samples/s {row['seconds']:.1f}s corrupt_skipped {row['corrupt_skipped']}")
     return row
 
 
-def _finish(cfg, refiner: Refiner, stream: TeacherStream, last_row: dict, started: float, is_main: bool) -> dict:
+def _finish(cfg, run: _Run, last_row: dict, started: float) -> dict:
     """Export the refiner and write ``done.json`` (rank 0); every rank leaves the process group."""
-    total_skipped = int(distributed.all_reduce_sum([stream.corrupt_skipped])[0])
+    total_skipped = int(distributed.all_reduce_sum([run.stream.corrupt_skipped])[0])
     peak_mb = max(distributed.all_gather_object(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0))
     output_dir = Path(cfg.train.output_dir)
     stats = {"max_steps": cfg.train.max_steps, "world_size": distributed.world_size(),
-             "global_batch_size": cfg.train.global_batch_size, "batch_size": stream.batch_size,
+             "global_batch_size": cfg.train.global_batch_size, "batch_size": run.stream.batch_size,
              "loss": cfg.train.loss, "final_loss": last_row.get("loss"),
              "seconds": round(time.perf_counter() - started, 1), "peak_rss_mb": round(peak_mb, 1),
              "corrupt_skipped": total_skipped, "refiner_dir": str(output_dir / "refiner")}
-    if is_main:
-        save_refiner(refiner, output_dir / "refiner", cfg)
+    if run.is_main:
+        save_refiner(run.refiner, output_dir / "refiner", cfg)
         record = {**stats, "config": OmegaConf.to_container(cfg, resolve=True)}  # finished_run compares it
         write_text_atomic(output_dir / "done.json", json.dumps(record, indent=2) + "\n")
         print(f"done: {cfg.train.max_steps} steps, final loss {stats['final_loss']}, refiner in "
