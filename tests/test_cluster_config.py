@@ -201,11 +201,12 @@ def test_head_setup_installs_boto3(raw, no_network):
 @pytest.mark.parametrize("doc", [CLUSTER_YAML, README], ids=lambda p: p.name)
 def test_documented_submit_overrides_are_valid_config_keys(doc):
     from noiserefine.config import load_config
+    from noiserefine.storage import is_remote
 
     sections = "model|teacher|student|refiner|data|pipeline|train|eval"
     overrides = re.findall(rf"(?<![\w.-])((?:{sections})\.[\w.]+=\S+)", doc.read_text())
     assert overrides, f"{doc.name} documents no key=value overrides for `ray submit`"
     cfg = load_config(overrides=overrides)  # raises ValueError on an unknown key / bad type
-    assert os.path.isabs(cfg.data.cache_root), (
-        f"{doc.name}: data.cache_root should be an absolute path on shared storage"
+    assert is_remote(cfg.data.cache_root) or os.path.isabs(cfg.data.cache_root), (
+        f"{doc.name}: data.cache_root should be an object-store URL or an absolute path on shared storage"
     )
