@@ -304,6 +304,14 @@ def load_config(paths: list[str | Path] | str | Path | None = None,
     return cfg
 
 
+def refiner_run_config(refiner: str | Path, config_files: list, overrides: list) -> tuple[Path, DictConfig]:
+    """``--refiner DIR`` of a command and its config: the given files, else the refiner's own ``config.yaml``."""
+    refiner_dir = Path(refiner).expanduser()
+    if not refiner_dir.is_dir():
+        raise FileNotFoundError(f"--refiner {str(refiner_dir)!r} is not a directory")
+    return refiner_dir, load_config(config_files or [refiner_dir / "config.yaml"], overrides)
+
+
 def _sets(source: Any, key: str) -> bool:
     if isinstance(source, list):  # override keys
         return any(key == k or key.startswith(k + ".") or k.startswith(key + ".") for k in source)

@@ -39,9 +39,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from .config import load_config
+from .config import refiner_run_config
 from .evaluation.benchmark import Evaluation
 from .evaluation.paper_report import markdown_table
 
@@ -69,10 +68,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    refiner_dir = Path(args.refiner).expanduser()
-    if not refiner_dir.is_dir():
-        raise FileNotFoundError(f"--refiner {str(refiner_dir)!r} is not a directory")
-    cfg = load_config(args.config or [refiner_dir / "config.yaml"], args.overrides)
+    refiner_dir, cfg = refiner_run_config(args.refiner, args.config, args.overrides)
     try:
         worker = tuple(int(part) for part in args.worker.split("/"))
         assert len(worker) == 2

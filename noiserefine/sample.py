@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .config import load_config, save_config
+from .config import refiner_run_config, save_config
 from .files import write_text_atomic
 
 
@@ -92,10 +92,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    refiner_dir = Path(args.refiner).expanduser()
-    if not refiner_dir.is_dir():
-        raise FileNotFoundError(f"--refiner {str(refiner_dir)!r} is not a directory")
-    cfg = load_config(args.config or [refiner_dir / "config.yaml"], args.overrides)
+    refiner_dir, cfg = refiner_run_config(args.refiner, args.config, args.overrides)
     seeds, prompts = parse_seeds(args.seeds), read_prompts(args.prompt, args.prompts_file)
     if args.batch_size < 1 or args.steps < 0:
         raise ValueError(f"--batch-size must be >= 1 and --steps >= 0, got {args.batch_size}, {args.steps}")

@@ -46,3 +46,12 @@ def trained_teacher_dir(tmp_path_factory) -> Path:
     cfg = load_config(REPO / "configs" / "digits.yaml")
     return ensure_digits_teacher(cfg.model.digits, tmp_path_factory.mktemp("teacher") / "digits",
                                  progress=False)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny networks: one intra-op thread is faster, and much faster on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
