@@ -34,6 +34,7 @@ class DigitsTeacherConfig:
     thicken: int = 0  # >0: train on thickened strokes (the transfer experiment's style)
     init_from: str = ""  # fine-tune from this teacher directory instead of training from scratch
     distill_guidance_scale: float = 0.0  # >0: guidance-distillation baseline of the init_from teacher
+    prediction_type: str = "v_prediction"  # epsilon | v_prediction (the report measures noise-like samples)
 
 
 @dataclass
