@@ -1,7 +1,7 @@
-"""Cost of one teacher CFG step of a real-size model family, built with RANDOM WEIGHTS (``model.init=random``).
+"""Cost of one teacher CFG step (and one MSD step) of a real-size model family, built with RANDOM WEIGHTS.
 
-    .venv/bin/python bench/bench_real_size.py --arch sd21 --device cpu --dtype float32 [--threads 1]
-    python bench/bench_real_size.py --arch sdxl --device cuda --dtype bfloat16 --repeats 5
+    .venv/bin/python bench/bench_real_size.py --arch sd21 --device cpu --dtype float32 [--threads 1] [--msd]
+    python bench/bench_real_size.py --arch sdxl --device cuda --dtype bfloat16 --repeats 5 --msd --msd-steps 4
 
 Builds ``--arch`` (sd15, sd21, sd21_768, sdxl, dit_xl2, sit_xl2) at its published
 size through ``load_backend`` exactly as ``model.init=random`` does (random weights:
@@ -9,6 +9,12 @@ for speed/memory measurements and smoke tests; samples are noise), then times
 ``--repeats`` teacher steps: one CFG step of the teacher rollout
 (``sampling.rollout`` with one step: ``[uncond, cond]`` in one batched forward of
 ``2 x --batch`` samples, the guidance combination and the scheduler step).
+
+With ``--msd`` it then times one refiner training step as the trainer runs it
+without DeepSpeed: the refiner (the default ``refiner`` config: LoRA rank 8 on
+attention and resnet convs) forward with its autograd graph, the MSD loss over an
+unguided ``--msd-steps``-step rollout under ``no_grad``, backward into the LoRA and
+an AdamW step, on ``--batch`` samples against a random target.
 
 Printed: parameters per component, build seconds, seconds per step (the first
 includes one-time costs, the median of the rest is the figure to quote), and
@@ -38,6 +44,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--guidance-scale", type=float, default=7.5)
     parser.add_argument("--repeats", type=int, default=2, help="timed steps (the first includes warm-up)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    parser.add_argument("--msd", action="store_true", help="also time one MSD training step of the refiner")
+    parser.add_argument("--msd-steps", type=int, default=1, help="unguided student steps of the MSD rollout")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -95,7 +103,39 @@ def main(argv: list[str] | None = None) -> None:
     if cuda:
         print(f"peak GPU memory allocated during the steps {torch.cuda.max_memory_allocated() / 2**30:.2f} GB; "
               f"model memory {torch.cuda.memory_allocated() / 2**30:.2f} GB")
+    if args.msd:
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        seconds, loss = msd_step(backend, cond, noise, args.msd_steps)
+        print(f"one MSD step (refiner forward + backward, {args.msd_steps}-step unguided rollout, AdamW; batch "
+              f"{args.batch}): {seconds:.3f} s, loss {loss:.4g}")
+        print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB")
+        if cuda:
+            print(f"peak GPU memory allocated during the MSD step {torch.cuda.max_memory_allocated() / 2**30:.2f} GB")
     print("random weights: for speed/memory measurements and smoke tests; samples are noise")
+
+
+def msd_step(backend, cond, noise, num_steps: int = 1, seed: int = 0) -> tuple[float, float]:
+    """One refiner training step as ``train.loop.train_step`` runs it, without DeepSpeed: refiner forward (LoRA
+    graph), MSD loss against a random target, backward, AdamW. Returns (seconds, loss); the refiner stays attached."""
+    from noiserefine.config import RefinerConfig
+    from noiserefine.losses import MSDLoss
+    from noiserefine.refiner import Refiner
+
+    torch.manual_seed(seed)
+    refiner = Refiner(backend, RefinerConfig())
+    optimizer = torch.optim.AdamW(refiner.trainable_parameters(), lr=1e-4)
+    loss_fn = MSDLoss(backend, num_steps)
+    target = torch.randn(noise.shape, generator=torch.Generator().manual_seed(seed + 1)).to(noise.device)
+    cuda = noise.device.type == "cuda"
+    started = time.perf_counter()
+    loss, _ = loss_fn(refiner(noise, cond), cond, target)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - started, float(loss.detach())
 
 
 if __name__ == "__main__":

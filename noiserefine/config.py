@@ -8,11 +8,12 @@ key and the file. The resolved config is saved next to every output.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .files import write_text_atomic
@@ -41,7 +42,7 @@ class DigitsTeacherConfig:
 class ModelConfig:
     """Which denoiser family and where its weights are (a local path or model id)."""
 
-    backend: str = "digits"  # digits | stable_diffusion | sdxl | sit
+    backend: str = "digits"  # digits | stable_diffusion | sdxl | sit | sd3
     path: str = "artifacts/digits-teacher"
     revision: str = ""
     dtype: str = "float32"  # float32 | bfloat16 | float16 (GPU only)
@@ -101,6 +102,8 @@ class DataConfig:
     dedup: bool = True
     max_prompt_chars: int = 300
     target_dtype: str = "float16"  # float16 | float32
+    # The trainer refuses a cache missing shards (or samples) of the plan; true: train on what exists (warned).
+    allow_partial_cache: bool = False
 
 
 @dataclass
@@ -140,8 +143,38 @@ class EvalConfig:
     batch_size: int = 250
     grid_columns: int = 10
     prompts: list[str] = field(default_factory=list)  # cycled; empty = the plan's prompt draw
-    metrics: str = "none"  # none | digit_classifier (the embedded default's in-domain classifier)
+    # none | digit_classifier (the embedded default's in-domain classifier) | text_image (CLIPScore and/or
+    # PickScore from the local weights below, whichever are set; noiserefine.evaluation.features)
+    metrics: str = "none"
     classifier_dir: str = ""  # digit_classifier: where the classifier is trained once and cached
+    # Local weight directories (nothing is downloaded); also used by ``python -m noiserefine.evaluate``.
+    clip_path: str = ""  # CLIPScore: a transformers CLIPModel + CLIPProcessor directory (e.g. CLIP ViT-L/14)
+    pickscore_path: str = ""  # PickScore: the PickScore_v1 CLIPModel directory
+    pickscore_processor_path: str = ""  # its CLIPProcessor (CLIP-ViT-H-14 laion2B); "" = pickscore_path
+
+
+@dataclass
+class BenchmarkConfig:
+    """The paper-table evaluation (``python -m noiserefine.evaluate``; docs/paper_table.md)."""
+
+    protocol: str = "coco"  # coco (MS-COCO captions) | imagenet (class-conditional) | prompts (a text file)
+    captions: str = ""  # coco: captions_val2014.json / captions_val2017.json
+    prompts_file: str = ""  # prompts: one prompt per line, cycled
+    num_classes: int = 1000  # imagenet: sample i is class i % num_classes (50K samples = 50 per class)
+    num_samples: int = 30000
+    base_seed: int = 0  # seed of sample i: noise.sample_seed(base_seed, seed_offset + i)
+    seed_offset: int = 20_000_000  # beyond the teacher cache's and the periodic evaluation's ids
+    reference: str = ""  # FID reference: a folder of real images or an .npz with mu/sigma; "" = no FID
+    resolution: int = 0  # images are center-cropped and resized to this square size for FID; 0 = generated size
+    inception_path: str = ""  # torch-fidelity's weights-inception-2015-12-05-6726825d.pth; "" = no FID/IS
+    distilled_path: str = ""  # a guidance-distilled model (same family) for the third row; "" = no such row
+    num_steps: int = 0  # sampler steps of every row; 0 = student.num_steps
+    batch_size: int = 16  # sampling batch
+    feature_batch_size: int = 64  # Inception/CLIP batch
+    shard_size: int = 500  # samples per stored shard (the resume granularity)
+    grid_columns: int = 8
+    save_images: bool = False  # keep every sample as PNG (else only the grid's first columns)
+    output_dir: str = "runs/eval"  # default --out: <output_dir>/<backend>-<run key>
 
 
 @dataclass
@@ -169,11 +202,12 @@ class Config:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
 
 
 _CHOICES = {
-    "model.backend": ("digits", "stable_diffusion", "sdxl", "sit"),
+    "model.backend": ("digits", "stable_diffusion", "sdxl", "sit", "sd3"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.init": ("pretrained", "random"),
     # "" or a directory of noiserefine/backends/architectures/ (tests/test_real_size.py keeps the two in step)
@@ -181,7 +215,10 @@ _CHOICES = {
     "teacher.guidance": ("cfg", "cfg_pag"),
     "data.target_dtype": ("float16", "float32"),
     "train.loss": ("msd", "full_gradient", "noise_space"),
-    "eval.metrics": ("none", "digit_classifier"),
+    "eval.metrics": ("none", "digit_classifier", "text_image"),
+    "benchmark.protocol": ("coco", "imagenet", "prompts"),
+    # ZeRO-3 partitions the LoRA weights, which the refiner export does not gather
+    "train.zero_stage": (0, 1, 2),
 }
 
 
@@ -191,18 +228,57 @@ def _wrap(error: OmegaConfBaseException, origin: str) -> ValueError:
     return ValueError(f"{origin}: bad config key '{key}': {reason}")
 
 
+def _parse_override(item: str) -> tuple[str, Any]:
+    """``key=value`` -> (key, value parsed like OmegaConf's dotlist does: YAML scalars, lists, dicts)."""
+    key, _, raw = item.partition("=")
+    key = key.strip()
+    if not key:
+        raise ValueError(f"command line: override '{item}' is not of the form key=value")
+    return key, OmegaConf.to_container(OmegaConf.from_dotlist([f"value={raw}"]))["value"]
+
+
+def _apply_override(cfg: DictConfig, key: str, value: Any) -> None:
+    """Set ``key`` (dotted; list items by index: ``data.sources.0.weight``) in the typed tree.
+
+    ``OmegaConf.from_dotlist`` turns ``data.sources.0.weight`` into a dict that cannot be
+    merged into a list (a bare TypeError); ``OmegaConf.update`` walks lists by index.
+    """
+    parts = key.split(".")
+    node: Any = cfg
+    for depth, part in enumerate(parts[:-1]):
+        child_key = ".".join(parts[:depth + 1])
+        if isinstance(node, ListConfig):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ValueError(f"command line: bad config key '{key}': no item {part!r} in "
+                                 f"'{'.'.join(parts[:depth])}' (it has {len(node)} items)")
+            node = node[int(part)]
+        else:
+            node = OmegaConf.select(node, part) if part in node else None
+            if node is None:  # unknown key: let OmegaConf name it
+                break
+        if node is not None and not isinstance(node, (DictConfig, ListConfig)):
+            raise ValueError(f"command line: bad config key '{key}': '{child_key}' is a value, not a section")
+    try:
+        OmegaConf.update(cfg, key, value, merge=True)
+    except OmegaConfBaseException as error:
+        raise _wrap(error, "command line") from None
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"command line: bad config key '{key}': {error}") from None
+
+
 def load_config(paths: list[str | Path] | str | Path | None = None,
                 overrides: list[str] | None = None) -> DictConfig:
     """Merge the schema, then each YAML file in order, then ``key=value`` overrides.
 
     Raises ``ValueError`` naming the file (or "command line") and the key for an
-    unknown key, a wrong type or a value outside its allowed choices.
+    unknown key, a wrong type, a value outside its allowed choices or range.
     """
     if paths is None:
         paths = []
     elif isinstance(paths, (str, Path)):
         paths = [paths]
     cfg = OmegaConf.structured(Config)
+    origins: list[tuple[str, Any]] = []  # (where, what it sets): files, then the command line
     for path in paths:
         path = Path(path)
         if not path.is_file():
@@ -214,37 +290,122 @@ def load_config(paths: list[str | Path] | str | Path | None = None,
             raise _wrap(error, str(path)) from None
         except Exception as error:  # YAML syntax errors
             raise ValueError(f"{path}: cannot parse config: {error}") from None
+        origins.append((str(path), loaded))
     if overrides:
+        parsed = []
         for item in overrides:
             if "=" not in item:
                 raise ValueError(f"command line: override '{item}' is not of the form key=value")
-        try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
-        except OmegaConfBaseException as error:
-            raise _wrap(error, "command line") from None
-    validate(cfg)
+            parsed.append(_parse_override(item))
+        for key, value in parsed:
+            _apply_override(cfg, key, value)
+        origins.append(("command line", [key for key, _ in parsed]))
+    try:
+        validate(cfg)
+    except ConfigValueError as error:
+        raise ValueError(f"{_origin(error.keys, origins)}: {error}") from None
     OmegaConf.set_readonly(cfg, True)
     return cfg
 
 
+def _sets(source: Any, key: str) -> bool:
+    if isinstance(source, list):  # override keys
+        return any(key == k or key.startswith(k + ".") or k.startswith(key + ".") for k in source)
+    try:
+        return OmegaConf.select(source, key, default=None) is not None
+    except OmegaConfBaseException:
+        return False
+
+
+def _origin(keys: tuple[str, ...], origins: list[tuple[str, Any]]) -> str:
+    """The last source (command line, else the last file) that sets one of ``keys``; else the defaults."""
+    for where, source in reversed(origins):
+        if any(_sets(source, key) for key in keys):
+            return where
+    return "defaults"
+
+
+class ConfigValueError(ValueError):
+    """A value the schema accepts but the code cannot use; ``keys``: the key(s) at fault, first = named."""
+
+    def __init__(self, message: str, *keys: str):
+        super().__init__(message)
+        self.keys = keys
+
+
+# Numeric ranges: key -> (low, high, low inclusive); all must also be finite.
+_RANGES = {
+    "teacher.guidance_scale": (0.0, 100.0, True),  # 0 = unguided (SD-Turbo); CFG is used at 1..~30
+    "teacher.pag_scale": (0.0, 100.0, True),
+    "model.digits.learning_rate": (0.0, math.inf, False),
+    "model.digits.cond_dropout": (0.0, 1.0, True),
+    "model.digits.distill_guidance_scale": (0.0, 100.0, True),
+    "refiner.timestep": (0.0, math.inf, True),
+    "refiner.lora_alpha": (0.0, math.inf, False),
+    "pipeline.gpus_per_worker": (0.0, math.inf, True),
+    "pipeline.cpus_per_worker": (0.0, math.inf, True),
+    "train.learning_rate": (0.0, math.inf, False),
+    "train.weight_decay": (0.0, math.inf, True),
+    "train.gradient_clipping": (0.0, math.inf, True),  # 0 = off
+}
+_AT_LEAST_ONE = ("teacher.num_steps", "student.num_steps", "refiner.lora_rank", "data.num_samples",
+                 "data.shard_size", "data.max_prompt_chars", "pipeline.batch_size", "train.max_steps",
+                 "train.batch_size", "train.checkpoint_every", "eval.num_samples", "eval.batch_size",
+                 "eval.grid_columns", "model.digits.train_steps", "model.digits.batch_size",
+                 "benchmark.num_classes", "benchmark.num_samples", "benchmark.batch_size",
+                 "benchmark.feature_batch_size", "benchmark.shard_size", "benchmark.grid_columns")
+_AT_LEAST_ZERO = ("pipeline.num_workers", "pipeline.max_retries", "train.log_every", "train.eval_every",
+                  "train.num_loader_workers", "eval.seed_offset", "benchmark.seed_offset", "benchmark.resolution",
+                  "benchmark.num_steps")
+
+
+def _check_range(key: str, value: float, low: float, high: float, low_inclusive: bool) -> None:
+    above = value >= low if low_inclusive else value > low
+    if not (math.isfinite(value) and above and value <= high):
+        bound = f"{'[' if low_inclusive else '('}{low:g}, {high:g}{']' if math.isfinite(high) else ')'}"
+        raise ConfigValueError(f"config key '{key}' must be finite and in {bound}, got {value}", key)
+
+
 def validate(cfg: DictConfig) -> None:
-    """Checks the schema cannot express: choices and positive counts."""
+    """Checks the schema cannot express: choices, counts and finite ranges, sources, held-out seeds.
+
+    Raises :class:`ConfigValueError` (a ``ValueError``) naming the key.
+    """
     for key, choices in _CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in choices:
-            raise ValueError(f"config key '{key}' is {value!r}; expected one of {choices}")
-    for key in ("teacher.num_steps", "student.num_steps", "data.num_samples", "data.shard_size",
-                "pipeline.batch_size", "train.max_steps", "train.batch_size",
-                "train.checkpoint_every", "eval.num_samples", "eval.batch_size"):
+            raise ConfigValueError(f"config key '{key}' is {value!r}; expected one of {choices}", key)
+    for key in _AT_LEAST_ONE:
         value = OmegaConf.select(cfg, key)
         if value < 1:
-            raise ValueError(f"config key '{key}' must be >= 1, got {value}")
-    if cfg.pipeline.num_workers < 0:
-        raise ValueError(f"config key 'pipeline.num_workers' must be >= 0 (0: in-process, no Ray), "
-                         f"got {cfg.pipeline.num_workers}")
+            raise ConfigValueError(f"config key '{key}' must be >= 1, got {value}", key)
+    for key in _AT_LEAST_ZERO:
+        value = OmegaConf.select(cfg, key)
+        if value < 0:
+            raise ConfigValueError(f"config key '{key}' must be >= 0, got {value}", key)
+    for key, (low, high, low_inclusive) in _RANGES.items():
+        _check_range(key, float(OmegaConf.select(cfg, key)), low, high, low_inclusive)
+    if len(cfg.data.sources) == 0:
+        raise ConfigValueError("config key 'data.sources' is empty; list at least one prompt source", "data.sources")
     for index, source in enumerate(cfg.data.sources):
-        if source.weight <= 0:
-            raise ValueError(f"config key 'data.sources.{index}.weight' must be > 0, got {source.weight}")
+        _check_range(f"data.sources.{index}.weight", float(source.weight), 0.0, math.inf, False)
+    # Held-out evaluation ids are seed_offset .. seed_offset+eval.num_samples-1; the cache's plan uses
+    # 0 .. data.num_samples-1 (sample seeds are a hash of the id): the two ranges must not meet.
+    offset, count, planned = cfg.eval.seed_offset, cfg.eval.num_samples, cfg.data.num_samples
+    if offset < planned:
+        raise ConfigValueError(
+            f"config key 'eval.seed_offset' is {offset}: the held-out sample ids {offset}..{offset + count - 1} "
+            f"overlap the teacher cache's training ids 0..{planned - 1} (data.num_samples={planned}); "
+            f"use eval.seed_offset >= {planned}", "eval.seed_offset", "data.num_samples")
+    bench = cfg.benchmark
+    if bench.base_seed == cfg.data.base_seed and bench.seed_offset < planned:
+        raise ConfigValueError(
+            f"config key 'benchmark.seed_offset' is {bench.seed_offset}: the benchmark's sample ids overlap the "
+            f"teacher cache's training ids 0..{planned - 1} (same base seed {bench.base_seed}); "
+            f"use benchmark.seed_offset >= {planned}", "benchmark.seed_offset", "data.num_samples")
+    if cfg.eval.metrics == "text_image" and not (cfg.eval.clip_path or cfg.eval.pickscore_path):
+        raise ConfigValueError("config key 'eval.metrics' is 'text_image' but neither eval.clip_path nor "
+                               "eval.pickscore_path is set (local CLIP / PickScore weight directories)", "eval.metrics")
 
 
 def to_yaml(cfg: DictConfig) -> str:
@@ -264,7 +425,10 @@ def config_from_container(container: dict[str, Any]) -> DictConfig:
         cfg = OmegaConf.merge(OmegaConf.structured(Config), container)
     except OmegaConfBaseException as error:
         raise _wrap(error, "stored config") from None
-    validate(cfg)
+    try:
+        validate(cfg)
+    except ConfigValueError as error:
+        raise ValueError(f"stored config: {error}") from None
     return cfg
 
 

@@ -13,11 +13,44 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def _umask() -> int:
+    """The process umask, read without changing it (``os.umask`` can only be read by setting it, which
+    races with other threads creating files); falls back to set-and-restore off Linux."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_mode(directory: bool = False) -> int:
+    """The mode ``open``/``mkdir`` give a new file or directory: ``0o666`` / ``0o777`` less the umask."""
+    return (0o777 if directory else 0o666) & ~_umask()
+
+
+def apply_default_modes(root: str | Path) -> None:
+    """Give ``root`` and everything under it (no links followed) the umask's default modes.
+
+    For trees written by libraries that pick their own: safetensors >= 0.8 writes 0600 files
+    (a tempfile renamed into place), ``tempfile.mkdtemp`` makes 0700 directories.
+    """
+    root = Path(root)
+    for path in [root, *root.rglob("*")]:
+        if not path.is_symlink():
+            os.chmod(path, default_mode(path.is_dir()))
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path, *, durable: bool = False) -> Iterator[Path]:
     """Yield a temp path ``.<name>.<pid>-<random>.tmp`` next to ``path``; on success it replaces
     ``path``, on error it is removed. ``durable``: fsync the file before the rename and the
-    directory after it, so the new file also survives a machine crash (shards, manifests)."""
+    directory after it, so the new file also survives a machine crash (shards, manifests).
+    The new file gets the umask's default mode whatever wrote it (safetensors writes 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # a fresh name, created by the caller (not mkstemp: that makes it 0600, unreadable to the
@@ -25,6 +58,8 @@ def atomic_path(path: str | Path, *, durable: bool = False) -> Iterator[Path]:
     tmp = path.parent / f".{path.name}.{os.getpid()}-{secrets.token_hex(6)}.tmp"
     try:
         yield tmp
+        if tmp.is_file() and not tmp.is_symlink():
+            os.chmod(tmp, default_mode())
         if durable:
             _fsync(tmp)
         os.replace(tmp, path)

@@ -2,22 +2,25 @@
 
 ``x̂_T = x_T + (eps_LoRA(x_T, t_ref, c) - eps(x_T, t_ref, c))`` with ``t_ref =
 refiner.timestep``. LoRA ``B`` starts at zero, so at initialisation the
-correction is exactly 0 and ``x̂_T == x_T`` bit for bit. The adapter is enabled
-only inside the refiner forward (:func:`lora_enabled`); every other call
-(teacher, student rollouts, evaluation, a diffusers pipeline sharing the
-denoiser) runs the plain base model.
+correction is exactly 0 and ``x̂_T == x_T`` bit for bit. The adapter "refiner"
+is active only inside the refiner forward (:func:`lora_enabled`); every other
+call (teacher, student rollouts, evaluation, a diffusers pipeline sharing the
+denoiser) runs the model without it. Other adapters already on the denoiser (a
+style LoRA loaded with ``pipe.load_lora_weights``) keep their state: attaching
+the refiner switches nothing else off, and the refiner forward runs on top of
+whatever adapters the model applies (zero-shot transfer to that variant).
 
-Use with a stock diffusers pipeline (guidance off)::
-
-    refiner = load_refiner("runs/refiner/final", backend)   # backend wraps pipe.unet
-    noise = noise_from_seeds(seeds, backend.latent_shape)
-    latents = refiner.refine(noise, prompts)
-    images = pipe(prompts, latents=latents.to(pipe.unet.dtype), num_inference_steps=10,
-                  guidance_scale=1.0).images        # SD-Turbo-like pipelines: guidance_scale=0
-
+Use with a stock diffusers pipeline: ``noiserefine.pipelines.refined_latents``
+(it also sets the pipeline's scheduler to the sampler the refiner was trained against).
 Pipelines multiply user latents by ``scheduler.init_noise_sigma``. The refined
 noise lives on the same unit-variance scale as ``x_T`` (a small residual), so
 pass it as is and never pre-scale it.
+
+A saved refiner is ``refiner.safetensors`` (the LoRA), ``config.yaml`` (the
+resolved training config) and ``sampler.json`` (the denoiser class, config and
+latent shape, and the scheduler class, config and number of steps of the
+unguided student it was trained against). :func:`load_refiner` refuses a backend of another
+architecture or, unless told otherwise, another sampler.
 
 Weights are saved with safetensors and read back with ``safetensors`` +
 ``peft.set_peft_model_state_dict`` only: loading never executes code from the file.
@@ -26,6 +29,8 @@ Weights are saved with safetensors and read back with ``safetensors`` +
 from __future__ import annotations
 
 import contextlib
+import json
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -37,35 +42,84 @@ from safetensors.torch import load_file, save_file
 
 from .backends.base import Backend, Conditioning
 from .config import RefinerConfig, load_config, save_config
-from .files import atomic_path
+from .files import atomic_path, write_text_atomic
+from .sampler_record import (SAMPLER_FILE, architecture_error, check_architecture, check_same_sampler,
+                             diffusers_class_name, read_sampler_record, sampler_record)
 
 ADAPTER_NAME = "refiner"
 WEIGHTS_FILE = "refiner.safetensors"
 CONFIG_FILE = "config.yaml"
+def _tuner_layers(denoiser: torch.nn.Module) -> list[BaseTunerLayer]:
+    return [m for m in denoiser.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def _holds_refiner(layer: BaseTunerLayer) -> bool:
+    return ADAPTER_NAME in layer._all_available_adapter_names()
 
 
 def adapters_enabled(denoiser: torch.nn.Module) -> bool:
-    """True if any PEFT layer of ``denoiser`` currently applies its adapter."""
-    return any(isinstance(m, BaseTunerLayer) and not m.disable_adapters for m in denoiser.modules())
+    """True if any PEFT layer of ``denoiser`` currently applies the refiner's adapter."""
+    return any(not m.disable_adapters and ADAPTER_NAME in m.active_adapters and _holds_refiner(m)
+               for m in _tuner_layers(denoiser))
+
+
+def _set_active(layer: BaseTunerLayer, names: list[str], disabled: bool) -> None:
+    layer.set_adapter(list(names))
+    if layer.disable_adapters != disabled:
+        layer.enable_adapters(not disabled)
 
 
 @contextlib.contextmanager
 def lora_enabled(denoiser: torch.nn.Module) -> Iterator[None]:
-    """Enable the adapters for the body of the ``with``; always disable them again.
+    """Apply the refiner's adapter for the body of the ``with``; always restore every layer's state.
 
-    diffusers' ``enable_adapters``/``disable_adapters`` also flip ``requires_grad``
-    of the adapter weights (peft sets it False on disable). A leaf whose
-    ``requires_grad`` is False when ``backward`` runs silently gets no gradient,
-    so the flags are restored exactly as they were before.
+    Only the layers holding the refiner change: each applies the refiner on top of
+    the adapters it applied before (none if adapters were disabled), so a style
+    LoRA stays on inside the refiner forward exactly when it is on outside.
+    peft's ``set_adapter``/``enable_adapters`` also flip ``requires_grad`` of the
+    adapter weights. A leaf whose ``requires_grad`` is False when ``backward`` runs
+    silently gets no gradient, and one switched on would collect gradients it
+    should not, so the flags are put back as they were, before the body and after.
     """
     flags = [(p, p.requires_grad) for p in denoiser.parameters()]
-    denoiser.enable_adapters()
+    saved = [(m, list(m.active_adapters), m.disable_adapters) for m in _tuner_layers(denoiser) if _holds_refiner(m)]
     try:
-        yield
-    finally:
-        denoiser.disable_adapters()
+        for layer, active, disabled in saved:
+            others = [] if disabled else [name for name in active if name != ADAPTER_NAME]
+            _set_active(layer, others + [ADAPTER_NAME], False)
         for parameter, flag in flags:
             parameter.requires_grad_(flag)
+        yield
+    finally:
+        for layer, active, disabled in saved:
+            _set_active(layer, active, disabled)
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
+
+
+def _attach_adapter(denoiser: torch.nn.Module, config: LoraConfig) -> None:
+    """``add_adapter`` without its side effect of making the new adapter the only active one.
+
+    diffusers' ``add_adapter`` calls ``set_adapter(name)`` on the whole model, which
+    would switch off any adapter loaded before (a style LoRA). Every layer gets back
+    the active adapters and enabled state it had; layers new to PEFT apply nothing.
+    """
+    before = {name: (list(m.active_adapters), m.disable_adapters) for name, m in denoiser.named_modules()
+              if isinstance(m, BaseTunerLayer)}
+    # Layers new to PEFT take the model's state as diffusers reports it (its first tuner layer's), so that
+    # ``active_adapters()`` still names the style LoRA: those names are absent there and apply nothing.
+    default = next(iter(before.values()), ([], False))
+    denoiser.add_adapter(config, adapter_name=ADAPTER_NAME)
+    for name, module in denoiser.named_modules():
+        if isinstance(module, BaseTunerLayer):
+            active, disabled = before.get(name, default)
+            _set_active(module, [a for a in active if a != ADAPTER_NAME], disabled)
+
+
+def detach_refiner(denoiser: torch.nn.Module) -> None:
+    """Remove the refiner's adapter from ``denoiser`` (other adapters and their states stay)."""
+    if ADAPTER_NAME in getattr(denoiser, "peft_config", {}):
+        denoiser.delete_adapters(ADAPTER_NAME)
 
 
 def _cfg_dict(cfg) -> dict:
@@ -87,15 +141,15 @@ class Refiner(torch.nn.Module):
         self.backend = backend
         self.cfg = _cfg_dict(refiner_cfg)
         self.denoiser = denoiser
-        denoiser.add_adapter(LoraConfig(r=int(self.cfg["lora_rank"]), lora_alpha=float(self.cfg["lora_alpha"]),
-                                        target_modules=list(self.cfg["target_modules"]),
-                                        init_lora_weights=True), adapter_name=ADAPTER_NAME)
-        denoiser.disable_adapters()
+        _attach_adapter(denoiser, LoraConfig(r=int(self.cfg["lora_rank"]), lora_alpha=float(self.cfg["lora_alpha"]),
+                                             target_modules=list(self.cfg["target_modules"]), init_lora_weights=True))
         self._lora = [p for name, p in denoiser.named_parameters()
                       if "lora_" in name and f".{ADAPTER_NAME}" in name]
         lora_ids = {id(p) for p in self._lora}
         for parameter in denoiser.parameters():
             parameter.requires_grad_(id(parameter) in lora_ids)
+        # What it was trained against (``sampler.json``), set by ``load_refiner``; None while training.
+        self.sampler: dict | None = None
         self.register_buffer("timestep", torch.tensor(float(self.cfg["timestep"]), device=backend.device),
                              persistent=False)
 
@@ -131,19 +185,26 @@ class Refiner(torch.nn.Module):
         expected = {key: value.shape for key, value in self.state_dict_for_saving().items()}
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
+        model = f"the {self.backend.name} {diffusers_class_name(self.denoiser)}"
         if missing or unexpected:
-            raise ValueError(f"{source}: refiner weights do not match the LoRA built from the config: "
-                             f"missing keys {missing}, unexpected keys {unexpected}")
+            raise ValueError(f"{source}: refiner weights do not match the LoRA built from the config on {model} "
+                             f"(trained for another architecture?): missing keys {missing[:8]}"
+                             f"{' ...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}"
+                             f"{' ...' if len(unexpected) > 8 else ''}")
         wrong = [f"{k}: {tuple(state[k].shape)} vs {tuple(s)}" for k, s in expected.items() if state[k].shape != s]
         if wrong:
-            raise ValueError(f"{source}: refiner weights have wrong shapes (file vs model): {wrong}")
+            raise ValueError(f"{source}: refiner weights have wrong shapes for {model} (file vs model; trained for "
+                             f"another architecture, or another lora_rank?): {wrong[:8]}{' ...' if len(wrong) > 8 else ''}")
         result = set_peft_model_state_dict(self.denoiser, state, adapter_name=ADAPTER_NAME)
         if result.unexpected_keys:
             raise ValueError(f"{source}: peft did not load keys {sorted(result.unexpected_keys)}")
 
 
 def save_refiner(refiner: Refiner, directory: str | Path, resolved_cfg: DictConfig) -> Path:
-    """Write ``refiner.safetensors`` then ``config.yaml`` into ``directory``, each atomically.
+    """Write ``refiner.safetensors``, ``config.yaml`` and ``sampler.json`` into ``directory``, each atomically.
+
+    ``sampler.json`` records the backend's denoiser and sampler with
+    ``resolved_cfg.student.num_steps``: what the refiner was trained against.
 
     Each file goes to a temp name in the same directory and is ``os.replace``d,
     so a crash never leaves a truncated file; other files in ``directory`` are kept.
@@ -156,20 +217,48 @@ def save_refiner(refiner: Refiner, directory: str | Path, resolved_cfg: DictConf
     with atomic_path(directory / WEIGHTS_FILE) as tmp:
         save_file(refiner.state_dict_for_saving(), str(tmp), metadata={"adapter": ADAPTER_NAME})
     save_config(resolved_cfg, directory / CONFIG_FILE)
+    record = sampler_record(refiner.backend, int(resolved_cfg["student"]["num_steps"]))
+    write_text_atomic(directory / SAMPLER_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")
     return directory
 
 
-def load_refiner(directory: str | Path, backend: Backend) -> Refiner:
-    """Rebuild the refiner from ``config.yaml`` (its ``refiner`` section) and load its weights."""
+def load_refiner(directory: str | Path, backend: Backend, check_sampler: bool = True) -> Refiner:
+    """Rebuild the refiner from ``config.yaml`` (its ``refiner`` section) and load its weights.
+
+    Refuses (``ValueError``) a backend whose denoiser class or latent shape differ from
+    ``sampler.json``'s, or whose weights do not fit the LoRA (another architecture: the
+    error names the differing denoiser config keys) and, with ``check_sampler``, one
+    whose sampler differs (a refiner trained against one sampler must not silently meet
+    another). A same-architecture model (a fine-tune, or the model with a style LoRA)
+    loads it: zero-shot transfer. The backend is left as it was on any error.
+    """
     directory = Path(directory)
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise FileNotFoundError(f"no {WEIGHTS_FILE} in {directory}")
     cfg = load_config(directory / CONFIG_FILE)
+    record = read_sampler_record(directory)
+    config_differences: list[str] = []
+    if record is None:
+        warnings.warn(f"{directory} has no {SAMPLER_FILE} (saved by an older version): its architecture and "
+                      "sampler cannot be checked", stacklevel=2)
+    else:
+        config_differences = check_architecture(record, backend, directory)
     refiner = Refiner(backend, cfg.refiner)
     try:
-        refiner.load_weights(load_file(str(weights), device=str(backend.device)), source=weights)
+        try:
+            refiner.load_weights(load_file(str(weights), device=str(backend.device)), source=weights)
+        except ValueError as error:
+            if config_differences:  # the weights do not fit and the configs say why
+                raise architecture_error(record, backend, directory, config_differences) from error
+            raise
+        if record is not None and check_sampler:
+            check_same_sampler(record, backend, directory)
     except BaseException:
-        backend.denoiser.delete_adapters(ADAPTER_NAME)  # leave the backend as it was
+        detach_refiner(backend.denoiser)  # leave the backend as it was
         raise
+    if config_differences:  # every weight fits: the same architecture, spelled differently
+        warnings.warn(f"{directory}: the denoiser's config differs from the one the refiner was trained on in "
+                      f"{'; '.join(config_differences)}, but every refiner weight fits it; loaded", stacklevel=2)
+    refiner.sampler = record if record is not None else {"num_steps": int(cfg.student.num_steps)}
     return refiner

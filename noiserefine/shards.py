@@ -24,6 +24,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from .files import atomic_path
+from .hashing import file_sha256
 
 MANIFEST_NAME = "manifest.parquet"
 MANIFEST_COLUMNS = ("name", "num_samples", "num_bytes", "sha256")
@@ -34,10 +35,35 @@ _RAW_META = {"__key__", "__url__", "__local_path__"}
 _TAR_KW = dict(user="noiserefine", group="noiserefine", mode=0o444, mtime=0, compress=False, encoder=False)
 
 
-def shard_name(index: int) -> str:
+_SHARD_NAME_RE = re.compile(r"^shard-(\d{6,})(?:-n(\d+))?\.tar$")
+
+
+def shard_name(index: int, num_samples: int | None = None) -> str:
+    """``shard-000003.tar``, or ``shard-000003-n8.tar`` for a shard named by its sample count.
+
+    A partial (last) shard carries its count, so a shard grown by a larger
+    ``data.num_samples`` gets a new name and a recorded file is never rewritten.
+    """
     if index < 0:
         raise ValueError(f"shard index must be >= 0, got {index}")
-    return f"shard-{index:06d}.tar"
+    if num_samples is None:
+        return f"shard-{index:06d}.tar"
+    if num_samples < 1:
+        raise ValueError(f"a shard holds at least one sample, got {num_samples}")
+    return f"shard-{index:06d}-n{num_samples}.tar"
+
+
+def planned_shard_name(index: int, num_samples: int, shard_size: int) -> str:
+    """The file name of shard ``index`` holding ``num_samples`` of ``shard_size``: the count only if partial."""
+    return shard_name(index, None if num_samples == shard_size else num_samples)
+
+
+def parse_shard_name(name: str) -> tuple[int, int | None] | None:
+    """``(index, count or None)`` of a name made by :func:`shard_name`; None for any other name."""
+    match = _SHARD_NAME_RE.match(name)
+    if match is None:
+        return None
+    return int(match.group(1)), None if match.group(2) is None else int(match.group(2))
 
 
 def sample_key(sample_id: int) -> str:
@@ -115,14 +141,6 @@ def write_shard(path: Path, samples: Iterable[ShardSample]) -> ShardInfo:
     return ShardInfo(path.name, len(seen), path.stat().st_size, file_sha256(path))
 
 
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def decode_sample(sample: dict, *, source: str = "") -> dict:
     """Decode a raw webdataset sample dict into ``{"key", "meta", "arrays"}``; pickle-free."""
     where = source or sample.get("__url__") or sample.get("__local_path__") or "<unknown shard>"
@@ -152,27 +170,47 @@ class ShardFormatError(ValueError):
     """The bytes are not a complete plain tar (truncated, corrupt header): damage, not content."""
 
 
+_COMPRESSED = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd",
+               b"\x04\x22\x4d\x18": "lz4"}
+_PLAIN_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE)  # not CONTTYPE/GNUTYPE_SPARSE: "regular" to tarfile only
+
+
+def _check_member_name(name: str, source: str) -> tuple[str, str]:
+    """``<key>.json`` or ``<key>.<array>.npy`` (extension case-insensitive, as webdataset): key and extension."""
+    key, dot, ext = name.partition(".")
+    if not dot or not ext or not _KEY_RE.match(key):
+        raise ValueError(f"{source}: refusing member {name!r}: expected <key>.<ext> with a plain key")
+    ext = ext.lower()
+    if ext != "json" and not (ext.endswith(".npy") and _ARRAY_RE.match(ext[:-4])):
+        raise ValueError(f"{source}: refusing member {name!r}: only .json and <name>.npy are allowed")
+    return key, ext
+
+
 def _iter_raw(data: bytes, source: str) -> Iterator[dict]:
     """The one tar parser: group the members of one shard (held in memory) into raw sample dicts.
 
-    Refuses what the writer never writes: non-regular members (links, devices,
-    directories), names that are not ``<key>.<ext>`` with a valid key (no ``/``, no
-    leading ``_`` or ``.``), a key that appears again after another key, a repeated
-    member, compressed tars, and members whose declared size runs past the end.
+    Refuses what the writer never writes: compressed tars, members that are not plain
+    regular files (links, devices, directories, FIFOs, contiguous or sparse files),
+    names that are not ``<key>.json`` / ``<key>.<array>.npy`` with a valid key (no ``/``,
+    no leading ``_`` or ``.``, no ``__key__``-like extension), a key that appears again
+    after another key, a repeated member, members whose declared size runs past the end,
+    and anything but zeros after the end-of-archive marker. Damage (truncation, corrupt
+    headers) raises :class:`ShardFormatError`; refused content raises plain ``ValueError``.
     """
+    for magic, kind in _COMPRESSED.items():
+        if data.startswith(magic):
+            raise ValueError(f"{source}: refusing a compressed ({kind}) tar: shards are plain tars")
     seen, current = set(), None
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
             for member in tar:
-                if not member.isreg():
-                    raise ValueError(f"{source}: refusing non-regular member {member.name!r}")
-                key, dot, ext = member.name.partition(".")
-                if not dot or not ext or not _KEY_RE.match(key):
-                    raise ValueError(f"{source}: refusing member {member.name!r}: expected <key>.<ext>")
+                if member.type not in _PLAIN_TYPES or member.sparse is not None:
+                    raise ValueError(f"{source}: refusing non-regular member {member.name!r} "
+                                     f"(tar type {member.type!r}{', sparse' if member.sparse is not None else ''})")
+                key, ext = _check_member_name(member.name, source)
                 if member.offset_data + member.size > len(data):
                     raise ShardFormatError(f"{source}: member {member.name!r} declares {member.size} bytes, "
                                            "past the end of the shard (truncated or corrupt)")
-                ext = ext.lower()
                 if current is None or current["__key__"] != key:
                     if current is not None:
                         yield current
@@ -189,6 +227,10 @@ def _iter_raw(data: bytes, source: str) -> Iterator[dict]:
     # tarfile silently stops at a missing header: demand the 1024-byte zero end marker.
     if data[end:end + 1024] != bytes(1024):
         raise ShardFormatError(f"{source}: truncated shard (missing end-of-archive marker)")
+    # the writer pads with zeros only; anything else (an appended archive) is invisible to tarfile
+    if data[end + 1024:].strip(b"\0"):
+        raise ValueError(f"{source}: refusing {len(data) - end - 1024} bytes after the end-of-archive marker "
+                         "that are not zero padding")
     if current is not None:
         yield current
 
@@ -245,10 +287,15 @@ def read_manifest(cache_dir: Path) -> dict[str, ShardInfo]:
     import pyarrow.parquet as pq
 
     p = Path(cache_dir) / MANIFEST_NAME
-    if not p.exists():
+    try:
+        # one open, one read: pq.read_table(path) may open the file more than once, and a manifest
+        # replaced by rename in between gives a torn read ("Page was smaller than expected")
+        with open(p, "rb") as handle:
+            data = handle.read()
+    except FileNotFoundError:
         return {}
     try:
-        table = pq.read_table(p)
+        table = pq.read_table(pa.BufferReader(data))
     except (pa.ArrowException, OSError) as e:
         raise ValueError(f"{p}: unreadable manifest: {e}") from e
     missing = [c for c in MANIFEST_COLUMNS if c not in table.column_names]

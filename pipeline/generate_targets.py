@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from noiserefine.backends import load_backend  # noqa: E402
 from noiserefine.config import config_from_container, parse_cli, save_config  # noqa: E402
-from noiserefine.targets.cache import prepare_cache_dir, record_shards, scan_cache  # noqa: E402
+from noiserefine.targets.cache import hold_cache, record_shards, scan_cache  # noqa: E402
 from noiserefine.targets.generate import generate_shard  # noqa: E402
 from noiserefine.targets.identity import teacher_key  # noqa: E402
 from noiserefine.targets.plan import Plan  # noqa: E402
@@ -41,12 +41,12 @@ class TargetWorker:
         self.cache_dir, self.key = cache_dir, key
         self.backend = load_backend(self.cfg.model)
 
-    def generate(self, shard_index: int, samples: list):
-        return generate_shard(self.backend, self.cfg, samples, shard_index, self.cache_dir, self.key)
+    def generate(self, shard_index: int, samples: list, name: str):
+        return generate_shard(self.backend, self.cfg, samples, shard_index, self.cache_dir, self.key, name=name)
 
 
-def generate_with_ray(cfg, cache_dir: Path, key: str, plan: Plan, missing: list[int]):
-    """Yield the manifest rows of ``missing`` shards as Ray workers finish them."""
+def generate_with_ray(cfg, cache_dir: Path, key: str, plan: Plan, missing: dict[int, str]):
+    """Yield the manifest rows of the ``missing`` shards ({index: file name}) as Ray workers finish them."""
     import ray
     from ray.util import ActorPool
 
@@ -64,17 +64,18 @@ def generate_with_ray(cfg, cache_dir: Path, key: str, plan: Plan, missing: list[
         threads = max(1, int(cfg.pipeline.cpus_per_worker))
         workers = [actor.remote(container, str(cache_dir), key, threads)
                    for _ in range(min(cfg.pipeline.num_workers, len(missing)))]
-        yield from ActorPool(workers).map_unordered(lambda w, k: w.generate.remote(k, plan.shard(k)), missing)
+        yield from ActorPool(workers).map_unordered(lambda w, k: w.generate.remote(k, plan.shard(k), missing[k]),
+                                                    list(missing))
     finally:
         ray.shutdown()
 
 
-def generate_in_process(cfg, cache_dir: Path, key: str, plan: Plan, missing: list[int]):
+def generate_in_process(cfg, cache_dir: Path, key: str, plan: Plan, missing: dict[int, str]):
     """The same shards without Ray (debugging, tiny jobs, machines without Ray): byte-identical."""
     worker = TargetWorker(OmegaConf.to_container(cfg, resolve=True), str(cache_dir), key,
                           max(1, int(cfg.pipeline.cpus_per_worker)))
-    for index in missing:
-        yield worker.generate(index, plan.shard(index))
+    for index, name in missing.items():
+        yield worker.generate(index, plan.shard(index), name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,23 +83,32 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.model.backend == "digits" and not Path(cfg.model.path).expanduser().is_dir():
         raise FileNotFoundError(f"model.path {cfg.model.path} is not a directory (train the digit teacher "
                                 "with `python -m noiserefine.digits.train_teacher --config ...`)")
-    cache_dir = prepare_cache_dir(cfg)
-    save_config(cfg, cache_dir / "generate_config.yaml")
     plan = Plan.from_config(cfg.data)
     for source in plan.sources:
         print(f"prompts[{source.kind}]: {source.stats}", flush=True)
-    state = scan_cache(cache_dir, plan, verify=cfg.pipeline.verify)
-    print(f"cache {cache_dir}: {len(state.complete)}/{plan.num_shards} shards complete, "
-          f"{len(state.missing)} to generate" + (f", rejected {state.rejected}" if state.rejected else "")
-          + (f", removed {len(state.stale_temps)} stale temp files" if state.stale_temps else ""), flush=True)
-    started, num_samples = time.perf_counter(), 0
-    if state.missing:
-        generate = generate_with_ray if cfg.pipeline.num_workers > 0 else generate_in_process
-        results = generate(cfg, cache_dir, teacher_key(cfg), plan, state.missing)
-        for info in tqdm(results, total=len(state.missing), desc="shards", unit="shard"):
-            record_shards(cache_dir, [info])  # per shard: a crashed driver loses nothing
-            num_samples += info.num_samples
-    seconds = time.perf_counter() - started
+    with hold_cache(cfg) as cache_dir:  # the job lock, held until every shard is recorded
+        save_config(cfg, cache_dir / "generate_config.yaml")
+        state = scan_cache(cache_dir, plan, verify=cfg.pipeline.verify)
+        print(f"cache {cache_dir}: {len(state.complete)}/{plan.num_shards} shards complete, "
+              f"{len(state.missing)} to generate" + (f", rejected {state.rejected}" if state.rejected else "")
+              + (f", removed {len(state.stale_temps)} stale temp files" if state.stale_temps else ""), flush=True)
+        if state.growing:
+            print(f"  growing {state.growing}: kept as they are (a running trainer may read them); the longer "
+                  f"shards get new names and replace their manifest rows", flush=True)
+        for name in state.rejected:
+            print(f"  rejected {name}: {state.reasons[name]}; moved aside as {state.moved[name]} (not deleted)",
+                  flush=True)
+        if state.adopted:
+            print(f"  adopted {state.adopted}: complete and matching the plan but unrecorded; recorded now", flush=True)
+        started, num_samples = time.perf_counter(), 0
+        if state.missing:
+            generate = generate_with_ray if cfg.pipeline.num_workers > 0 else generate_in_process
+            names = {index: state.names[index] for index in state.missing}
+            results = generate(cfg, cache_dir, teacher_key(cfg), plan, names)
+            for info in tqdm(results, total=len(state.missing), desc="shards", unit="shard"):
+                record_shards(cache_dir, [info])  # per shard: a crashed driver loses nothing
+                num_samples += info.num_samples
+        seconds = time.perf_counter() - started
     print(f"generated {num_samples} samples in {len(state.missing)} shards in {seconds:.1f} s "
           f"({num_samples / seconds if num_samples else 0.0:.1f} samples/s); cache holds {plan.num_samples} "
           f"samples in {plan.num_shards} shards", flush=True)

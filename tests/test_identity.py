@@ -11,7 +11,8 @@ from conftest import tiny_digits_backend
 from noiserefine.config import load_config
 from noiserefine.targets import identity
 from noiserefine.targets.cache import prepare_cache_dir
-from noiserefine.targets.identity import teacher_key, tree_sha256
+from noiserefine.hashing import tree_sha256
+from noiserefine.targets.identity import teacher_key
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = REPO / "configs" / "digits.yaml"

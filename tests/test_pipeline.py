@@ -35,7 +35,8 @@ from noiserefine.config import load_config
 from noiserefine.noise import fingerprint, noise_from_seed
 from noiserefine.targets.plan import Plan
 from noiserefine.sampling import UNGUIDED, Guidance, rollout
-from noiserefine.shards import (MANIFEST_NAME, decode_sample, file_sha256, read_manifest, read_shard,
+from noiserefine.hashing import file_sha256
+from noiserefine.shards import (MANIFEST_NAME, decode_sample, read_manifest, read_shard,
                                 sample_key, shard_name, write_manifest)
 
 wds = pytest.importorskip("webdataset")
@@ -49,6 +50,7 @@ NUM_SAMPLES = 22
 SHARD_SIZE = 6
 SHARD_COUNTS = [6, 6, 6, 4]
 NUM_SHARDS = len(SHARD_COUNTS)
+SHARD_NAMES = [shard_name(0), shard_name(1), shard_name(2), shard_name(3, 4)]  # a partial shard carries its count
 TEACHER_SETTINGS = ["model.digits.train_steps=20"]
 JOB_TIMEOUT = 600  # seconds; a hung Ray job fails the test instead of hanging CI
 HOOKS = REPO / "tests" / "hooks"  # sitecustomize.py: test-only fault injection, inherited by Ray workers
@@ -141,7 +143,8 @@ def copy_cache(job: Job, dest_root: Path) -> tuple[Path, list[str]]:
 
 
 def all_keys(cache_dir: Path) -> list[str]:
-    return [s.key for name in visible_shards(cache_dir) for s in read_shard(cache_dir / name)]
+    """The keys of every shard the manifest lists (what a trainer reads), in name order."""
+    return [s.key for name in sorted(read_manifest(cache_dir)) for s in read_shard(cache_dir / name)]
 
 
 def flip_middle_byte(path: Path) -> None:
@@ -198,7 +201,7 @@ def test_one_and_two_workers_write_identical_bytes(clean_1w, clean_2w):
     assert f"0/{NUM_SHARDS} shards complete, {NUM_SHARDS} to generate" in clean_1w.stdout
     one, two = clean_1w.cache_dir, clean_2w.cache_dir
     assert one.name == two.name  # same teacher key
-    assert visible_shards(one) == [shard_name(k) for k in range(NUM_SHARDS)]
+    assert visible_shards(one) == SHARD_NAMES
     assert shard_hashes(one) == shard_hashes(two)
     rows_one, rows_two = manifest_rows(one), manifest_rows(two)
     assert rows_one == rows_two
@@ -216,7 +219,7 @@ def test_killed_worker_is_retried_without_loss_or_duplicates(clean_1w, killed):
     assert marker.exists(), "the fault hook did not fire: no worker was killed\n" + job.describe()
     assert int(marker.read_text()) > 0  # pid of the killed worker
     cache_dir = job.cache_dir
-    names = [shard_name(k) for k in range(NUM_SHARDS)]
+    names = SHARD_NAMES
     assert visible_shards(cache_dir) == names
     assert shard_hashes(cache_dir) == shard_hashes(clean_1w.cache_dir)
     rows = manifest_rows(cache_dir)
@@ -248,8 +251,8 @@ def test_deleted_shard_is_rebuilt_alone_and_identical(clean_1w, repaired):
     assert shard_name(1) not in before and shard_name(1) in after
     assert f"2/{NUM_SHARDS} shards complete, 2 to generate" in job.stdout, job.describe()
     assert file_sha256(cache_dir / shard_name(1)) == shard_hashes(clean_1w.cache_dir)[shard_name(1)]
-    for k in (0, 3):  # the intact shards are not rewritten
-        assert after[shard_name(k)] == before[shard_name(k)]
+    for name in (SHARD_NAMES[0], SHARD_NAMES[3]):  # the intact shards are not rewritten
+        assert after[name] == before[name]
     assert manifest_rows(cache_dir) == manifest_rows(clean_1w.cache_dir)
 
 
@@ -272,6 +275,8 @@ def test_unrecorded_shards_are_adopted_into_the_manifest_and_damaged_ones_rebuil
     state = scan_cache(cache_dir, Plan.from_config(job_config(overrides).data))
     assert sorted(state.complete) == [0, 2, 3] and state.missing == [1]
     assert state.rejected == [shard_name(1)] and not damaged.exists()
+    (moved,) = cache_dir.glob(f"rejected-{shard_name(1)}.*")  # moved aside, not deleted
+    assert state.moved == {shard_name(1): moved.name}
     # shard 0 is in the manifest again (training reads only the manifest), exactly as first recorded
     assert manifest_rows(cache_dir) == [row for row in clean_rows if row["name"] != shard_name(1)]
 
@@ -342,25 +347,28 @@ def test_bad_model_path_fails_naming_the_path(tmp_path):
 
 
 def test_growing_num_samples_keeps_complete_shards(clean_1w, tmp_path):
+    """The partial last shard grows under a new name; the recorded file stays as it was (a running
+    trainer may read it) and the grown shard's row replaces its row in the manifest."""
     cache_dir, overrides = copy_cache(clean_1w, tmp_path / "cache")
     before = file_ids(cache_dir)
     grown = 27  # shard 3 grows from 4 to 6 samples, shard 4 is new with 3
     job = run_ok([*overrides, f"data.num_samples={grown}"])
     assert job.cache_dir == cache_dir  # num_samples is not part of the teacher key
-    assert f"3/5 shards complete, 2 to generate, rejected ['{shard_name(3)}']" in job.stdout, job.describe()
+    assert "3/5 shards complete, 2 to generate" in job.stdout, job.describe()
+    assert f"growing ['{SHARD_NAMES[3]}']" in job.stdout and "rejected" not in job.stdout, job.describe()
     after = file_ids(cache_dir)
     clean_hashes = shard_hashes(clean_1w.cache_dir)
-    for k in range(3):  # complete shards are kept as they are
-        assert after[shard_name(k)] == before[shard_name(k)]
-        assert file_sha256(cache_dir / shard_name(k)) == clean_hashes[shard_name(k)]
+    for name in SHARD_NAMES:  # every recorded shard is kept as it is, the partial one included
+        assert after[name] == before[name]
+        assert file_sha256(cache_dir / name) == clean_hashes[name]
     rows = manifest_rows(cache_dir)
-    assert [r["name"] for r in rows] == [shard_name(k) for k in range(5)]
+    assert [r["name"] for r in rows] == [shard_name(k) for k in range(4)] + [shard_name(4, 3)]
     assert [r["num_samples"] for r in rows] == [6, 6, 6, 6, 3]
     assert rows[:3] == manifest_rows(clean_1w.cache_dir)[:3]
     keys = all_keys(cache_dir)
     assert keys == [sample_key(i) for i in range(grown)]
-    # The grown shard starts with exactly the samples it held before.
-    old = list(read_shard(clean_1w.cache_dir / shard_name(3)))
+    # The grown shard starts with exactly the samples the old one holds.
+    old = list(read_shard(cache_dir / SHARD_NAMES[3]))
     new = list(read_shard(cache_dir / shard_name(3)))
     assert [s.meta for s in new[:len(old)]] == [s.meta for s in old]
     for a, b in zip(new, old):

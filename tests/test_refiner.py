@@ -5,7 +5,7 @@ from safetensors.torch import load_file, save_file
 from conftest import tiny_digits_backend
 from noiserefine.config import RefinerConfig, load_config
 from noiserefine.noise import noise_from_seeds
-from noiserefine.refiner import (CONFIG_FILE, WEIGHTS_FILE, Refiner, adapters_enabled, load_refiner,
+from noiserefine.refiner import (CONFIG_FILE, SAMPLER_FILE, WEIGHTS_FILE, Refiner, adapters_enabled, load_refiner,
                                  lora_enabled, save_refiner)
 from noiserefine.sampling import rollout
 
@@ -93,7 +93,7 @@ def test_save_load_round_trip(tiny_backend, tmp_path):
     expected = refiner.refine(noise, PROMPTS)
     save_refiner(refiner, tmp_path / "out", cfg)
     assert (tmp_path / "out" / CONFIG_FILE).is_file() and (tmp_path / "out" / WEIGHTS_FILE).is_file()
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([WEIGHTS_FILE, CONFIG_FILE])
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([WEIGHTS_FILE, CONFIG_FILE, SAMPLER_FILE])
     assert load_config(tmp_path / "out" / CONFIG_FILE).refiner.lora_rank == 4
 
     loaded = load_refiner(tmp_path / "out", tiny_digits_backend())

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from noiserefine import shards
+from noiserefine.hashing import file_sha256
 from noiserefine.shards import ShardInfo, ShardSample
 
 wds = pytest.importorskip("webdataset")
@@ -59,7 +60,7 @@ def test_round_trip_read_shard_and_webdataset(tmp_path):
     samples = make_samples(5)
     path = tmp_path / shards.shard_name(0)
     info = shards.write_shard(path, samples)
-    assert info == ShardInfo(path.name, 5, path.stat().st_size, shards.file_sha256(path))
+    assert info == ShardInfo(path.name, 5, path.stat().st_size, file_sha256(path))
     assert shards.shard_info(path) == info
 
     got = list(shards.read_shard(path))

@@ -143,3 +143,49 @@ def build_tiny_dit(directory: Path, flow: bool = False, num_classes: int = 10, s
     if id2label is not None:  # as in facebook/DiT-XL-2-256's model_index.json
         patch_json(directory / "model_index.json", id2label=id2label)
     return directory
+
+
+def write_t5_tokenizer(directory: Path):
+    """A minimal T5 (Unigram, metaspace) tokenizer over lower-case letters, digits and some punctuation."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    vocab += [("\u2581" + c, -1.0) for c in string.ascii_lowercase]
+    vocab += [(c, -2.0) for c in string.ascii_lowercase + string.digits + ".,!?'-"]
+    backend = Tokenizer(models.Unigram(vocab, unk_id=2))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tokenizer = T5TokenizerFast(tokenizer_object=backend, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                                extra_ids=0)
+    tokenizer.save_pretrained(directory)
+    return tokenizer
+
+
+def build_tiny_sd3(directory: Path, with_t5: bool = True, seed: int = 0) -> Path:
+    """SD3-like: an MMDiT on 4x8x8 latents, two CLIP encoders with projections (pooled 32 + 32), optionally a T5
+    encoder (d_model 32 = joint_attention_dim), a VAE with SD3's scaling and shift factors, flow matching shift 3."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(sample_size=LATENT_SIZE, patch_size=2, in_channels=4, num_layers=2,
+                                        attention_head_dim=8, num_attention_heads=2, caption_projection_dim=16,
+                                        joint_attention_dim=32, pooled_projection_dim=64, out_channels=4)
+    _sharpen(transformer.proj_out)
+    tokenizer = _tokenizer()
+    vae = AutoencoderKL(block_out_channels=(4, 8), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=2, sample_size=IMAGE_SIZE, scaling_factor=1.5035, shift_factor=0.0609)
+    t5 = tokenizer_3 = None
+    if with_t5:
+        tokenizer_3 = write_t5_tokenizer(directory / "tokenizer_3")
+        t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_3), d_model=32, d_kv=8, d_ff=37, num_layers=2,
+                                     num_heads=4)).eval()
+    pipe = StableDiffusion3Pipeline(transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                    text_encoder=tiny_text_encoder(tokenizer, projection=True), tokenizer=tokenizer,
+                                    text_encoder_2=tiny_text_encoder(tokenizer, projection=True), tokenizer_2=tokenizer,
+                                    text_encoder_3=t5, tokenizer_3=tokenizer_3)
+    pipe.save_pretrained(directory)
+    return directory

@@ -23,6 +23,10 @@ def metric_factory(cfg):
         from noiserefine.digits.classifier import digit_metrics
 
         return lambda: digit_metrics(cfg)
+    if cfg.eval.metrics == "text_image":  # CLIPScore / PickScore from eval.clip_path / eval.pickscore_path
+        from noiserefine.evaluation.features import text_image_metrics
+
+        return lambda: text_image_metrics(cfg)
     return None
 
 

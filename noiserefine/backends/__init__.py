@@ -14,6 +14,7 @@ _REAL_BACKENDS = {
     "stable_diffusion": ("stable_diffusion", "StableDiffusionBackend"),
     "sdxl": ("sdxl", "SDXLBackend"),
     "sit": ("sit", "SiTBackend"),
+    "sd3": ("sd3", "SD3Backend"),
 }
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

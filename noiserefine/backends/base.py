@@ -90,7 +90,12 @@ class Backend(abc.ABC):
         """Self-attention modules of the denoiser under the given layer ids (exact, dot-bounded).
 
         Matching is on whole path components so "down_blocks.1" never matches
-        "down_blocks.10" (the regex trap of diffusers issue 13594).
+        "down_blocks.10" (the regex trap of diffusers issue 13594). diffusers' PAG
+        pipelines instead search each id as a regex anywhere in the module names: for
+        "mid" and for full prefixes ("up_blocks.0", "down_blocks.1.attentions.0") both
+        select the same modules (tests/test_stock_pipelines.py); a partial id such as
+        "attentions.0" selects modules in every block there and is an error here, and
+        the older "down.block_1" form, accepted here, matches nothing in diffusers 0.42.
         """
         prefixes = [_layer_prefix(layer) for layer in layers]
         found: dict[str, Attention] = {}

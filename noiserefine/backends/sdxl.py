@@ -9,7 +9,8 @@ with both sizes the image size of the latent shape (latent size x VAE scale).
 The null conditioning follows ``force_zeros_for_empty_prompt`` of
 ``model_index.json`` (default True, like the pipeline): zeros shaped like the
 prompt embeddings, else the encoding of "". The VAE runs in float32 (the
-original SDXL VAE overflows in float16). Sampled with DDIM like SD.
+original SDXL VAE overflows in float16; a VAE handed over by a stock pipeline
+keeps the pipeline's dtype). Sampled with DDIM like SD.
 
 ``from_architecture("sdxl")`` (``model.init=random``) builds the published
 SDXL-base sizes with RANDOM WEIGHTS and built-in tokenizers: for speed/memory
@@ -42,9 +43,10 @@ class SDXLBackend(StableDiffusionBackend):
 
     def __init__(self, unet, vae, text_encoder, tokenizer, text_encoder_2: CLIPTextModelWithProjection,
                  tokenizer_2: CLIPTokenizer, scheduler_config: dict, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, force_zeros_for_empty_prompt: bool = True):
+                 dtype: torch.dtype = torch.float32, force_zeros_for_empty_prompt: bool = True,
+                 vae_dtype: torch.dtype = torch.float32):
         super().__init__(unet, vae, text_encoder, tokenizer, scheduler_config, device, dtype,
-                         vae_dtype=torch.float32)
+                         vae_dtype=vae_dtype)
         self.text_encoder_2 = frozen(text_encoder_2, self.device, dtype)
         self.tokenizer_2 = tokenizer_2
         self.force_zeros_for_empty_prompt = bool(force_zeros_for_empty_prompt)

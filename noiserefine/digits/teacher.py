@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import secrets
 import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +22,7 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from tqdm.auto import tqdm
 
 from ..backends.digits import NULL_INDEX, SCHEDULER_CONFIG, DigitsBackend, build_unet
+from ..files import apply_default_modes
 from .data import load_digit_images, thicken_strokes
 
 TRAINING_FILE = "training.json"
@@ -30,10 +32,13 @@ def _save_teacher(out_dir: Path, unet: UNet2DConditionModel, embedding: torch.Te
                   training: dict) -> None:
     """Write the teacher to a temp dir, then rename: a crash never leaves a half model."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp"))
+    # not tempfile.mkdtemp: its 0700 directory would become the teacher, unreadable to other users
+    tmp = out_dir.parent / f".{out_dir.name}.{os.getpid()}-{secrets.token_hex(6)}.tmp"
+    tmp.mkdir()
     try:
         DigitsBackend(unet, embedding.detach(), teacher_scheduler_config(training["settings"])).save_pretrained(tmp)
         (tmp / TRAINING_FILE).write_text(json.dumps(training, indent=2, sort_keys=True))
+        apply_default_modes(tmp)  # safetensors writes its files 0600
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)

@@ -19,16 +19,22 @@ from tqdm.auto import tqdm
 from ..backends.base import Backend
 from ..noise import fingerprint, noise_from_seeds
 from ..sampling import Guidance, rollout
-from ..shards import ShardInfo, ShardSample, sample_key, shard_name, write_shard
+from ..shards import ShardInfo, ShardSample, planned_shard_name, sample_key, write_shard
 from .plan import PlannedSample
 
 
 def shard_samples(backend: Backend, samples: Sequence[PlannedSample], *, guidance: Guidance,
                   num_steps: int, teacher_key: str, batch_size: int, target_dtype: str,
-                  progress: bool = False) -> Iterator[ShardSample]:
-    """Yield the shard's samples batch by batch (guided rollout of each batch)."""
+                  progress: bool = False, where: str = "shard") -> Iterator[ShardSample]:
+    """Yield the shard's samples batch by batch (guided rollout of each batch).
+
+    Targets must be finite in the cache's dtype: after the whole shard, ``ValueError`` names
+    ``where`` and the sample ids of every NaN/inf target (as the teacher made it, or by
+    float16 overflow when cast); those samples are not yielded, so the shard is never complete.
+    """
     dtype = np.dtype(target_dtype)
     bar = tqdm(total=len(samples), desc="targets", unit="sample", disable=not progress, leave=False)
+    non_finite, overflow = [], []
     for start in range(0, len(samples), batch_size):
         batch = samples[start:start + batch_size]
         noise_cpu = noise_from_seeds([s.seed for s in batch], backend.latent_shape)
@@ -37,19 +43,40 @@ def shard_samples(backend: Backend, samples: Sequence[PlannedSample], *, guidanc
             noise = noise_cpu.to(device=backend.device, dtype=backend.dtype)
             x0 = rollout(backend, noise, cond, num_steps, guidance).float().cpu().numpy()
         for i, sample in enumerate(batch):
+            with np.errstate(over="ignore"):
+                target = x0[i].astype(dtype)
+            if not np.isfinite(x0[i]).all():
+                non_finite.append(sample.sample_id)
+                continue
+            if not np.isfinite(target).all():
+                overflow.append(sample.sample_id)
+                continue
             meta = {"sample_id": sample.sample_id, "seed": sample.seed, "prompt": sample.prompt,
                     "source": sample.source, "teacher_key": teacher_key,
                     "noise_fingerprint": fingerprint(noise_cpu[i])}
-            yield ShardSample(sample_key(sample.sample_id), meta, {"target": x0[i].astype(dtype)})
+            yield ShardSample(sample_key(sample.sample_id), meta, {"target": target})
         bar.update(len(batch))
     bar.close()
+    if non_finite or overflow:
+        problems = []
+        if non_finite:
+            problems.append(f"sample ids {non_finite} have NaN/inf targets as the teacher made them (check "
+                            "teacher.guidance_scale and the model)")
+        if overflow:
+            problems.append(f"sample ids {overflow} overflow {dtype} (|x| > {np.finfo(dtype).max:g}: lower "
+                            "teacher.guidance_scale or use data.target_dtype=float32)")
+        raise ValueError(f"{where}: refusing non-finite targets in {len(non_finite) + len(overflow)} of "
+                         f"{len(samples)} samples: {'; '.join(problems)}. Nothing was written or recorded")
 
 
 def generate_shard(backend: Backend, cfg, samples: Sequence[PlannedSample], shard_index: int,
-                   cache_dir: Path, teacher_key: str, *, progress: bool = False) -> ShardInfo:
-    """Write shard ``shard_index`` of the cache atomically and return its manifest row."""
+                   cache_dir: Path, teacher_key: str, *, name: str | None = None,
+                   progress: bool = False) -> ShardInfo:
+    """Write shard ``shard_index`` of the cache atomically (as ``name``, by default the plan's name
+    for it: ``Plan.shard_name``) and return its manifest row."""
+    name = name or planned_shard_name(shard_index, len(samples), cfg.data.shard_size)
     stream = shard_samples(backend, samples, guidance=Guidance.from_teacher(cfg.teacher),
                            num_steps=cfg.teacher.num_steps, teacher_key=teacher_key,
                            batch_size=cfg.pipeline.batch_size, target_dtype=cfg.data.target_dtype,
-                           progress=progress)
-    return write_shard(Path(cache_dir) / shard_name(shard_index), stream)
+                           progress=progress, where=str(Path(cache_dir) / name))
+    return write_shard(Path(cache_dir) / name, stream)

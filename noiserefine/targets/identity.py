@@ -16,73 +16,20 @@ model in place or editing a prompt file makes a new one. ``model.device`` is not
 the key (where a teacher runs is not what it is); ``pipeline.batch_size`` changes
 bits, not the teacher: it is pinned in ``teacher.yaml`` instead (see ``cache.py``).
 
-File hashes are memoised by (real path, size, mtime) in
-``$NOISEREFINE_HASH_CACHE`` (default ``~/.cache/noiserefine/file_hashes.json``), so an
-SDXL directory is read once per machine, not once per run.
+File hashes are memoised across runs (``noiserefine/hashing.py``), so an SDXL directory
+is read once per machine. Within a process the whole record is memoised too, but only
+while every model and prompt file keeps the same stat signature.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
-from ..files import write_text_atomic
+from ..hashing import model_files, stat_signature, tree_sha256
 
-IGNORED_SUFFIXES = (".md", ".yaml", ".yml")
 _memo_in_process: dict[str, dict] = {}
-
-
-def _memo_path() -> Path:
-    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "noiserefine" / "file_hashes.json"
-    return Path(os.environ.get("NOISEREFINE_HASH_CACHE", default)).expanduser()
-
-
-def _load_memo() -> dict:
-    try:
-        memo = json.loads(_memo_path().read_text())
-        return memo if isinstance(memo, dict) else {}
-    except (OSError, ValueError):
-        return {}  # missing or damaged: it is only a cache
-
-
-def file_sha256(path: str | Path, memo: dict | None = None) -> str:
-    """sha256 of a file's bytes; ``memo`` maps ``realpath|size|mtime_ns`` to earlier results."""
-    path = Path(path)
-    stat = path.stat()
-    signature = f"{os.path.realpath(path)}|{stat.st_size}|{stat.st_mtime_ns}"
-    if memo is not None and signature in memo:
-        return memo[signature]
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 22):
-            digest.update(chunk)
-    if memo is not None:
-        memo[signature] = digest.hexdigest()
-    return digest.hexdigest()
-
-
-def tree_sha256(root: str | Path) -> str:
-    """sha256 over the sorted (relative path, file sha256) pairs of the files under ``root``."""
-    root = Path(root).expanduser()
-    if not root.exists():
-        raise FileNotFoundError(f"{root} does not exist")
-    files = [root] if root.is_file() else sorted(
-        p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")
-        and not any(part.startswith(".") for part in p.relative_to(root).parts)
-        and p.suffix.lower() not in IGNORED_SUFFIXES)
-    if not files:
-        raise ValueError(f"{root} holds no model files")
-    memo = _load_memo()
-    before = dict(memo)
-    listing = [(str(p.relative_to(root)) if p != root else p.name, file_sha256(p, memo)) for p in files]
-    if memo != before:
-        try:
-            write_text_atomic(_memo_path(), json.dumps(memo, sort_keys=True))
-        except OSError:
-            pass  # an unwritable cache directory only costs re-hashing next time
-    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
 
 
 def model_dir(model_cfg) -> Path:
@@ -113,6 +60,23 @@ def prompts_sha256(prompts: list[str]) -> str:
     return hashlib.sha256(json.dumps(list(prompts), ensure_ascii=False).encode()).hexdigest()
 
 
+def _inputs_signature(cfg) -> list[str] | None:
+    """Stat signatures of the model's files and the prompt files: the in-process memo of a record is
+    used only while none of them changed (a teacher retrained in place, a prompt file edited).
+    None if some input cannot be listed (the record computation then raises the real error)."""
+    from .prompts import _parquet_files
+
+    try:
+        paths = [] if cfg.model.init == "random" else model_files(model_dir(cfg.model))
+        for source in cfg.data.sources:
+            if source.path:
+                paths += (_parquet_files(source.path) if source.kind == "pickapic"
+                          else [Path(source.path).expanduser()])
+        return [stat_signature(path) for path in paths]
+    except (OSError, ValueError):
+        return None
+
+
 def teacher_record(cfg) -> dict:
     """The identity of ``cfg``'s teacher cache (stored as ``teacher.yaml``), with its key."""
     from omegaconf import OmegaConf
@@ -120,8 +84,10 @@ def teacher_record(cfg) -> dict:
     from .plan import load_sources
 
     container = OmegaConf.to_container(cfg, resolve=True)
-    signature = json.dumps({k: container[k] for k in ("model", "teacher", "data")}, sort_keys=True)
-    if signature not in _memo_in_process:
+    inputs = _inputs_signature(cfg)
+    signature = json.dumps({**{k: container[k] for k in ("model", "teacher", "data")}, "inputs": inputs},
+                           sort_keys=True)
+    if inputs is None or signature not in _memo_in_process:
         data = cfg.data
         sources = [{"kind": s.kind, "weight": s.weight, "prompts_sha256": prompts_sha256(s.prompts)}
                    for s in load_sources(data)]

@@ -3,7 +3,8 @@
 Sample ``i`` draws its source (by weight) and its prompt from a hash of
 ``(base_seed, i)``, and its seed from ``noise.sample_seed(base_seed, i)``. So
 shard ``k`` always holds the same samples whatever the number of workers, and a
-larger ``num_samples`` only appends samples (the last partial shard grows).
+larger ``num_samples`` only appends samples (the last partial shard grows, under a new
+file name: a partial shard's name carries its sample count).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import hashlib
 from dataclasses import dataclass
 
 from ..noise import sample_seed
+from ..shards import planned_shard_name
 from .prompts import PromptStats, load_prompt_source
 
 
@@ -86,6 +88,10 @@ class Plan:
             raise ValueError(f"shard index {shard_index} outside the plan's {self.num_shards} shards")
         start = shard_index * self.shard_size
         return range(start, min(start + self.shard_size, self.num_samples))
+
+    def shard_name(self, shard_index: int) -> str:
+        """``shard-000003.tar``, or ``shard-000003-n8.tar`` if the shard is partial (see ``shards.shard_name``)."""
+        return planned_shard_name(shard_index, len(self.shard_sample_ids(shard_index)), self.shard_size)
 
     def shard(self, shard_index: int) -> list[PlannedSample]:
         return [self.sample(i) for i in self.shard_sample_ids(shard_index)]

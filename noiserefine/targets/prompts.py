@@ -138,10 +138,17 @@ def read_pickapic_captions(path: str | os.PathLike) -> list[str | None]:
         if "caption" not in schema.names:
             raise ValueError(f"{str(f)!r} has no 'caption' column (columns: {schema.names})")
         ctype = schema.field("caption").type
-        if not (pa.types.is_string(ctype) or pa.types.is_large_string(ctype)):
+        # dictionary<string> (pandas categoricals) holds strings too: decoded on read
+        value_type = ctype.value_type if pa.types.is_dictionary(ctype) else ctype
+        if not (pa.types.is_string(value_type) or pa.types.is_large_string(value_type)):
             raise ValueError(f"{str(f)!r}: 'caption' column must be string, got {ctype}")
-        table = pq.read_table(f, columns=["caption"])
-        captions.extend(table.column("caption").to_pylist())
+        try:
+            column = pq.read_table(f, columns=["caption"]).column("caption")
+        except (pa.ArrowException, OSError) as exc:  # e.g. "Corrupt snappy compressed data." (no file named)
+            raise ValueError(f"{str(f)!r}: cannot read the 'caption' column: {exc}") from exc
+        if pa.types.is_dictionary(column.type):
+            column = column.cast(value_type)
+        captions.extend(column.to_pylist())
     return captions
 
 

@@ -14,6 +14,7 @@ unpickles one, every file must pass ``torch.load(weights_only=True)``
 from __future__ import annotations
 
 import os
+import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,11 @@ def _ds():
 
         _deepspeed = deepspeed
     return _deepspeed
+
+
+def launch_rank_world() -> tuple[int, int]:
+    """This process's rank and the world size as the launcher set them (before :func:`init`)."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def on_cuda() -> bool:
@@ -165,8 +171,13 @@ def build_engine(refiner: torch.nn.Module, cfg):
 
 
 def save_checkpoint(engine, ckpt_dir: str | Path, tag: str, client_state: dict) -> None:
-    """DeepSpeed's checkpoint ``ckpt_dir/tag``: call on EVERY rank (DeepSpeed synchronises inside)."""
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, exclude_frozen_parameters=True)
+    """DeepSpeed's checkpoint ``ckpt_dir/tag``: call on EVERY rank (DeepSpeed synchronises inside).
+
+    ``latest`` is not written here (DeepSpeed writes it in place): the caller writes it atomically once
+    the checkpoint is complete and recorded.
+    """
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, exclude_frozen_parameters=True,
+                           save_latest=False)
     barrier()
 
 
@@ -181,29 +192,47 @@ def _checkpoint_classes() -> list:
     return [LossScaler, ZeroStageEnum, fragment_address]
 
 
+class CheckpointDamaged(ValueError):
+    """A checkpoint that cannot be used as written (truncated, zeroed, a file missing, a save cut short):
+    the resume falls back to an older one. Other ``ValueError``s (e.g. a foreign pickle) are refusals."""
+
+
+def _load_refusal(error: Exception) -> str | None:
+    """The weights-only unpickler's reason if it refused an object it does not know (not damage)."""
+    match = re.search(r"WeightsUnpickler error: (Unsupported global[^\n]*?)(?:\. Please|\n|$)", str(error))
+    return match.group(1) if match else None
+
+
 def read_client_state(ckpt_dir: str | Path, tag: str) -> dict:
     """The client state of checkpoint ``tag``, after every file of it passed ``torch.load(weights_only=True)``.
 
     DeepSpeed unpickles checkpoints with ``weights_only=False``: a checkpoint copied in
     from elsewhere that references any Python object other than tensors, containers and
-    :func:`_checkpoint_classes` is refused here, before DeepSpeed ever opens it.
+    :func:`_checkpoint_classes` is refused here (``ValueError``), before DeepSpeed ever opens
+    it. A missing model-states file or one that does not load at all (truncated, zeroed)
+    raises :class:`CheckpointDamaged`.
     """
     directory = Path(ckpt_dir) / tag
     parts = sorted(directory.glob("*.pt"))
     model_states = directory / "mp_rank_00_model_states.pt"
     if model_states not in parts:
-        raise ValueError(f"{directory}: no {model_states.name} (incomplete checkpoint)")
+        raise CheckpointDamaged(f"no {model_states.name} (incomplete checkpoint)")
     loaded = {}
     with torch.serialization.safe_globals(_checkpoint_classes()):
         for part in parts:
             try:
                 loaded[part] = torch.load(part, map_location="cpu", weights_only=True)
             except Exception as error:
-                raise ValueError(f"{part}: refused, it does not load with torch.load(weights_only=True) "
-                                 f"({type(error).__name__}: {str(error)[:200]})") from None
+                refusal = _load_refusal(error)
+                if refusal is not None:
+                    raise ValueError(f"{part}: refused, it does not load with torch.load(weights_only=True) "
+                                     f"({refusal})") from None
+                first = (str(error).strip().splitlines() or [""])[0]
+                first = first if len(first) <= 120 else first[:120] + "…"
+                raise CheckpointDamaged(f"{part.name} does not load ({type(error).__name__}: {first})") from None
     state = loaded[model_states]
     if not isinstance(state, dict):
-        raise ValueError(f"{model_states}: not a DeepSpeed model-states dict")
+        raise CheckpointDamaged(f"{model_states.name}: not a DeepSpeed model-states dict")
     return state
 
 

@@ -16,9 +16,13 @@ command resumes from the newest checkpoint, or exits at once if the run is finis
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -77,7 +81,11 @@ def train(cfg, metric_factory: Callable[[], MetricFn] | None = None) -> dict:
             print(f"{cfg.train.output_dir}: already trained to step {done['max_steps']} (done.json); "
                   "nothing to do", flush=True)
         return done
-    cache_dir, manifest = open_cache(cfg)  # fail fast, before any process group exists
+    # Fail fast, before any model, engine or process group exists: the checkpoint to resume from (its
+    # config compared with this one) and the shards to train on (a resumed run: exactly its recorded rows).
+    checkpointer = Checkpointer(cfg)
+    resume = checkpointer.find(*distributed.launch_rank_world())
+    cache_dir, rows = open_cache(cfg, rows=resume.shard_rows if resume else None)
     info = distributed.init()
     rank, world, is_main = info.rank, info.world_size, info.is_main
     _set_threads(world)
@@ -88,11 +96,12 @@ def train(cfg, metric_factory: Callable[[], MetricFn] | None = None) -> dict:
     torch.manual_seed(cfg.train.seed)  # LoRA A is random: the same on every rank and in every resumed run
     refiner = Refiner(backend, cfg.refiner)
     engine = distributed.build_engine(refiner, cfg)
-    checkpointer = Checkpointer(cfg, engine, refiner)
-    resume = checkpointer.resume(rank, world)
+    if resume:
+        checkpointer.load(engine, refiner, resume)
     start, elapsed = (resume.step, resume.seconds) if resume else (0, 0.0)
-    stream = TeacherStream.from_config(cfg, rank, world, shards=resume.shards if resume else None,
-                                       cache=(cache_dir, manifest))
+    shards = [row.name for row in resume.shard_rows] if resume else None  # a resumed run: in the recorded order
+    stream = TeacherStream.from_config(cfg, rank, world, shards=shards, cache=(cache_dir, rows),
+                                       latent_shape=backend.latent_shape)
     window = LogWindow()
     if resume:
         stream.load_state_dict(resume.data_state)
@@ -120,7 +129,9 @@ def train(cfg, metric_factory: Callable[[], MetricFn] | None = None) -> dict:
     last_row: dict = {}
     bar = tqdm(total=cfg.train.max_steps, initial=start, desc="train refiner", unit="step", disable=not is_main,
                dynamic_ncols=True)
-    with open(samples_path, "a") as samples_log:
+    step = start
+    with stop_on_sigterm(rank, lambda: step), lost_rank_error(rank, world, lambda: step), \
+            open(samples_path, "a") as samples_log:
         for step in range(start + 1, cfg.train.max_steps + 1):
             batch = next(batches)
             stats = train_step(engine, refiner, loss_fn, backend, batch)
@@ -133,11 +144,46 @@ def train(cfg, metric_factory: Callable[[], MetricFn] | None = None) -> dict:
             if evaluator is not None and step % cfg.train.eval_every == 0:
                 tqdm.write(evaluator(refiner, step)["text"])
             if checkpointer.due(step):
-                checkpointer.save(step, {**stream.state_dict(), "log_window": window.state_dict()},
-                                  time.perf_counter() - started, stream.shard_names)
+                checkpointer.save(engine, refiner, step, {**stream.state_dict(), "log_window": window.state_dict()},
+                                  time.perf_counter() - started, [stream.manifest[n] for n in stream.shard_names])
             bar.update(1)
     bar.close()
     return _finish(cfg, refiner, stream, last_row, started, is_main)
+
+
+@contextlib.contextmanager
+def stop_on_sigterm(rank: int, current_step: Callable[[], int]):
+    """SIGTERM (the deepspeed launcher stops every rank when one fails) ends this rank with a line saying so."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pid = os.getpid()
+
+    def handler(signum, frame):
+        if os.getpid() == pid:  # not in a forked DataLoader worker
+            print(f"rank {rank} stopped by SIGTERM at step {current_step()} (under the deepspeed launcher: "
+                  "another rank failed, see its error and exit status); re-run the same command to resume from "
+                  "the newest checkpoint", file=sys.stderr, flush=True)
+        sys.exit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def lost_rank_error(rank: int, world: int, current_step: Callable[[], int]):
+    """A collective that fails because a peer is gone (gloo: connection closed or reset) says so."""
+    try:
+        yield
+    except RuntimeError as error:
+        if world > 1 and any(s in str(error) for s in ("Connection closed by peer", "Connection reset by peer")):
+            raise RuntimeError(f"rank {rank} lost contact with another rank at step {current_step()} (it probably "
+                               "died: see its log); re-run the same command to resume from the newest "
+                               "checkpoint") from error
+        raise
 
 
 def _log_row(step: int, stats: dict, window: LogWindow, stream: TeacherStream, started: float,
@@ -167,7 +213,8 @@ def _finish(cfg, refiner: Refiner, stream: TeacherStream, last_row: dict, starte
              "corrupt_skipped": total_skipped, "refiner_dir": str(output_dir / "refiner")}
     if is_main:
         save_refiner(refiner, output_dir / "refiner", cfg)
-        write_text_atomic(output_dir / "done.json", json.dumps(stats, indent=2) + "\n")
+        record = {**stats, "config": OmegaConf.to_container(cfg, resolve=True)}  # finished_run compares it
+        write_text_atomic(output_dir / "done.json", json.dumps(record, indent=2) + "\n")
         print(f"done: {cfg.train.max_steps} steps, final loss {stats['final_loss']}, refiner in "
               f"{stats['refiner_dir']}", flush=True)
     distributed.shutdown()

@@ -13,9 +13,13 @@ an uninterrupted one would (WebDataset has no exact mid-epoch resume of its own)
 Integrity: each shard is read whole and checked against the manifest (size, sha256),
 parsed by the one strict tar reader (``shards.iter_samples``: no pickle, no links, no
 odd names), and each ``x_T`` regenerated from its seed must match the stored
-fingerprint. Damage (missing, truncated, modified, unreadable tar) raises naming the
-shard, or with ``train.skip_corrupt_shards`` its samples are skipped and counted;
-content errors (fingerprint, teacher, refused members) are never skipped.
+fingerprint. Each target must have the backend's latent shape (given by the caller) and
+dtype float16 or float32, and be finite; sample_id and seed must be integers in range
+(sample_id the one the key names) and the prompt a string. Damage (missing, truncated,
+modified, unreadable tar) raises naming the shard and the command that repairs it, or
+with ``train.skip_corrupt_shards`` its samples are skipped and counted; content errors
+(fingerprint, teacher, shape, dtype, metadata, refused members) name the sample and the
+shard and are never skipped.
 """
 
 from __future__ import annotations
@@ -29,9 +33,9 @@ from pathlib import Path
 
 import torch
 
-from ..noise import fingerprint, noise_from_seed
-from ..shards import ShardFormatError, ShardInfo, ShardSample, iter_samples
-from ..targets.cache import open_cache
+from ..noise import MAX_SEED, fingerprint, noise_from_seed
+from ..shards import ShardFormatError, ShardInfo, ShardSample, iter_samples, sample_key
+from ..targets.cache import REPAIR_HINT, open_cache
 from ..targets.identity import teacher_key
 
 @dataclass(frozen=True)
@@ -100,10 +104,12 @@ def _read_verified(path: Path, info: ShardInfo) -> bytes:
 class _ShardReader:
     """Stage: ``{"url"}`` dicts -> decoded, verified samples, and :class:`SkipEvent` items."""
 
-    def __init__(self, manifest: dict[str, ShardInfo], teacher_key: str, skip_corrupt: bool):
+    def __init__(self, manifest: dict[str, ShardInfo], teacher_key: str, skip_corrupt: bool,
+                 latent_shape: tuple[int, ...] | None = None):
         self.manifest = manifest
         self.teacher_key = teacher_key
         self.skip_corrupt = skip_corrupt
+        self.latent_shape = tuple(latent_shape) if latent_shape is not None else None  # None: the first target's
 
     def __call__(self, source: Iterable[dict]) -> Iterator[dict | SkipEvent]:
         for item in source:
@@ -112,8 +118,10 @@ class _ShardReader:
     def _damaged(self, path: Path, used: int, reason: str) -> SkipEvent:
         info = self.manifest[path.name]
         if not self.skip_corrupt:
-            raise ValueError(f"corrupt teacher shard {path}: {reason} (set train.skip_corrupt_shards=true to "
-                             "skip damaged shards, or regenerate it with pipeline/generate_targets.py)")
+            raise ValueError(f"corrupt teacher shard {path}: {reason}. Repair the cache with `{REPAIR_HINT}` "
+                             "(it re-hashes every shard and rebuilds the damaged ones; without "
+                             "pipeline.verify=true it only checks sizes), or set train.skip_corrupt_shards=true "
+                             "to skip damaged shards")
         remaining = max(info.num_samples - used, 0)
         print(f"warning: skipping {remaining} samples of corrupt shard {path}: {reason}", file=sys.stderr,
               flush=True)
@@ -151,14 +159,35 @@ class _ShardReader:
                 raise ValueError(f"{where}: metadata has no {field!r}")
         if meta["teacher_key"] != self.teacher_key:
             raise ValueError(f"{where} was made by teacher {meta['teacher_key']}, expected {self.teacher_key}")
-        target = torch.from_numpy(arrays["target"].astype("float32"))
-        noise = noise_from_seed(int(meta["seed"]), target.shape)
+        sample_id, seed, prompt = meta["sample_id"], meta["seed"], meta["prompt"]
+        if not _is_int(sample_id) or sample_id < 0 or sample_key(sample_id) != key:
+            raise ValueError(f"{where}: sample_id {sample_id!r} is not the non-negative integer its key names")
+        if not _is_int(seed) or not 0 <= seed <= MAX_SEED:
+            raise ValueError(f"{where}: seed {seed!r} is not an integer in [0, 2**63-1]")
+        if not isinstance(prompt, str) or not isinstance(meta["noise_fingerprint"], str):
+            raise ValueError(f"{where}: prompt {prompt!r} and noise_fingerprint {meta['noise_fingerprint']!r} "
+                             "must be strings")
+        array = arrays["target"]
+        if array.dtype.kind != "f" or array.dtype.itemsize not in (2, 4):
+            raise ValueError(f"{where}: target dtype {array.dtype}, expected float16 or float32")
+        if self.latent_shape is None:
+            self.latent_shape = tuple(array.shape)
+        if tuple(array.shape) != self.latent_shape:
+            raise ValueError(f"{where}: target shape {tuple(array.shape)}, expected the backend's latent shape "
+                             f"{self.latent_shape}")
+        target = torch.from_numpy(array.astype("float32"))
+        if not bool(torch.isfinite(target).all()):
+            raise ValueError(f"{where}: target has non-finite values (NaN or inf)")
+        noise = noise_from_seed(seed, self.latent_shape)
         actual = fingerprint(noise)
         if actual != meta["noise_fingerprint"]:
-            raise ValueError(f"{where}: noise regenerated from seed {meta['seed']} has fingerprint {actual}, "
+            raise ValueError(f"{where}: noise regenerated from seed {seed} has fingerprint {actual}, "
                              f"the stored one is {meta['noise_fingerprint']} (target made from other noise)")
-        return {"sample_id": int(meta["sample_id"]), "seed": int(meta["seed"]), "prompt": str(meta["prompt"]),
-                "noise": noise, "target": target}
+        return {"sample_id": sample_id, "seed": seed, "prompt": prompt, "noise": noise, "target": target}
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def split_by_loader_worker(source: Iterable[dict]) -> Iterator[dict]:
@@ -208,7 +237,9 @@ class TeacherStream:
 
     def __init__(self, cache_dir: str | Path, manifest: dict[str, ShardInfo], *, teacher_key: str, seed: int,
                  rank: int, world_size: int, batch_size: int, num_workers: int = 0,
-                 skip_corrupt: bool = False, shards: list[str] | None = None):
+                 skip_corrupt: bool = False, shards: list[str] | None = None,
+                 latent_shape: tuple[int, ...] | None = None):
+        """``latent_shape``: the backend's (every target must have it; None: the first target's)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if num_workers < 0:
@@ -227,18 +258,20 @@ class TeacherStream:
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
         self.batch_size, self.num_workers = int(batch_size), int(num_workers)
         self.skip_corrupt = bool(skip_corrupt)
+        self.latent_shape = tuple(latent_shape) if latent_shape is not None else None
         self.position = DataPosition()
         self.corrupt_skipped = 0
         self.skip_events: list[SkipEvent] = []
 
     @classmethod
     def from_config(cls, cfg, rank: int = 0, world_size: int = 1, *, shards: list[str] | None = None,
-                    cache: tuple[Path, dict[str, ShardInfo]] | None = None) -> "TeacherStream":
+                    cache: tuple[Path, dict[str, ShardInfo]] | None = None,
+                    latent_shape: tuple[int, ...] | None = None) -> "TeacherStream":
         cache_dir, manifest = cache if cache is not None else open_cache(cfg)
         return cls(cache_dir, manifest, teacher_key=teacher_key(cfg), seed=cfg.train.seed, rank=rank,
                    world_size=world_size, batch_size=cfg.train.batch_size,
                    num_workers=cfg.train.num_loader_workers, skip_corrupt=cfg.train.skip_corrupt_shards,
-                   shards=shards)
+                   shards=shards, latent_shape=latent_shape)
 
     @property
     def samples_per_epoch(self) -> int:
@@ -256,7 +289,7 @@ class TeacherStream:
         return wds.DataPipeline(
             wds.SimpleShardList(urls, seed=None),  # shard order is ours (epoch_permutation): no wds shuffle
             split_by_loader_worker,                # nodes were split above (rank_shards)
-            _ShardReader(self.manifest, self.teacher_key, self.skip_corrupt),
+            _ShardReader(self.manifest, self.teacher_key, self.skip_corrupt, self.latent_shape),
             _batches(self.batch_size),
         )
 

@@ -9,6 +9,10 @@ environment). Each hook patches its module right after that module is first impo
   like a killed worker; later processes see the marker and work normally.
 - ``NOISEREFINE_TRAIN_EXIT_AFTER_STEP=<N>``: the trainer exits hard (code 17) when step
   N+1 starts, i.e. after step N and its checkpoint (if due) completed.
+- ``NOISEREFINE_TRAIN_KILL_RANK=<rank>:<N>``: the trainer process of that rank sends itself
+  SIGKILL when step N starts (one rank of several dying mid-run).
+- ``NOISEREFINE_TRAIN_KILL_IN_SAVE=<N>``: the trainer sends itself SIGKILL in the middle of
+  DeepSpeed's write of checkpoint ``stepN`` (the first file half written, ``latest`` untouched).
 """
 
 import importlib.abc
@@ -18,6 +22,16 @@ import sys
 
 SHARD_MARKER = os.environ.get("NOISEREFINE_FAULT_EXIT_ONCE")
 EXIT_AFTER_STEP = int(os.environ.get("NOISEREFINE_TRAIN_EXIT_AFTER_STEP", "0") or 0)
+KILL_RANK = os.environ.get("NOISEREFINE_TRAIN_KILL_RANK", "")
+KILL_IN_SAVE = int(os.environ.get("NOISEREFINE_TRAIN_KILL_IN_SAVE", "0") or 0)
+
+
+def _sigkill_self() -> None:
+    import signal
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _die_once(marker: str) -> None:
@@ -57,6 +71,44 @@ def _patch_loop(module) -> None:
     module.train_step = train_step
 
 
+def _patch_loop_kill_rank(module) -> None:
+    rank, step = (int(part) for part in KILL_RANK.split(":"))
+    original, calls = module.train_step, [0]
+
+    def train_step(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == step and int(os.environ.get("RANK", "0")) == rank:
+            print(f"test hook: SIGKILL to rank {rank} at step {step}", flush=True)
+            _sigkill_self()
+        return original(*args, **kwargs)
+
+    module.train_step = train_step
+
+
+def _patch_distributed(module) -> None:
+    original = module.save_checkpoint
+
+    def save_checkpoint(engine, ckpt_dir, tag, client_state):
+        if tag != f"step{KILL_IN_SAVE:08d}":
+            return original(engine, ckpt_dir, tag, client_state)
+        import io
+
+        import torch
+
+        def half_save(obj, path, *args, **kwargs):  # the kill lands mid-write of the first file
+            buffer = io.BytesIO()
+            torch_save(obj, buffer, *args, **kwargs)
+            with open(path, "wb") as handle:
+                handle.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+                handle.flush()
+            _sigkill_self()
+
+        torch_save, torch.save = torch.save, half_save
+        return original(engine, ckpt_dir, tag, client_state)
+
+    module.save_checkpoint = save_checkpoint
+
+
 class _PatchAfterImport(importlib.abc.MetaPathFinder):
     def __init__(self, patches):
         self.patches = patches
@@ -84,5 +136,9 @@ if SHARD_MARKER:
     _patches["noiserefine.targets.generate"] = _patch_generate
 if EXIT_AFTER_STEP:
     _patches["noiserefine.train.loop"] = _patch_loop
+if KILL_RANK:
+    _patches["noiserefine.train.loop"] = _patch_loop_kill_rank
+if KILL_IN_SAVE:
+    _patches["noiserefine.train.distributed"] = _patch_distributed
 if _patches:
     sys.meta_path.insert(0, _PatchAfterImport(_patches))

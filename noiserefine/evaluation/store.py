@@ -1,0 +1,98 @@
+"""Resumable per-sample results: a keyed directory of .npz shards, each published by atomic rename.
+
+A store directory is ``<root>/<name>-<key[:16]>/`` where the key is the sha256 of an identity record
+(what determines the stored samples: model, sampler, guidance, protocol, feature networks; see
+``noiserefine.evaluate``). ``store.json`` holds the record; a directory whose record differs is never
+used. Shard files are ``shard-<start>-<stop>.npz`` for samples ``start .. stop-1`` (numpy arrays only,
+read with ``allow_pickle=False``), written to a temp name and renamed (``files.atomic_path``, fsynced),
+so a killed run leaves complete shards and at most a stray temp file, which is ignored. Every shard holds
+``sample_ids`` and ``seeds`` and is checked against the expected ones when read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+from ..files import atomic_path, write_text_atomic
+
+RECORD_FILE = "store.json"
+_SHARD = re.compile(r"shard-(\d{8})-(\d{8})\.npz")
+
+
+def record_key(record: dict) -> str:
+    return hashlib.sha256(json.dumps(record, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def shard_windows(num_samples: int, shard_size: int) -> list[tuple[int, int]]:
+    """``[(0, S), (S, 2S), ..., (kS, N)]``: the windows of a run (a longer run shares its whole windows)."""
+    return [(start, min(start + shard_size, num_samples)) for start in range(0, num_samples, shard_size)]
+
+
+class ShardStore:
+    """One keyed directory of shards (see the module docstring)."""
+
+    def __init__(self, root: str | Path, name: str, record: dict):
+        self.key = record_key(record)
+        self.record = {"name": name, "key": self.key, "identity": record}
+        self.directory = Path(root) / f"{name}-{self.key[:16]}"
+        self.images = self.directory / "images"
+        stored = self.directory / RECORD_FILE
+        if stored.is_file():
+            try:
+                existing = json.loads(stored.read_text())
+            except (OSError, ValueError) as error:
+                raise ValueError(f"{stored}: unreadable store record ({error}); not a store of this evaluation") from None
+            if existing.get("key") != self.key:
+                raise ValueError(f"{self.directory} holds results of another configuration (key "
+                                 f"{existing.get('key')!r}, expected {self.key!r}); refusing to mix them")
+        else:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(stored, json.dumps(self.record, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+    @staticmethod
+    def shard_name(start: int, stop: int) -> str:
+        return f"shard-{start:08d}-{stop:08d}.npz"
+
+    def has(self, start: int, stop: int) -> bool:
+        return (self.directory / self.shard_name(start, stop)).is_file()
+
+    def write(self, start: int, stop: int, arrays: dict[str, np.ndarray]) -> Path:
+        """Publish one shard atomically; ``arrays`` must hold ``sample_ids`` and ``seeds`` of the window."""
+        ids = np.asarray(arrays["sample_ids"])
+        if ids.tolist() != list(range(start, stop)):
+            raise ValueError(f"shard {start}..{stop}: sample_ids {ids[:3].tolist()}... do not match the window")
+        bad = [k for k, v in arrays.items() if np.asarray(v).dtype == object]
+        if bad:
+            raise ValueError(f"shard arrays {bad} are object arrays (pickle); store numbers or strings")
+        path = self.directory / self.shard_name(start, stop)
+        with atomic_path(path, durable=True) as tmp:
+            with open(tmp, "wb") as handle:
+                np.savez(handle, **{k: np.asarray(v) for k, v in arrays.items()})
+        return path
+
+    def read(self, start: int, stop: int, seeds: list[int] | None) -> dict[str, np.ndarray]:
+        """One shard, checked: its ``sample_ids`` must be the window and its ``seeds`` (unless None) ``seeds``."""
+        path = self.directory / self.shard_name(start, stop)
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                arrays = {name: data[name] for name in data.files}
+        except Exception as error:
+            raise ValueError(f"{path}: unreadable shard ({type(error).__name__}: {error}); delete it to "
+                             "re-sample its window") from None
+        if arrays.get("sample_ids", np.array([])).tolist() != list(range(start, stop)) \
+                or (seeds is not None and arrays.get("seeds", np.array([])).tolist() != list(seeds)):
+            raise ValueError(f"{path}: its sample ids or seeds are not the protocol's for samples {start}..{stop - 1}")
+        return arrays
+
+    def read_all(self, windows: list[tuple[int, int]], seeds: list[int] | None) -> dict[str, np.ndarray]:
+        """Every window's arrays concatenated in sample order (all must be present)."""
+        missing = [self.shard_name(a, b) for a, b in windows if not self.has(a, b)]
+        if missing:
+            raise FileNotFoundError(f"{self.directory}: missing shards {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+        parts = [self.read(a, b, None if seeds is None else seeds[a:b]) for a, b in windows]
+        return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
