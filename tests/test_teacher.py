@@ -54,3 +54,19 @@ def test_teacher_shows_clear_guidance_effect(trained_teacher_dir, tmp_path_facto
     print(f"unguided {unguided}\nguided {guided}")
     assert guided["accuracy"] >= unguided["accuracy"] + 0.10
     assert unguided["accuracy"] > 0.5, "the teacher must have learnt the digits at all"
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_teacher_saves_the_prediction_type_it_was_trained_for(tmp_path, prediction_type):
+    settings = load_config(overrides=["model.digits.train_steps=2", "model.digits.batch_size=4",
+                                      "model.digits.block_out_channels=[8,16,16]",
+                                      f"model.digits.prediction_type={prediction_type}"]).model.digits
+    backend = DigitsBackend.from_pretrained(train_digits_teacher(settings, tmp_path / "t", progress=False))
+    assert backend.scheduler_config["prediction_type"] == prediction_type
+
+
+def test_teacher_refuses_an_unknown_prediction_type(tmp_path):
+    settings = load_config(overrides=["model.digits.prediction_type=sample"]).model.digits
+    with pytest.raises(ValueError, match="prediction_type"):
+        train_digits_teacher(settings, tmp_path / "t", progress=False)
+    assert not (tmp_path / "t").exists()
