@@ -48,12 +48,16 @@ def test_teacher_shows_clear_guidance_effect(trained_teacher_dir, tmp_path_facto
     metrics = DigitMetrics(load_or_train_classifier(tmp_path_factory.mktemp("classifier")))
     evals = eval_set(cfg)
     rows = [sample_row("unguided", backend, evals, cfg.student.num_steps),
+            sample_row("cfg1.25", backend, evals, cfg.student.num_steps, guidance=Guidance("cfg", 1.25)),
             sample_row("cfg3", backend, evals, cfg.student.num_steps, guidance=Guidance("cfg", 3.0))]
     score_rows(rows, backend, evals, metrics)
-    unguided, guided = rows[0].metrics, rows[1].metrics
-    print(f"unguided {unguided}\nguided {guided}")
-    assert guided["accuracy"] >= unguided["accuracy"] + 0.10
+    unguided, mild, guided = rows[0].metrics, rows[1].metrics, rows[2].metrics
+    print(f"unguided {unguided}\nmild {mild}\nguided {guided}")
     assert unguided["accuracy"] > 0.5, "the teacher must have learnt the digits at all"
+    # strong guidance at least halves the share of wrong digits; mild guidance improves the
+    # class-conditional FID (the regime the demo's sweep picks its guidance scale from)
+    assert 1 - guided["accuracy"] <= 0.5 * (1 - unguided["accuracy"])
+    assert mild["fid_class"] < 0.95 * unguided["fid_class"]
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
