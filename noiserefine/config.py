@@ -35,6 +35,7 @@ class DigitsTeacherConfig:
     thicken: int = 0  # >0: train on thickened strokes (the transfer experiment's style)
     init_from: str = ""  # fine-tune from this teacher directory instead of training from scratch
     distill_guidance_scale: float = 0.0  # >0: guidance-distillation baseline of the init_from teacher
+    prediction_type: str = "v_prediction"  # epsilon | v_prediction (the report measures noise-like samples)
 
 
 @dataclass
@@ -197,6 +198,10 @@ class DemoConfig:
     distill_steps: int = 150  # guidance-distillation baseline fine-tuning
     transfer_steps: int = 150  # fine-tuning the teacher to thick strokes
     transfer_thicken: int = 1
+    # guidance sweep of the teacher alone (w = 1: unguided); with pick_guidance the teacher's
+    # guidance_scale is set by its rule (noiserefine.digits.sweep.RULE) before targets are generated
+    sweep_scales: list[float] = field(default_factory=lambda: [1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0])
+    pick_guidance: bool = True
 
 
 @dataclass

@@ -19,11 +19,31 @@ def test_quick_demo_writes_report(tmp_path):
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for name in ("report.md", "metrics.json", "config.yaml", "samples.png", "transfer.png", "spectrum.png",
-                 "msd_vs_full_gradient.png"):
+                 "msd_vs_full_gradient.png", "sweep.json", "sweep.png", "comparison.png"):
         assert (run_dir / name).is_file(), name
     metrics = json.loads((run_dir / "metrics.json").read_text())
     main = metrics["main"]
     refined, unguided = main["Refined noise, unguided (ours)"], main["Gaussian noise, unguided"]
+    # the sweep ran on the teacher alone, before the cache, and its choice is the teacher's w everywhere after
+    sweep = json.loads((run_dir / "sweep.json").read_text())
+    assert [row["scale"] for row in sweep["rows"]] == [1.0, 1.5, 3.0]
+    chosen = sweep["chosen_scale"]
+    assert chosen == min(sweep["rows"], key=lambda row: row["fid_class"])["scale"]
+    assert metrics["sweep"]["chosen_scale"] == metrics["sweep"]["teacher_guidance_scale"] == chosen
+    assert "guidance_scale: " + str(float(chosen)) in (run_dir / "config.yaml").read_text()
+    cache_teacher = (run_dir / "cache").glob("*/teacher.yaml")
+    assert all(f"guidance_scale: {float(chosen)}" in path.read_text() for path in cache_teacher)
+    for key in ("fid_class", "precision", "recall", "noise_share"):
+        assert key in refined and key in unguided, key
+    assert refined["gap_closed"] == pytest.approx(
+        (unguided["fid_class"] - refined["fid_class"])
+        / (unguided["fid_class"] - main["Gaussian noise, guided (CFG)"]["fid_class"]), nan_ok=True)
+    goals = metrics["goals"]
+    assert len(goals) >= 7 and all(isinstance(goal["met"], bool) for goal in goals)
+    report = (run_dir / "report.md").read_text()
+    for heading in ("## Goals (measured, not tuned)", "## Guidance sweep of the teacher (chooses w)",
+                    "class-cond. FID", "![comparison](comparison.png)", "![sweep](sweep.png)"):
+        assert heading in report, heading
     assert metrics["spectrum"]["refinement_rms"] > 0
     assert refined["fid"] != unguided["fid"], "refined noise must change the samples"
     assert refined["nfe"] == unguided["nfe"] + 2
@@ -41,3 +61,4 @@ def test_quick_demo_writes_report(tmp_path):
     assert again.returncode == 0, again.stdout[-3000:]
     assert "0 to generate" in again.stdout
     assert "train digit teacher" not in again.stdout + again.stderr
+    assert "sweep: reusing" in again.stdout

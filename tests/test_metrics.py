@@ -16,7 +16,8 @@ from noiserefine.digits import classifier as metrics
 from noiserefine.digits.classifier import DigitMetrics, digit_split, load_or_train_classifier
 from noiserefine.digits.data import load_digit_images
 from noiserefine.evaluation.grids import save_image_grid
-from noiserefine.evaluation.scores import conditional_accuracy, feature_statistics, frechet_distance, inception_score
+from noiserefine.evaluation.scores import (class_conditional_fid, conditional_accuracy, feature_statistics,
+                                          frechet_distance, inception_score, precision_recall)
 
 TEST_STEPS = 300  # small training budget for the test classifier
 
@@ -95,6 +96,70 @@ def test_feature_statistics_matches_numpy():
     np.testing.assert_allclose(sigma, np.cov(x.astype(np.float64), rowvar=False), rtol=1e-6)
 
 
+# --------------------------------------------------------------------------- class-conditional FID
+def test_class_conditional_fid_by_hand():
+    # class 0: fake {-1, 1} (mean 0, var 2) vs real {1, 5} (mean 3, var 8): 9 + 2 + 8 - 2*sqrt(16) = 11
+    # class 1: fake {0, 2} vs real {0, 2}: 0; class 2 only in the real set, class 3 has one fake: skipped
+    fake, fake_labels = np.array([[-1.0], [1.0], [0.0], [2.0], [7.0]]), np.array([0, 0, 1, 1, 3])
+    real, real_labels = np.array([[1.0], [5.0], [0.0], [2.0], [9.0], [8.0], [3.0], [4.0]]), [0, 0, 1, 1, 2, 2, 3, 3]
+    result = class_conditional_fid(fake, fake_labels, real, real_labels)
+    assert result["per_class"] == {0: pytest.approx(11.0, abs=1e-9), 1: pytest.approx(0.0, abs=1e-9)}
+    assert result["mean"] == pytest.approx(5.5, abs=1e-9)
+    # the same samples with the class labels swapped: a wrong-class sample is penalised, plain FID is not
+    swapped = class_conditional_fid(fake, [1, 1, 0, 0, 3], real, real_labels)["per_class"]
+    assert swapped[0] == pytest.approx(4 + 2 + 8 - 2 * 4, abs=1e-9)  # fake {0, 2}: mean 1, var 2 vs mean 3, var 8
+    assert swapped[1] == pytest.approx(1 + 2 + 2 - 2 * 2, abs=1e-9)  # fake {-1, 1} vs real {0, 2}
+
+
+def test_class_conditional_fid_of_gaussian_sets():
+    # class d: N(mu_d, I) samples vs N(0, I) reals; FID_d -> ||mu_d||^2, mean over d -> (1 + 4) / 2
+    rng = np.random.default_rng(0)
+    n, dim = 20000, 2
+    fake = np.concatenate([rng.normal(size=(n, dim)) + [1.0, 0.0], rng.normal(size=(n, dim)) + [0.0, 2.0]])
+    real = rng.normal(size=(2 * n, dim))
+    labels = np.repeat([0, 1], n)
+    result = class_conditional_fid(torch.from_numpy(fake), torch.from_numpy(labels), real, labels)
+    assert result["per_class"][0] == pytest.approx(1.0, abs=0.05)
+    assert result["per_class"][1] == pytest.approx(4.0, abs=0.1)
+    assert result["mean"] == pytest.approx(2.5, abs=0.1)
+
+
+def test_class_conditional_fid_rejects_mismatched_lengths():
+    with pytest.raises(ValueError):
+        class_conditional_fid(np.zeros((3, 2)), [0, 1], np.zeros((2, 2)), [0, 1])
+
+
+# --------------------------------------------------------------------------- precision / recall
+def test_precision_recall_mode_collapse_by_hand():
+    real = np.arange(5.0)[:, None]  # 0..4: k=1 radii all 1
+    fake = np.array([[0.0], [0.1], [0.2], [0.3]])  # k=1 radii all 0.1
+    # every fake lies within 1 of the real 0 -> precision 1; only the real 0 lies within 0.1 of a fake
+    assert precision_recall(real, fake, k=1) == {"precision": 1.0, "recall": pytest.approx(0.2)}
+
+
+def test_precision_recall_k2_by_hand():
+    real = np.arange(5.0)[:, None]  # k=2 radii: 2, 1, 1, 1, 2
+    fake = np.array([[-1.5], [2.5], [7.0]])  # -1.5 within 2 of 0; 2.5 within 1 of 2; 7 is 3 from 4 > 2
+    # fake k=2 radii: -1.5 -> 8.5, 2.5 -> 4.5, 7 -> 8.5: every real is covered
+    assert precision_recall(real, fake, k=2) == {"precision": pytest.approx(2 / 3), "recall": 1.0}
+    # boundary counts as inside: a fake exactly 2 from the real 4 (its k=2 radius)
+    assert precision_recall(real, np.array([[6.0], [20.0], [30.0]]), k=2)["precision"] == pytest.approx(1 / 3)
+
+
+def test_precision_recall_2d_and_default_k():
+    # 2-D: reals on the unit square's corners and centre; default k=3
+    real = np.array([[0, 0], [1, 0], [0, 1], [1, 1], [0.5, 0.5]])
+    # k=3 radii: corner -> 1 (its neighbours: centre 0.707, two corners 1), centre -> 0.707
+    fake = np.array([[0.5, -0.9], [0.5, 1.2], [3.0, 3.0], [-1.0, -1.0]])
+    # (0.5,-0.9): 1.03 from (0,0)/(1,0), 1.4 from centre -> out; (0.5,1.2): dist to (0,1) sqrt(.29)=.54 -> in;
+    # (3,3): out; (-1,-1): 1.41 from (0,0) -> out
+    assert precision_recall(real, fake)["precision"] == pytest.approx(1 / 4)
+    with pytest.raises(ValueError):
+        precision_recall(real, fake[:3])  # 3 points, k=3: no 3rd neighbour
+    with pytest.raises(ValueError):
+        precision_recall(real, np.zeros((6, 3)))
+
+
 # --------------------------------------------------------------------------- Inception score
 def test_inception_score_uniform_is_one():
     assert inception_score(np.full((7, 10), 0.1)) == pytest.approx(1.0, abs=1e-9)
@@ -150,6 +215,20 @@ def test_digit_metrics_real_vs_noise_vs_black(digit_metrics, heldout):
     assert noise["fid"] > 10 * real["fid"] and black["fid"] > 10 * real["fid"]
     assert noise["accuracy"] < 0.5 and black["accuracy"] < 0.5
     assert black["inception_score"] == pytest.approx(1.0, abs=1e-6)
+    # class-aware scores: real digits lie on the real manifold and are no noise; uniform noise is all noise
+    assert real["precision"] >= 0.9 and real["recall"] >= 0.8 and real["precision_all"] >= 0.9
+    assert noise["precision"] < 0.1 and noise["recall"] < 0.1
+    assert real["noise_share"] == 0.0 and noise["noise_share"] == 1.0
+    assert noise["fid_class"] > 10 * real["fid_class"]
+
+
+def test_class_conditional_fid_sees_wrong_prompts_that_fid_ignores(digit_metrics, heldout):
+    images, prompts = heldout
+    shifted = prompts[1:] + prompts[:1]  # same images, (mostly) the wrong digit named
+    right, wrong = digit_metrics(images, prompts), digit_metrics(images, shifted)
+    assert wrong["fid"] == pytest.approx(right["fid"])
+    assert wrong["fid_class"] > 3 * right["fid_class"]
+    assert wrong["accuracy"] < 0.3 and wrong["precision"] < right["precision"]
 
 
 def test_accuracy_counts_only_prompts_that_name_a_digit(digit_metrics, heldout):

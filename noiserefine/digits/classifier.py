@@ -23,7 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..backends.digits import parse_digit
-from ..evaluation.scores import conditional_accuracy, feature_statistics, frechet_distance, inception_score
+from ..evaluation.scores import (class_conditional_fid, conditional_accuracy, feature_statistics, frechet_distance,
+                                 inception_score, precision_recall)
 from ..files import atomic_path, write_text_atomic
 from .data import IMAGE_SIZE, load_digit_images
 
@@ -141,14 +142,28 @@ def load_or_train_classifier(
 
 
 class DigitMetrics:
-    """FID (classifier features) against all real digits, Inception Score, conditional accuracy."""
+    """Scores of generated digits in the classifier's feature space, against all 1,797 real digits.
 
-    def __init__(self, classifier: DigitClassifier, *, batch_size: int = 512) -> None:
+    ``fid``, ``inception_score`` and ``accuracy`` (agreement with the prompted digit) as before;
+    class-aware: ``fid_class`` (class-conditional FID: samples prompted with digit d against the
+    real d's, averaged over d), ``precision``/``recall`` (k-NN manifolds, k=``k``, per digit the
+    same way, averaged) and ``precision_all``/``recall_all`` (all samples against all real
+    digits); ``noise_share``: the share of samples farther (pixel L2) from every real digit than
+    any held-out real digit is from the training split (see :meth:`nearest_real_distance`).
+    """
+
+    def __init__(self, classifier: DigitClassifier, *, batch_size: int = 512, k: int = 3) -> None:
         self.classifier = classifier.eval()
         self.batch_size = batch_size
-        real, _ = load_digit_images()
-        feats, _ = self._run((real + 1) / 2)
-        self.ref_mu, self.ref_sigma = feature_statistics(feats)
+        self.k = k
+        real, labels = load_digit_images()
+        self.real01 = ((real + 1) / 2).flatten(1).double()
+        self.real_labels = labels.numpy()
+        self.ref_features, _ = self._run((real + 1) / 2)
+        self.ref_mu, self.ref_sigma = feature_statistics(self.ref_features)
+        train_idx, test_idx = digit_split()
+        held_out = torch.cdist(self.real01[test_idx], self.real01[train_idx]).min(dim=1).values
+        self.noise_threshold = float(held_out.max())
 
     @torch.no_grad()
     def _run(self, images01: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -160,22 +175,38 @@ class DigitMetrics:
             logits.append(self.classifier.fc2(f).cpu())
         return torch.cat(feats).double().numpy(), torch.cat(logits)
 
+    def nearest_real_distance(self, images01: torch.Tensor) -> torch.Tensor:
+        """Pixel-space L2 distance of each image to its nearest real digit (all 1,797)."""
+        return torch.cdist(images01.detach().flatten(1).double().cpu(), self.real01).min(dim=1).values
+
     def __call__(self, images01: torch.Tensor, prompts: Sequence[str] | None = None) -> dict:
-        """Scores of ``images01``; accuracy against the digit each prompt names (samples whose
-        prompt names none are left out of it; NaN if no prompt names one)."""
+        """Scores of ``images01``; accuracy and the class-aware scores use the digit each prompt names
+        (samples whose prompt names none are left out of them; NaN if no prompt names one)."""
         if images01.ndim != 4 or images01.shape[1] != 1:
             raise ValueError(f"expected (B, 1, H, W) images in [0, 1], got {tuple(images01.shape)}")
         feats, logits = self._run(images01.detach())
         fid = frechet_distance(*feature_statistics(feats), self.ref_mu, self.ref_sigma)
         digits = [parse_digit(p) for p in prompts] if prompts is not None else []
         named = [i for i, d in enumerate(digits) if d is not None]
-        acc = conditional_accuracy(logits[named], torch.tensor([digits[i] for i in named])) if named else math.nan
-        return {
-            "fid": fid,
-            "inception_score": inception_score(torch.softmax(logits.double(), dim=1)),
-            "accuracy": acc,
-            "num_samples": int(images01.shape[0]),
-        }
+        wanted = np.array([digits[i] for i in named], dtype=np.int64)
+        probs = torch.softmax(logits.double(), dim=1)
+        scores = {"fid": fid, "inception_score": inception_score(probs), "accuracy": math.nan,
+                  "fid_class": math.nan, "precision": math.nan, "recall": math.nan}
+        if named:
+            scores["accuracy"] = conditional_accuracy(logits[named], torch.from_numpy(wanted))
+            scores["fid_class"] = class_conditional_fid(feats[named], wanted, self.ref_features,
+                                                        self.real_labels)["mean"]
+            per_class = [precision_recall(self.ref_features[self.real_labels == d], feats[named][wanted == d], self.k)
+                         for d in sorted(set(wanted.tolist())) if (wanted == d).sum() > self.k]
+            if per_class:
+                scores["precision"] = float(np.mean([pr["precision"] for pr in per_class]))
+                scores["recall"] = float(np.mean([pr["recall"] for pr in per_class]))
+        overall = precision_recall(self.ref_features, feats, self.k)
+        scores.update(precision_all=overall["precision"], recall_all=overall["recall"],
+                      noise_share=float((self.nearest_real_distance(images01) > self.noise_threshold).double().mean()),
+                      low_confidence_share=float((probs.max(dim=1).values < 0.9).double().mean()),
+                      num_samples=int(images01.shape[0]))
+        return scores
 
 
 def digit_metrics(cfg) -> DigitMetrics:

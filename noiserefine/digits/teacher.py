@@ -1,7 +1,7 @@
 """Training the embedded default's teacher (and its fine-tuned variants) on the digits.
 
-Objective: epsilon-prediction MSE with condition dropout so CFG works; weights
-are an EMA of the trained ones. The result is saved in the layout
+Objective: v-prediction (or epsilon-prediction) MSE with condition dropout so CFG
+works; weights are an EMA of the trained ones. The result is saved in the layout
 :class:`noiserefine.backends.digits.DigitsBackend` loads.
 """
 
@@ -36,7 +36,7 @@ def _save_teacher(out_dir: Path, unet: UNet2DConditionModel, embedding: torch.Te
     tmp = out_dir.parent / f".{out_dir.name}.{os.getpid()}-{secrets.token_hex(6)}.tmp"
     tmp.mkdir()
     try:
-        DigitsBackend(unet, embedding.detach(), SCHEDULER_CONFIG).save_pretrained(tmp)
+        DigitsBackend(unet, embedding.detach(), teacher_scheduler_config(training["settings"])).save_pretrained(tmp)
         (tmp / TRAINING_FILE).write_text(json.dumps(training, indent=2, sort_keys=True))
         apply_default_modes(tmp)  # safetensors writes its files 0600
         if out_dir.exists():
@@ -45,6 +45,14 @@ def _save_teacher(out_dir: Path, unet: UNet2DConditionModel, embedding: torch.Te
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def teacher_scheduler_config(settings) -> dict:
+    """The scheduler a teacher with these settings is trained and sampled with."""
+    prediction_type = settings.get("prediction_type", "epsilon")
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"model.digits.prediction_type must be epsilon or v_prediction, got {prediction_type!r}")
+    return dict(SCHEDULER_CONFIG, prediction_type=prediction_type)
 
 
 def training_settings(settings) -> dict:
@@ -56,10 +64,11 @@ def training_settings(settings) -> dict:
 def train_digits_teacher(settings, out_dir: str | Path, *, progress: bool = True) -> Path:
     """Train (or fine-tune, if ``settings.init_from``) the digit teacher; save it in diffusers format.
 
-    Objective: epsilon-prediction MSE, ``E ||eps - eps_theta(sqrt(ab_t) x0 + sqrt(1-ab_t) eps, t, c)||^2``,
-    with the condition replaced by the null embedding for a ``cond_dropout`` share (CFG training).
+    Objective: ``E ||target - f_theta(x_t, t, c)||^2`` at ``x_t = sqrt(ab_t) x0 + sqrt(1-ab_t) eps`` with
+    ``target = v = sqrt(ab_t) eps - sqrt(1-ab_t) x0`` (``prediction_type=v_prediction``, Salimans & Ho
+    2022) or ``eps`` (``epsilon``), the condition replaced by the null embedding for a ``cond_dropout`` share (CFG training).
     With ``distill_guidance_scale = w > 0`` (and ``init_from``) the regression target is instead the
-    ``init_from`` model's CFG output ``eps_u + w (eps_c - eps_u)``: the guidance-distillation
+    ``init_from`` model's CFG output ``f_u + w (f_c - f_u)`` (in its own prediction type): the guidance-distillation
     baseline (Meng et al., stage one), a denoiser that needs one forward per step.
     Weights are an exponential moving average (decay 0.995) of the trained ones.
     """
@@ -70,6 +79,7 @@ def train_digits_teacher(settings, out_dir: str | Path, *, progress: bool = True
     images, labels = load_digit_images()
     images = thicken_strokes(images, int(settings["thicken"]))
 
+    scheduler_config = teacher_scheduler_config(settings)
     guidance_teacher = None
     if float(settings["distill_guidance_scale"]) > 0:
         if not settings["init_from"]:
@@ -86,8 +96,9 @@ def train_digits_teacher(settings, out_dir: str | Path, *, progress: bool = True
     unet.train()
     ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
     ema_embedding = embedding.detach().clone()
-    noise_scheduler = DDPMScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items()
+    noise_scheduler = DDPMScheduler(**{k: v for k, v in scheduler_config.items()
                                        if k not in ("set_alpha_to_one", "timestep_spacing")})
+    prediction_type = scheduler_config["prediction_type"]
     steps, batch_size = int(settings["train_steps"]), int(settings["batch_size"])
     optimizer = torch.optim.AdamW(list(unet.parameters()) + [embedding],
                                   lr=float(settings["learning_rate"]), weight_decay=0.0)
@@ -109,7 +120,7 @@ def train_digits_teacher(settings, out_dir: str | Path, *, progress: bool = True
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
         x_t = noise_scheduler.add_noise(x0, noise, t)
         prediction = unet(x_t, t, encoder_hidden_states=embedding[y], return_dict=False)[0]
-        target = noise
+        target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(x0, noise, t)
         if guidance_teacher is not None:
             with torch.no_grad():
                 w = float(settings["distill_guidance_scale"])

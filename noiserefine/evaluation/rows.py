@@ -92,3 +92,21 @@ def markdown_table(rows: list[Row]) -> str:
             line += f" {m['gap_closed']:.2f} |"
         lines.append(line)
     return "\n".join(lines)
+
+
+# (metric key, column header, format) for :func:`metrics_markdown`; a missing or NaN value prints "-"
+Column = tuple[str, str, str]
+
+
+def metrics_markdown(named_metrics: Sequence[tuple[str, dict]], columns: Sequence[Column]) -> str:
+    """A Markdown table with one row per ``(name, metrics)`` and one column per ``(key, header, format)``."""
+    header = "| row | " + " | ".join(h for _, h, _ in columns) + " |"
+    lines = [header, "|" + "---|" * (len(columns) + 1)]
+    for name, metrics in named_metrics:
+        cells = []
+        for key, _, fmt in columns:
+            value = metrics.get(key)
+            missing = value is None or (isinstance(value, float) and value != value)
+            cells.append("-" if missing else format(value, fmt))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

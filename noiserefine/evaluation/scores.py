@@ -84,3 +84,64 @@ def gap_closed(fid_unguided: float, fid_method: float, fid_guided: float) -> flo
     """(FID_unguided - FID_method) / (FID_unguided - FID_guided): 1 = matches guided, >1 = beats it."""
     denominator = fid_unguided - fid_guided
     return float("nan") if denominator == 0 else (fid_unguided - fid_method) / denominator
+
+
+def class_conditional_fid(features, labels, ref_features, ref_labels) -> dict:
+    """Class-conditional FID: the mean over classes ``d`` of ``FID(features[labels == d], ref[ref_labels == d])``.
+
+    ``features`` (N, F) are samples conditioned on ``labels`` (N,); ``ref_features`` (M, F) real
+    samples of class ``ref_labels`` (M,). Classes with fewer than two samples on either side are
+    skipped (no covariance). Returns ``{"mean": ..., "per_class": {d: FID_d}}``; mean is NaN if no
+    class qualifies. Unlike FID over all samples, a sample of the wrong class is penalised: this
+    is the score guidance should improve.
+    """
+    feats, labels = _as_array(features), _as_array(labels).astype(np.int64).reshape(-1)
+    ref, ref_labels = _as_array(ref_features), _as_array(ref_labels).astype(np.int64).reshape(-1)
+    if feats.shape[0] != labels.shape[0] or ref.shape[0] != ref_labels.shape[0]:
+        raise ValueError(f"features/labels lengths differ: {feats.shape[0]} vs {labels.shape[0]}, "
+                         f"{ref.shape[0]} vs {ref_labels.shape[0]}")
+    per_class = {}
+    for d in sorted(set(labels.tolist()) & set(ref_labels.tolist())):
+        mine, theirs = feats[labels == d], ref[ref_labels == d]
+        if len(mine) < 2 or len(theirs) < 2:
+            continue
+        per_class[int(d)] = frechet_distance(*feature_statistics(mine), *feature_statistics(theirs))
+    mean = float(np.mean(list(per_class.values()))) if per_class else float("nan")
+    return {"mean": mean, "per_class": per_class}
+
+
+def _as_array(x) -> np.ndarray:
+    return np.asarray(x.detach().cpu() if torch.is_tensor(x) else x, np.float64)
+
+
+def _kth_neighbour_radii(points: np.ndarray, k: int) -> np.ndarray:
+    """Squared distance of every point to its k-th nearest *other* point of the same set."""
+    distances = _squared_distances(points, points)
+    np.fill_diagonal(distances, np.inf)
+    return np.sort(distances, axis=1)[:, k - 1]
+
+
+def _squared_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.maximum((a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T, 0)
+
+
+def precision_recall(real_features, fake_features, k: int = 3) -> dict:
+    """Improved precision and recall (Kynkäänniemi et al. 2019, Eq. 1-2) with k-NN manifolds.
+
+    ``manifold(Phi) = union over phi in Phi of the ball B(phi, ||phi - NN_k(phi, Phi)||)``;
+    precision = share of fake features inside manifold(real), recall = share of real features
+    inside manifold(fake) (a point on a ball's boundary counts as inside). Needs more than ``k``
+    points in each set.
+    """
+    real, fake = _as_array(real_features), _as_array(fake_features)
+    if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
+        raise ValueError(f"need (N, F) feature arrays of the same F, got {real.shape} and {fake.shape}")
+    if k < 1 or min(len(real), len(fake)) <= k:
+        raise ValueError(f"k={k} needs more than k points per set, got {len(real)} real and {len(fake)} fake")
+    real_radii, fake_radii = _kth_neighbour_radii(real, k), _kth_neighbour_radii(fake, k)
+    cross = _squared_distances(fake, real)  # (fake, real), squared like the radii
+    # round-off of the expanded squared distance; points on a boundary count as inside
+    slack = 1e-9 * max(float((real * real).sum(1).max()), float((fake * fake).sum(1).max()), 1.0)
+    precision = (cross <= real_radii[None, :] + slack).any(axis=1).mean()
+    recall = (cross <= fake_radii[:, None] + slack).any(axis=0).mean()
+    return {"precision": float(precision), "recall": float(recall)}

@@ -1,0 +1,136 @@
+"""Guidance sweep on the teacher alone, and the rule that picks the teacher's guidance scale.
+
+The teacher-target cache is keyed by the teacher's guidance scale, so the scale has to be
+chosen before any target is generated, from the teacher alone (never by looking at a
+refiner). :func:`ensure_sweep` samples the teacher at every ``demo.sweep_scales`` value on
+the held-out evaluation set, scores each with the injected metric function and applies
+:data:`RULE`. The result is written to ``sweep.json`` with the identity of what it was
+computed from (teacher weights, sampler, seeds, prompts, scales); a re-run with the same
+identity reuses it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from ..evaluation.rows import MetricFn, eval_set, sample_row, score_rows
+from ..files import write_text_atomic
+from ..sampling import UNGUIDED, Guidance
+
+SWEEP_FILE = "sweep.json"
+RULE_METRIC = "fid_class"
+RULE = ("the guidance scale whose guided samples from the teacher alone have the lowest class-conditional FID "
+        "(w = 1 is the unguided sampler; ties go to the smaller w)")
+
+
+def sweep_guidance(cfg, scale: float) -> Guidance:
+    """The teacher's guidance (``cfg.teacher``) at scale ``scale``; w = 1 is the plain conditional sampler."""
+    return UNGUIDED if scale == 1 else replace(Guidance.from_teacher(cfg.teacher), scale=float(scale))
+
+
+def pick_scale(rows: dict[float, dict], metric: str = RULE_METRIC) -> float:
+    """:data:`RULE`: the scale with the lowest finite ``metric``; ties go to the smaller scale."""
+    finite = {w: m[metric] for w, m in rows.items() if m.get(metric) is not None and math.isfinite(m[metric])}
+    if not finite:
+        raise ValueError(f"no sweep row has a finite {metric}: {rows}")
+    return min(sorted(finite), key=lambda w: finite[w])
+
+
+def sweep_identity(cfg, model_identity: dict, scales: list[float]) -> dict:
+    """What a sweep's numbers depend on (the stored ``sweep.json`` is reused only if it matches)."""
+    evals = eval_set(cfg)
+    teacher = OmegaConf.to_container(cfg.teacher, resolve=True)
+    teacher.pop("guidance_scale")
+    teacher.pop("num_steps")  # the sweep samples at the student's step count
+    return {"model": model_identity, "teacher": teacher, "num_steps": int(cfg.student.num_steps),
+            "scales": [float(w) for w in scales], "seeds": evals.seeds, "prompts": evals.prompts,
+            "metrics": cfg.eval.metrics, "classifier_dir": str(cfg.eval.classifier_dir)}
+
+
+def run_sweep(cfg, backend, metric_fn: MetricFn, scales: list[float]) -> dict:
+    """Sample and score the teacher at every scale (each row on the same held-out seeds and prompts)."""
+    evals = eval_set(cfg)
+    rows = []
+    for scale in scales:
+        rows.append(sample_row(f"w={scale:g}", backend, evals, cfg.student.num_steps,
+                               guidance=sweep_guidance(cfg, scale), batch_size=cfg.eval.batch_size))
+        score_rows(rows[-1:], backend, evals, metric_fn)
+        rows[-1].latents = rows[-1].latents[:0]  # keep the scores only
+        print(f"sweep {rows[-1].name}: " + ", ".join(
+            f"{k} {rows[-1].metrics[k]:.3f}" for k in ("fid", RULE_METRIC, "accuracy") if k in rows[-1].metrics),
+            flush=True)
+    return {float(w): row.metrics for w, row in zip(scales, rows)}
+
+
+def ensure_sweep(cfg, backend, metric_fn: MetricFn, scales: list[float], run_dir: Path,
+                 model_identity: dict) -> dict:
+    """The sweep record (``run_dir/sweep.json``): reused if its identity matches, else computed and written.
+
+    Returns ``{"identity", "rule", "metric", "rows": [{"scale", **metrics}], "chosen_scale"}``.
+    """
+    if not scales:
+        raise ValueError("demo.sweep_scales is empty: the sweep needs at least one guidance scale")
+    path = Path(run_dir) / SWEEP_FILE
+    identity = sweep_identity(cfg, model_identity, scales)
+    if path.is_file():
+        try:
+            record = json.loads(path.read_text())
+            if record.get("identity") == identity:
+                print(f"sweep: reusing {path} (chosen w = {record['chosen_scale']:g})", flush=True)
+                return record
+        except (OSError, ValueError, KeyError):
+            pass  # damaged: recompute
+    rows = run_sweep(cfg, backend, metric_fn, scales)
+    record = {"identity": identity, "rule": RULE, "metric": RULE_METRIC,
+              "rows": [{"scale": w, **metrics} for w, metrics in rows.items()],
+              "chosen_scale": pick_scale(rows)}
+    write_text_atomic(path, json.dumps(record, indent=2))
+    print(f"sweep: chose w = {record['chosen_scale']:g} by the rule: {RULE}", flush=True)
+    return record
+
+
+SWEEP_PANELS = (("fid", "FID (classifier features)", "lower is better"),
+                ("fid_class", "class-conditional FID", "lower is better"),
+                ("accuracy", "accuracy (prompted digit)", "higher is better"),
+                ("precision", "precision (k-NN, per digit)", "higher is better"),
+                ("recall", "recall (k-NN, per digit)", "higher is better"))
+
+
+def plot_sweep(record: dict, others: dict[str, dict], path: Path) -> None:
+    """One panel per metric against the guidance scale: the teacher's guided curve (w = 1: unguided),
+    the chosen scale as a dotted line, and every row of ``others`` (name -> metrics, e.g. the refined
+    and guidance-distilled samplers) as a horizontal line on the same axes, labelled with its NFE."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scales = [row["scale"] for row in record["rows"]]
+    nfe = {("unguided" if row["scale"] == 1 else "guided"): row.get("nfe", "?") for row in record["rows"]}
+    teacher_label = f"teacher, CFG (NFE {nfe.get('guided', '?')})" + (
+        f"; w=1 is unguided (NFE {nfe['unguided']})" if "unguided" in nfe else "")
+    fig, axes = plt.subplots(1, len(SWEEP_PANELS), figsize=(4.2 * len(SWEEP_PANELS), 3.6))
+    styles = ["tab:red", "tab:green", "tab:purple", "tab:brown", "tab:gray", "tab:olive"]
+    for ax, (key, title, hint) in zip(axes, SWEEP_PANELS):
+        ax.plot(scales, [row.get(key, math.nan) for row in record["rows"]], "o-", color="tab:blue",
+                label=teacher_label)
+        ax.axvline(record["chosen_scale"], color="tab:blue", linestyle=":", label=f"chosen w = {record['chosen_scale']:g}")
+        for color, (name, metrics) in zip(styles, others.items()):
+            ax.axhline(metrics.get(key, math.nan), color=color, linestyle="--",
+                       label=f"{name} (NFE {metrics.get('nfe', '?')})")
+        ax.set_xscale("log")
+        ax.set_xticks(scales)
+        ax.set_xticklabels([f"{w:g}" for w in scales])
+        ax.minorticks_off()
+        ax.set_xlabel("guidance scale w")
+        ax.set_title(f"{title}\n({hint})", fontsize=10)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 3), fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0.16, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
