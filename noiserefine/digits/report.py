@@ -24,7 +24,7 @@ from ..files import write_text_atomic
 from ..noise import noise_from_seeds, sample_seed
 from ..refiner import load_refiner
 from ..sampling import Guidance
-from .sweep import RULE, plot_sweep
+from .sweep import plot_sweep
 
 UNGUIDED, GUIDED = "Gaussian noise, unguided", "Gaussian noise, guided (CFG)"
 DISTILLED, REFINED = "Guidance distillation (fine-tuned denoiser)", "Refined noise, unguided (ours)"
