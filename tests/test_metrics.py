@@ -328,3 +328,19 @@ def test_rows_grid_has_one_line_per_row_even_with_fewer_samples_than_columns(tmp
     with Image.open(tmp_path / "few.png") as grid, Image.open(tmp_path / "one.png") as one:
         assert grid.size[0] == one.size[0]  # 3 columns, the labels' margin
         assert grid.size[1] > 1.9 * one.size[1]  # 2 image rows
+
+
+def test_classifier_weights_do_not_depend_on_the_callers_thread_count():
+    """The classifier is shared (eval.classifier_dir): whichever process trains it first (the demo with 2
+    threads, a DeepSpeed rank with 1) must produce the same weights, or every score moves with it."""
+    threads = torch.get_num_threads()
+    trained = {}
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            model, _ = metrics.train_digit_classifier(num_steps=8)
+            trained[count] = model.state_dict()
+            assert torch.get_num_threads() == count  # the caller's setting is left as it was
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(trained[1][k], trained[2][k]) for k in trained[1])

@@ -30,6 +30,9 @@ from .data import IMAGE_SIZE, load_digit_images
 
 FORMAT_VERSION = 1
 DEFAULT_NUM_STEPS = 500
+# The trained weights depend on the intra-op thread count (it splits the reductions), and the
+# classifier is shared: pinned, so the demo (2 threads) and a DeepSpeed rank (1) train the same one.
+TRAIN_THREADS = 2
 WEIGHTS_FILENAME = "classifier.safetensors"
 META_FILENAME = "classifier.json"
 TRAIN_FRACTION = 0.85
@@ -89,6 +92,15 @@ def train_digit_classifier(
     *, seed: int = 0, num_steps: int = DEFAULT_NUM_STEPS, batch_size: int = 64, device="cpu"
 ) -> tuple[DigitClassifier, float]:
     """Train on the fixed 85% split (with augmentation); return (eval-mode model, held-out acc)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(TRAIN_THREADS)
+    try:
+        return _train_digit_classifier(seed, num_steps, batch_size, device)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_digit_classifier(seed: int, num_steps: int, batch_size: int, device) -> tuple[DigitClassifier, float]:
     images, labels = load_digit_images()
     images01 = (images + 1) / 2
     train_idx, test_idx = digit_split()
@@ -122,7 +134,7 @@ def load_or_train_classifier(
 
     cache_dir = Path(cache_dir)
     weights, meta_path = cache_dir / WEIGHTS_FILENAME, cache_dir / META_FILENAME
-    wanted = {"format_version": FORMAT_VERSION, "seed": seed, "num_steps": num_steps}
+    wanted = {"format_version": FORMAT_VERSION, "seed": seed, "num_steps": num_steps, "train_threads": TRAIN_THREADS}
     try:
         meta = json.loads(meta_path.read_text())
         if all(meta.get(k) == v for k, v in wanted.items()):
