@@ -183,6 +183,7 @@ def test_cache_train_load_and_sample(name, models, prompt_files, entry, tmp_path
     check_samples(out, 1, [0, 1], compare=True)
 
 
+@pytest.mark.slow  # starts the commands as subprocesses: `make test` only
 def test_entry_points_as_commands(models, prompt_files, tmp_path):
     """The three commands a user types, as subprocesses (one config: SD 2.1)."""
     overrides = tiny_overrides("sd21", models["sd21"], prompt_files, tmp_path)
