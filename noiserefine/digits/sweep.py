@@ -24,8 +24,8 @@ from ..sampling import UNGUIDED, Guidance
 
 SWEEP_FILE = "sweep.json"
 RULE_METRIC = "fid_class"
-RULE = ("the guidance scale whose guided samples from the teacher alone have the lowest class-conditional FID "
-        "(w = 1 is the unguided sampler; ties go to the smaller w)")
+RULE = ("the guidance scale w > 1 whose guided samples from the teacher alone have the lowest class-conditional "
+        "FID (w = 1 is the unguided baseline, never chosen; ties go to the smaller w)")
 
 
 def sweep_guidance(cfg, scale: float) -> Guidance:
@@ -34,10 +34,16 @@ def sweep_guidance(cfg, scale: float) -> Guidance:
 
 
 def pick_scale(rows: dict[float, dict], metric: str = RULE_METRIC) -> float:
-    """:data:`RULE`: the scale with the lowest finite ``metric``; ties go to the smaller scale."""
-    finite = {w: m[metric] for w, m in rows.items() if m.get(metric) is not None and math.isfinite(m[metric])}
+    """:data:`RULE`: the scale w > 1 with the lowest finite ``metric``; ties go to the smaller scale.
+
+    w = 1 is never chosen: it is the unguided sampler, and a demo "distilling" it would compare
+    unguided sampling with itself. Whether guidance helps at the chosen w is for the report to judge.
+    """
+    finite = {w: m[metric] for w, m in rows.items()
+              if w > 1 and m.get(metric) is not None and math.isfinite(m[metric])}
     if not finite:
-        raise ValueError(f"no sweep row has a finite {metric}: {rows}")
+        raise ValueError(f"no sweep row of a guidance scale w > 1 has a finite {metric} (demo.sweep_scales "
+                         f"needs at least one w > 1): {rows}")
     return min(sorted(finite), key=lambda w: finite[w])
 
 
