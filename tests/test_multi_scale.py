@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import tiny_digits_backend
-from helpers_cache import build_cache, tiny_cache, tiny_config, tiny_root, tiny_teacher  # noqa: F401
+from helpers_cache import REPO, build_cache, tiny_cache, tiny_config, tiny_overrides, tiny_root, tiny_teacher  # noqa: F401
+from noiserefine.backends import load_backend
 from noiserefine.config import RefinerConfig, load_config
 from noiserefine.noise import noise_from_seeds
-from noiserefine.refiner import Refiner, adapters_enabled, lora_enabled
+from noiserefine.refiner import Refiner, adapters_enabled, load_refiner, lora_enabled
 from noiserefine.train.multi_scale import MultiScaleStream, at_guidance_scale, open_scale_caches
 from noiserefine.train.stream import DataPosition, TeacherStream
 
@@ -177,3 +182,68 @@ def test_a_missing_scale_cache_names_the_scale_and_the_command(multi_cfg, tiny_r
                                                 f"refiner.guidance_timestep_slope={SLOPE}"])
     with pytest.raises(FileNotFoundError, match=r"guidance scale 2.5 .*teacher.guidance_scale=2.5"):
         open_scale_caches(cfg)
+
+
+# --- the trainer and the command (subprocesses: `make test` only) ------------------------------------------
+
+def _train(cfg_extra: list[str], root, teacher, output_dir, log):
+    command = [sys.executable, "trainer/train.py", "--config", "configs/digits.yaml",
+               *tiny_overrides(root, teacher), *MULTI, *cfg_extra, f"train.output_dir={output_dir}"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT", "LOCAL_SIZE")}
+    result = subprocess.run(command, cwd=REPO, env={**env, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"},
+                            capture_output=True, text=True, timeout=600)
+    log.write_text(result.stdout + result.stderr)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    return result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_multi_scale_training_resumes_exactly_from_its_checkpoint(multi_cfg, tiny_root, tiny_teacher, tmp_path):
+    """A multi-scale run stopped at step 4 (checkpoint: each scale's shard rows) and continued to 6 ends with the
+    weights and per-step samples of an uninterrupted 6-step run; each step's samples carry the cyclic scale."""
+    settings = ["train.checkpoint_every=2", "train.eval_every=0", "train.learning_rate=0.01", "train.log_every=1"]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    _train(settings + ["train.max_steps=6"], tiny_root, tiny_teacher, full, tmp_path / "full.log")
+    _train(settings + ["train.max_steps=4"], tiny_root, tiny_teacher, resumed, tmp_path / "first.log")
+    text = _train(settings + ["train.max_steps=6"], tiny_root, tiny_teacher, resumed, tmp_path / "second.log")
+    assert "resuming from" in text and "step00000004" in text
+    samples = [json.loads(line) for line in (full / "samples_rank0.jsonl").read_text().splitlines()]
+    assert [s["guidance_scales"] for s in samples] == [[1.5], [3.0]] * 3
+    assert (resumed / "samples_rank0.jsonl").read_text() == (full / "samples_rank0.jsonl").read_text()
+    a = load_file(str(full / "refiner" / "refiner.safetensors"))
+    b = load_file(str(resumed / "refiner" / "refiner.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k)  # it did train
+    saved = load_config(full / "refiner" / "config.yaml")
+    assert list(saved.data.guidance_scales) == list(SCALES) and saved.refiner.guidance_timestep_slope == SLOPE
+    refiner = load_refiner(full / "refiner", load_backend(saved.model))
+    assert refiner.guidance_conditioned
+    with pytest.raises(ValueError, match="give the guidance scale w"):
+        refiner.refine(noise_from_seeds([0], refiner.backend.latent_shape), ["a handwritten one"])
+
+
+@pytest.mark.slow
+def test_quick_multi_scale_command_writes_its_table_and_plot(tmp_path):
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("RAY_ADDRESS", None)
+    command = [sys.executable, "-m", "noiserefine.digits.multi_scale", "--quick", "--run-dir", str(run_dir)]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for name in ("multi_scale.json", "multi_scale.md", "multi_scale.png", "multi_scale_config.yaml"):
+        assert (run_dir / name).is_file(), name
+    results = json.loads((run_dir / "multi_scale.json").read_text())
+    assert results["scales"] == [1.5, 3.0] and [e["scale"] for e in results["rows"]] == [1.5, 3.0]
+    assert results["budget"]["multi_scale_steps"] == results["budget"]["per_scale_steps"] == 4
+    for entry in results["rows"]:
+        for key in ("teacher", "per_scale", "multi_scale"):
+            assert "fid_class" in entry[key] and "accuracy" in entry[key] and "gap_closed" in entry[key], key
+        assert entry["teacher"]["nfe"] == 8 and entry["multi_scale"]["nfe"] == entry["per_scale"]["nfe"] == 6
+        assert entry["teacher"]["gap_closed"] == pytest.approx(1.0)
+    # the multi-w refiner is evaluated at each w: its rows differ across w
+    assert results["rows"][0]["multi_scale"]["fid"] != results["rows"][1]["multi_scale"]["fid"]
+    assert "w=1.5 multi-w refiner" in (run_dir / "multi_scale.md").read_text()
+    multi = load_config(run_dir / "multi_scale" / "refiner-multi" / "refiner" / "config.yaml")
+    assert list(multi.data.guidance_scales) == [1.5, 3.0] and multi.refiner.guidance_timestep_slope == 200.0
+    assert len(list((run_dir / "cache").glob("*/teacher.yaml"))) == 2  # one cache per scale
