@@ -23,6 +23,8 @@ from noiserefine.train.stream import DataPosition, TeacherStream
 
 PROMPTS = ["a handwritten seven", "digit 3", "a cat", "nine"]
 SLOPE = 200.0
+SCALES = (1.5, 3.0)  # 3.0: the tiny session cache (configs/digits.yaml's teacher.guidance_scale)
+MULTI = ["data.guidance_scales=[1.5,3.0]", f"refiner.guidance_timestep_slope={SLOPE}"]
 
 
 def _inputs(backend):
@@ -116,10 +118,22 @@ def test_config_rules_for_several_scales():
     assert load_config().refiner.guidance_timestep_slope == 0.0  # today's refiner by default
 
 
+def test_periodic_evaluation_refines_at_the_teachers_scale(tiny_backend, tmp_path, monkeypatch):
+    from noiserefine.evaluation.evaluator import Evaluator
+
+    cfg = load_config(overrides=["eval.num_samples=4", "eval.batch_size=4", "student.num_steps=2",
+                                 "teacher.guidance_scale=2.0", *MULTI])
+    refiner = Refiner(tiny_backend, cfg.refiner)
+    seen = []
+    original = refiner.refine
+    monkeypatch.setattr(refiner, "refine", lambda noise, prompts, guidance_scale=None: (
+        seen.append(guidance_scale), original(noise, prompts, guidance_scale))[1])
+    Evaluator(cfg, tiny_backend, tmp_path)(refiner, step=1)
+    assert seen == [2.0] and (tmp_path / "eval_step1.png").is_file()
+
+
 # --- the multi-cache stream ------------------------------------------------------------------------------
 
-SCALES = (1.5, 3.0)  # 3.0: the tiny session cache (configs/digits.yaml's teacher.guidance_scale)
-MULTI = ["data.guidance_scales=[1.5,3.0]", f"refiner.guidance_timestep_slope={SLOPE}"]
 
 
 @pytest.fixture(scope="module")
