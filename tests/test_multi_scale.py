@@ -198,6 +198,25 @@ def test_a_missing_scale_cache_names_the_scale_and_the_command(multi_cfg, tiny_r
         open_scale_caches(cfg)
 
 
+def test_the_main_jobs_refiner_is_reused_only_for_its_own_config(tmp_path):
+    from omegaconf import OmegaConf
+
+    from noiserefine.digits.multi_scale import reusable_main_refiner
+
+    cfg = load_config(overrides=["teacher.guidance_scale=1.5"])
+    main = tmp_path / "refiner-msd"
+    (main / "refiner").mkdir(parents=True)
+    (main / "refiner" / "refiner.safetensors").write_bytes(b"")
+    stored = OmegaConf.to_container(load_config(overrides=["teacher.guidance_scale=1.5", "train.checkpoint_every=50",
+                                                           "train.output_dir=elsewhere"]), resolve=True)
+    (main / "done.json").write_text(json.dumps({"max_steps": cfg.train.max_steps, "config": stored}))
+    assert reusable_main_refiner(tmp_path, cfg) == main  # differs only in keys that do not change training
+    assert reusable_main_refiner(tmp_path, load_config(overrides=["teacher.guidance_scale=2.0"])) is None
+    assert reusable_main_refiner(tmp_path, load_config(overrides=["teacher.guidance_scale=1.5",
+                                                                  "train.max_steps=10"])) is None
+    assert reusable_main_refiner(tmp_path / "nothing", cfg) is None
+
+
 # --- the trainer and the command (subprocesses: `make test` only) ------------------------------------------
 
 def _train(cfg_extra: list[str], root, teacher, output_dir, log):

@@ -5,7 +5,8 @@
 For each guidance scale w in ``demo.multi_scale_guidance_scales`` it generates the teacher cache
 of ``teacher.guidance_scale=w`` (the Ray job; complete shards are skipped) and trains a
 per-w refiner on it (the DeepSpeed job, the main run's config otherwise: ``train.max_steps``
-steps each). Then it trains ONE refiner on all these caches, told w through its time input
+steps each; the main job's own refiner, ``refiner-msd/``, is reused for the w it was trained at
+when its finished config is this one). Then it trains ONE refiner on all these caches, told w through its time input
 (``refiner.guidance_timestep_slope = demo.multi_scale_timestep_slope``; global batch ``b``
 comes from scale ``b % S``), for the same ``train.max_steps``: the budget of one per-w
 refiner, i.e. 1/S of the per-w refiners' total (about ``max_steps / S`` steps per scale).
@@ -27,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 
+from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from ..backends import load_backend
@@ -35,6 +37,7 @@ from ..evaluation.rows import eval_set, metrics_markdown, score_rows
 from ..evaluation.scores import gap_closed
 from ..files import write_text_atomic
 from ..targets.identity import model_identity
+from ..train.checkpoint import resume_mismatch
 from .classifier import digit_metrics
 from .demo import QUICK, generate_cache, parse_args, run_setup, train_refiner
 from .report import COLUMNS, GAP, GAP_METRIC, refined_row, refiner_on_fresh_backend
@@ -52,6 +55,20 @@ def scale_dir(out: Path, scale: float) -> Path:
     return out / f"refiner-w{scale:g}"
 
 
+def reusable_main_refiner(run_dir: Path, cfg) -> Path | None:
+    """The main job's refiner run (``run_dir/refiner-msd``) if it finished ``cfg``'s training (the same config
+    but for keys that do not change what is trained, e.g. the output directory), else None."""
+    directory = Path(run_dir) / "refiner-msd"
+    try:
+        done = json.loads((directory / "done.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if done.get("max_steps") != cfg.train.max_steps or not (directory / "refiner" / "refiner.safetensors").is_file():
+        return None
+    same = not resume_mismatch(done.get("config") or {}, OmegaConf.to_container(cfg, resolve=True))
+    return directory if same else None
+
+
 def multi_overrides(cfg) -> list[str]:
     """What turns the main run's config into the multi-w refiner's."""
     scales = ",".join(f"{float(w)!r}" for w in cfg.demo.multi_scale_guidance_scales)
@@ -59,7 +76,7 @@ def multi_overrides(cfg) -> list[str]:
             f"refiner.guidance_timestep_slope={float(cfg.demo.multi_scale_timestep_slope)!r}"]
 
 
-def evaluate_scales(cfg, backend, metric_fn, sweep: dict, out: Path) -> dict:
+def evaluate_scales(cfg, backend, metric_fn, sweep: dict, out: Path, per_scale_dirs: dict[float, Path]) -> dict:
     """Every row, scored on the held-out set: the teacher (from the sweep record), the per-w refiners at their w,
     the multi-w refiner at every w; gap closed against unguided (w = 1) and the teacher at the same w."""
     evals = eval_set(cfg)
@@ -68,7 +85,7 @@ def evaluate_scales(cfg, backend, metric_fn, sweep: dict, out: Path) -> dict:
     multi = refiner_on_fresh_backend(cfg, out / "refiner-multi" / "refiner")
     rows = []
     for w in tqdm([float(w) for w in cfg.demo.multi_scale_guidance_scales], desc="evaluate refiners", unit="w"):
-        per_w = refiner_on_fresh_backend(cfg, scale_dir(out, w) / "refiner")
+        per_w = refiner_on_fresh_backend(cfg, per_scale_dirs[w] / "refiner")
         scored = [refined_row(f"w={w:g} per-w refiner", backend, per_w, evals, cfg),
                   refined_row(f"w={w:g} multi-w refiner", backend, multi, evals, cfg, guidance_scale=w)]
         score_rows(scored, backend, evals, metric_fn)
@@ -178,9 +195,15 @@ def main(argv: list[str] | None = None) -> int:
               for w in scales}
 
     stage("per-w refiners")
+    per_scale_dirs = {}
     for w in scales:
-        train_refiner(config_files, overrides + NO_EVAL + [f"teacher.guidance_scale={w!r}"], scale_dir(out, w),
-                      cfg.demo.num_ranks, run_dir)
+        scale_overrides = overrides + NO_EVAL + [f"teacher.guidance_scale={w!r}"]
+        per_scale_dirs[w] = reusable_main_refiner(run_dir, load_config(config_files, scale_overrides))
+        if per_scale_dirs[w] is not None:
+            print(f"w = {w:g}: reusing the main job's refiner {per_scale_dirs[w]} (same config)", flush=True)
+        else:
+            per_scale_dirs[w] = train_refiner(config_files, scale_overrides, scale_dir(out, w), cfg.demo.num_ranks,
+                                              run_dir)
 
     stage("multi-w refiner")
     train_refiner(config_files, overrides + NO_EVAL + multi_overrides(cfg), out / "refiner-multi",
@@ -189,12 +212,13 @@ def main(argv: list[str] | None = None) -> int:
     stage("evaluation")
     results = {"scales": scales, "timestep_slope": float(cfg.demo.multi_scale_timestep_slope),
                "refiner_timestep": float(cfg.refiner.timestep), "caches": {repr(w): c for w, c in caches.items()},
+               "per_scale_refiners": {repr(w): str(d) for w, d in per_scale_dirs.items()},
                "num_eval_samples": int(cfg.eval.num_samples), "num_steps": int(cfg.student.num_steps),
                "budget": {"per_scale_steps": int(cfg.train.max_steps),
                           "per_scale_total_steps": int(cfg.train.max_steps) * len(scales),
                           "multi_scale_steps": int(cfg.train.max_steps),
                           "global_batch_size": int(cfg.train.global_batch_size)},
-               **evaluate_scales(cfg, backend, metric_fn, sweep, out)}
+               **evaluate_scales(cfg, backend, metric_fn, sweep, out, per_scale_dirs)}
     timings["end"] = time.perf_counter()
     names = list(timings)
     results["stage_seconds"] = {n: round(timings[m] - timings[n], 1) for n, m in zip(names, names[1:])}
