@@ -74,7 +74,8 @@ class StudentConfig:
 
 @dataclass
 class RefinerConfig:
-    """``x̂_T = x_T + (denoiser_LoRA(x_T, t, c) - denoiser(x_T, t, c))``, zero at init."""
+    """``x̂_T = x_T + (denoiser_LoRA(x_T, t, c) - denoiser(x_T, t, c))``, zero at init; ``t = timestep``, or
+    ``timestep - guidance_timestep_slope * (w - 1)`` for a refiner of several guidance scales w."""
 
     timestep: float = 999.0  # the denoiser's time input for the refiner forward
     # > 0: a refiner for a range of guidance scales (data.guidance_scales), told w through the denoiser's time

@@ -11,6 +11,8 @@ So the position in global batches fixes every sub-stream's position (scale ``s``
 consumed ``ceil((b - s) / S)`` of its batches): :class:`MultiScaleStream`'s state is the
 same :class:`~noiserefine.train.stream.DataPosition` as one cache's, exact on resume and the
 same for every number of ranks (each rank takes its slice of the one sub-stream batch).
+Consecutive global batches ``S k .. S k + S - 1`` hold the same samples (seeds, prompts) at
+each scale. Every sub-stream runs its own loader (``train.num_loader_workers`` workers each).
 """
 
 from __future__ import annotations
@@ -49,9 +51,10 @@ def open_scale_caches(cfg, rows: dict[float, list[ShardInfo]] | None = None
         try:
             caches[w] = open_cache(at_guidance_scale(cfg, w), rows=None if rows is None else rows[w])
         except (FileNotFoundError, ValueError) as error:
-            raise type(error)(f"guidance scale {w:g} (data.guidance_scales): {error}; generate it with "
-                              f"`python pipeline/generate_targets.py --config <same config> "
-                              f"teacher.guidance_scale={w:g}`") from None
+            kind = FileNotFoundError if isinstance(error, FileNotFoundError) else ValueError
+            raise kind(f"guidance scale {w:g} of data.guidance_scales (its cache is the one of teacher."
+                       f"guidance_scale={w:g}: `python pipeline/generate_targets.py --config <same config> "
+                       f"teacher.guidance_scale={w:g}` makes or completes it): {error}") from None
     return caches
 
 
