@@ -74,9 +74,13 @@ class StudentConfig:
 
 @dataclass
 class RefinerConfig:
-    """``x̂_T = x_T + (denoiser_LoRA(x_T, t, c) - denoiser(x_T, t, c))``, zero at init."""
+    """``x̂_T = x_T + (denoiser_LoRA(x_T, t, c) - denoiser(x_T, t, c))``, zero at init; ``t = timestep``, or
+    ``timestep - guidance_timestep_slope * (w - 1)`` for a refiner of several guidance scales w."""
 
     timestep: float = 999.0  # the denoiser's time input for the refiner forward
+    # > 0: a refiner for a range of guidance scales (data.guidance_scales), told w through the denoiser's time
+    # input: t_ref(w) = timestep - guidance_timestep_slope * (w - 1). 0: one scale, t_ref = timestep.
+    guidance_timestep_slope: float = 0.0
     lora_rank: int = 8
     lora_alpha: float = 8.0
     target_modules: list[str] = field(
@@ -106,6 +110,10 @@ class DataConfig:
     target_dtype: str = "float16"  # float16 | float32
     # The trainer refuses a cache missing shards (or samples) of the plan; true: train on what exists (warned).
     allow_partial_cache: bool = False
+    # Several teacher caches, one per guidance scale (each the cache of teacher.guidance_scale=w, generated
+    # beforehand), for one refiner told w (refiner.guidance_timestep_slope > 0); global batch b comes from
+    # guidance_scales[b % len(guidance_scales)]. Empty: the one cache of teacher.guidance_scale.
+    guidance_scales: list[float] = field(default_factory=list)
     # Object-store I/O: retries of a transient error (backoff io_backoff_s * 2**i, capped at 30 s, jittered),
     # and the size of each ranged GET (a read that breaks resumes from the last whole chunk).
     io_retries: int = 6
@@ -202,6 +210,10 @@ class DemoConfig:
     # guidance_scale is set by its rule (noiserefine.digits.sweep.RULE) before targets are generated
     sweep_scales: list[float] = field(default_factory=lambda: [1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0])
     pick_guidance: bool = True
+    # python -m noiserefine.digits.multi_scale (not part of `make demo`): a per-w refiner for each of these
+    # guidance scales and one refiner for all of them (same train.max_steps as one per-w refiner)
+    multi_scale_guidance_scales: list[float] = field(default_factory=lambda: [1.25, 1.5, 2.0])
+    multi_scale_timestep_slope: float = 200.0  # its refiner.guidance_timestep_slope
 
 
 @dataclass

@@ -44,6 +44,8 @@ _RANGES = {
     "model.digits.cond_dropout": (0.0, 1.0, True),
     "model.digits.distill_guidance_scale": (0.0, 100.0, True),
     "refiner.timestep": (0.0, math.inf, True),
+    "refiner.guidance_timestep_slope": (0.0, math.inf, True),
+    "demo.multi_scale_timestep_slope": (0.0, math.inf, False),
     "refiner.lora_alpha": (0.0, math.inf, False),
     "pipeline.gpus_per_worker": (0.0, math.inf, True),
     "pipeline.cpus_per_worker": (0.0, math.inf, True),
@@ -90,6 +92,7 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigValueError(f"config key '{key}' must be >= 0, got {value}", key)
     for key, (low, high, low_inclusive) in _RANGES.items():
         _check_range(key, float(OmegaConf.select(cfg, key)), low, high, low_inclusive)
+    _check_guidance_scales(cfg)
     if len(cfg.data.sources) == 0:
         raise ConfigValueError("config key 'data.sources' is empty; list at least one prompt source", "data.sources")
     for index, source in enumerate(cfg.data.sources):
@@ -111,3 +114,33 @@ def validate(cfg: DictConfig) -> None:
     if cfg.eval.metrics == "text_image" and not (cfg.eval.clip_path or cfg.eval.pickscore_path):
         raise ConfigValueError("config key 'eval.metrics' is 'text_image' but neither eval.clip_path nor "
                                "eval.pickscore_path is set (local CLIP / PickScore weight directories)", "eval.metrics")
+
+
+def _check_guidance_scales(cfg: DictConfig) -> None:
+    """``data.guidance_scales`` (several teacher caches) goes with a refiner told w, and only with one:
+    ``refiner.guidance_timestep_slope > 0`` exactly when the list is non-empty; each ``t_ref(w) >= 0``."""
+    scales, slope = [float(w) for w in cfg.data.guidance_scales], float(cfg.refiner.guidance_timestep_slope)
+    for key in ("data.guidance_scales", "demo.multi_scale_guidance_scales"):
+        values = [float(w) for w in OmegaConf.select(cfg, key)]
+        for index, value in enumerate(values):
+            _check_range(f"{key}.{index}", value, *_RANGES["teacher.guidance_scale"])
+        if len(set(values)) != len(values):
+            raise ConfigValueError(f"config key '{key}' repeats a scale: {values}", key)
+    if scales and slope == 0:
+        raise ConfigValueError(
+            f"config key 'data.guidance_scales' is {scales} but refiner.guidance_timestep_slope is 0: a refiner "
+            "that is not told w cannot learn several guidance scales; set refiner.guidance_timestep_slope > 0 "
+            "(or train on one scale: data.guidance_scales=[] teacher.guidance_scale=w)",
+            "data.guidance_scales", "refiner.guidance_timestep_slope")
+    if slope > 0 and not scales:
+        raise ConfigValueError(
+            f"config key 'refiner.guidance_timestep_slope' is {slope} but data.guidance_scales is empty: a refiner "
+            "told w needs targets at several guidance scales; list them in data.guidance_scales (or set the "
+            "slope to 0)", "refiner.guidance_timestep_slope", "data.guidance_scales")
+    timestep = float(cfg.refiner.timestep)
+    for w in scales:
+        if timestep - slope * (w - 1) < 0:
+            raise ConfigValueError(
+                f"config key 'data.guidance_scales' holds w={w:g}: its refiner time refiner.timestep - "
+                f"refiner.guidance_timestep_slope * (w - 1) = {timestep - slope * (w - 1):g} is negative; lower "
+                "the slope", "data.guidance_scales", "refiner.guidance_timestep_slope")

@@ -2,7 +2,13 @@
 
 ``x̂_T = x_T + (eps_LoRA(x_T, t_ref, c) - eps(x_T, t_ref, c))`` with ``t_ref =
 refiner.timestep``. LoRA ``B`` starts at zero, so at initialisation the
-correction is exactly 0 and ``x̂_T == x_T`` bit for bit. The adapter "refiner"
+correction is exactly 0 and ``x̂_T == x_T`` bit for bit.
+
+A refiner for a range of guidance scales (``refiner.guidance_timestep_slope`` k > 0, trained
+on ``data.guidance_scales``) is told each sample's scale w through the denoiser's time input:
+``t_ref(w) = refiner.timestep - k (w - 1)`` (still zero at initialisation, for every w). It
+must be given w (``refiner(x_T, c, guidance_scale=w)``); a refiner with k = 0 was trained for
+one scale and refuses a w. The adapter "refiner"
 is active only inside the refiner forward (:func:`lora_enabled`); every other
 call (teacher, student rollouts, evaluation, a diffusers pipeline sharing the
 denoiser) runs the model without it. Other adapters already on the denoiser (a
@@ -156,24 +162,62 @@ class Refiner(torch.nn.Module):
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return list(self._lora)
 
-    def forward(self, noise: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """``x̂_T = x_T + (eps_LoRA(x_T, t_ref, c) - eps(x_T, t_ref, c))``; the graph reaches the LoRA only."""
+    @property
+    def guidance_conditioned(self) -> bool:
+        """True for a refiner of a range of guidance scales: every call needs ``guidance_scale``."""
+        return float(self.cfg.get("guidance_timestep_slope", 0.0)) > 0
+
+    def refiner_time(self, guidance_scale: float | torch.Tensor | None, batch_size: int) -> torch.Tensor:
+        """The denoiser's time input: ``refiner.timestep``, or per sample ``timestep - k (w - 1)`` for a refiner
+        told w (``ValueError`` for a w missing, given to a one-scale refiner, of the wrong shape, or whose time
+        is negative)."""
+        if not self.guidance_conditioned:
+            if guidance_scale is not None:
+                raise ValueError("this refiner was trained for one guidance scale (refiner.guidance_timestep_slope"
+                                 " = 0): it is not told w; call it without guidance_scale")
+            return self.timestep
+        if guidance_scale is None:
+            raise ValueError(f"this refiner was trained for a range of guidance scales (refiner."
+                             f"guidance_timestep_slope = {self.cfg['guidance_timestep_slope']:g}): give the "
+                             "guidance scale w to refine for (guidance_scale=...)")
+        w = torch.as_tensor(guidance_scale, dtype=torch.float32, device=self.timestep.device)
+        if w.ndim == 0:
+            w = w.expand(batch_size)
+        if tuple(w.shape) != (batch_size,):
+            raise ValueError(f"guidance_scale has shape {tuple(w.shape)}; expected a number or one per sample "
+                             f"({batch_size},)")
+        time = self.timestep - float(self.cfg["guidance_timestep_slope"]) * (w - 1)
+        if not bool(torch.isfinite(time).all()) or bool((time < 0).any()):
+            raise ValueError(f"guidance scales {sorted(set(w.tolist()))} give refiner times {sorted(set(time.tolist()))}"
+                             "; each must be finite and >= 0 (w <= 1 + refiner.timestep / "
+                             "refiner.guidance_timestep_slope)")
+        return time
+
+    def forward(self, noise: torch.Tensor, cond: Conditioning,
+                guidance_scale: float | torch.Tensor | None = None) -> torch.Tensor:
+        """``x̂_T = x_T + (eps_LoRA(x_T, t_ref, c) - eps(x_T, t_ref, c))``; the graph reaches the LoRA only.
+
+        ``guidance_scale``: w (a number, or one per sample) for a refiner told w, else None.
+        """
         if adapters_enabled(self.denoiser):
             raise RuntimeError("adapters are enabled outside the refiner forward; teacher/student "
                                "calls would run the LoRA")
         backend = self.backend
+        time = self.refiner_time(guidance_scale, noise.shape[0])
         noise = noise.to(backend.device)
         x = noise.to(backend.dtype)
         with torch.no_grad():
-            base = backend.denoise(x, self.timestep, cond)
+            base = backend.denoise(x, time, cond)
         with lora_enabled(self.denoiser):
-            adapted = backend.denoise(x, self.timestep, cond)
+            adapted = backend.denoise(x, time, cond)
         return noise + (adapted - base).to(noise.dtype)
 
     @torch.no_grad()
-    def refine(self, noise: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        """Refined noise for ``prompts``: pass it as ``latents`` to an unguided pipeline."""
-        return self(noise, self.backend.encode_prompts(list(prompts)))
+    def refine(self, noise: torch.Tensor, prompts: Sequence[str],
+               guidance_scale: float | torch.Tensor | None = None) -> torch.Tensor:
+        """Refined noise for ``prompts`` (at ``guidance_scale`` w for a refiner told w): pass it as ``latents``
+        to an unguided pipeline."""
+        return self(noise, self.backend.encode_prompts(list(prompts)), guidance_scale)
 
     def state_dict_for_saving(self) -> dict[str, torch.Tensor]:
         """The LoRA weights (peft key names, no adapter name) as contiguous CPU tensors."""

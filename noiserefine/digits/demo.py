@@ -103,18 +103,28 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    started = time.perf_counter()
-    load_start = os.getloadavg()
+def run_setup(args, quick: list[str] = QUICK) -> tuple[Path, list[str], list[str]]:
+    """``(run directory, config files, overrides)`` of a command with :func:`parse_args`'s arguments.
+
+    ``--quick`` puts ``quick`` first and isolates the artifacts (teacher, classifier, cache) in the run
+    directory: a smoke run never pollutes the real ones.
+    """
     run_dir = Path(args.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     config_files = [str(REPO / "configs" / "digits.yaml"), *[str(Path(c).resolve()) for c in args.config]]
     overrides = list(args.overrides)
-    if args.quick:  # isolated artifacts: a smoke run never pollutes the real teacher or cache
-        overrides = QUICK + [f"model.path={run_dir / 'artifacts' / 'digits-teacher'}",
+    if args.quick:
+        overrides = quick + [f"model.path={run_dir / 'artifacts' / 'digits-teacher'}",
                              f"eval.classifier_dir={run_dir / 'artifacts' / 'digit-classifier'}",
                              f"data.cache_root={run_dir / 'cache'}"] + overrides
+    return run_dir, config_files, overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    load_start = os.getloadavg()
+    run_dir, config_files, overrides = run_setup(args)
     # Children run in this working directory with the same relative paths, exactly as a
     # user typing the commands would: the teacher key (which includes model.path) matches.
     cfg = load_config(config_files, overrides)

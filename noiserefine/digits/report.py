@@ -6,6 +6,7 @@ Every row uses the same held-out seeds and prompts (``eval.eval_set``).
 from __future__ import annotations
 
 import csv
+import functools
 import json
 from pathlib import Path
 
@@ -52,15 +53,17 @@ def _backend_at(cfg, path) -> Backend:
     return load_backend(OmegaConf.merge(cfg.model, {"path": str(path)}))
 
 
-def _refiner_on_fresh_backend(cfg, refiner_dir: Path):
+def refiner_on_fresh_backend(cfg, refiner_dir: Path):
     """Each refiner gets its own copy of the base model (one LoRA adapter per denoiser)."""
     return load_refiner(refiner_dir, _backend_at(cfg, cfg.model.path))
 
 
-def _refined_row(name, sampler_backend, refiner, evals, cfg) -> Row:
-    """Refine with the refiner's own model and conditioning, then sample unguided with ``sampler_backend``."""
+def refined_row(name, sampler_backend, refiner, evals, cfg, guidance_scale: float | None = None) -> Row:
+    """Refine with the refiner's own model and conditioning (at ``guidance_scale`` for a refiner told w), then
+    sample unguided with ``sampler_backend``."""
     return sample_row(name, sampler_backend, evals, cfg.student.num_steps, batch_size=cfg.eval.batch_size,
-                      prepare_noise=refiner.refine, extra_nfe=REFINER_NFE)
+                      prepare_noise=functools.partial(refiner.refine, guidance_scale=guidance_scale),
+                      extra_nfe=REFINER_NFE)
 
 
 def _gaussian_rows(backend, evals, cfg, label: str = "") -> list[Row]:
@@ -93,13 +96,13 @@ def evaluate(cfg, backend, digit_metrics, run_dir: Path, *, sweep: dict, refiner
     ``gradient_steps`` (the MSD run trained further)."""
     evals = eval_set(cfg)
     columns = cfg.eval.grid_columns * 2
-    refiner = _refiner_on_fresh_backend(cfg, refiner_dir)
+    refiner = refiner_on_fresh_backend(cfg, refiner_dir)
 
     # main table
     rows = _gaussian_rows(backend, evals, cfg)
     rows.append(sample_row(DISTILLED, _backend_at(cfg, distilled_path), evals,
                            cfg.student.num_steps, batch_size=cfg.eval.batch_size))
-    rows.append(_refined_row(REFINED, backend, refiner, evals, cfg))
+    rows.append(refined_row(REFINED, backend, refiner, evals, cfg))
     score_rows(rows, backend, evals, digit_metrics)
     save_rows_grid(rows, backend, columns, run_dir / "samples.png")
     # the two-second figure: the first k held-out seeds (a fixed rule), prompts as column titles
@@ -119,8 +122,8 @@ def evaluate(cfg, backend, digit_metrics, run_dir: Path, *, sweep: dict, refiner
                         "teacher_guidance_scale": w, "rows": sweep["rows"]}
 
     # ablation 1: image-space (MSD, the main refiner) vs noise-space loss, same budget
-    noise_space = _refiner_on_fresh_backend(cfg, noise_space_dir / "refiner")
-    noise_rows = [rows[0], rows[1], rows[3], _refined_row(NOISE_SPACE, backend, noise_space, evals, cfg)]
+    noise_space = refiner_on_fresh_backend(cfg, noise_space_dir / "refiner")
+    noise_rows = [rows[0], rows[1], rows[3], refined_row(NOISE_SPACE, backend, noise_space, evals, cfg)]
     score_rows(noise_rows[3:], backend, evals, digit_metrics)
     results["noise_space"] = _with_gap(_metrics(noise_rows), UNGUIDED, GUIDED)
     results["noise_space_table"] = _table(results["noise_space"])
@@ -129,8 +132,8 @@ def evaluate(cfg, backend, digit_metrics, run_dir: Path, *, sweep: dict, refiner
     gradient_rows = [rows[0], rows[1]]
     for loss, directory in gradient_dirs.items():
         snapshot = directory / "snapshots" / checkpoint_tag(gradient_steps)
-        gradient_refiner = _refiner_on_fresh_backend(cfg, snapshot)
-        gradient_rows.append(_refined_row(f"Refined, {loss} loss, step {gradient_steps}", backend,
+        gradient_refiner = refiner_on_fresh_backend(cfg, snapshot)
+        gradient_rows.append(refined_row(f"Refined, {loss} loss, step {gradient_steps}", backend,
                                           gradient_refiner, evals, cfg))
     score_rows(gradient_rows[2:], backend, evals, digit_metrics)
     results["gradient"] = _with_gap(_metrics(gradient_rows), UNGUIDED, GUIDED)
@@ -141,7 +144,7 @@ def evaluate(cfg, backend, digit_metrics, run_dir: Path, *, sweep: dict, refiner
     # transfer: the base model's refiner, zero-shot, in front of the fine-tuned (thick-stroke) model
     thick = _backend_at(cfg, thick_path)
     transfer_rows = _gaussian_rows(thick, evals, cfg, " [thick]")
-    transfer_rows.append(_refined_row(REFINED + " [thick, zero-shot]", thick, refiner, evals, cfg))
+    transfer_rows.append(refined_row(REFINED + " [thick, zero-shot]", thick, refiner, evals, cfg))
     score_rows(transfer_rows, thick, evals, digit_metrics)
     save_rows_grid(transfer_rows, thick, columns, run_dir / "transfer.png")
     results["transfer"] = _with_gap(_metrics(transfer_rows), UNGUIDED + " [thick]", GUIDED + " [thick]")

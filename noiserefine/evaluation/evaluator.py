@@ -6,6 +6,7 @@ Any backend: a grid PNG always; metrics when the caller injects a metric functio
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from ..sampling import Guidance
@@ -42,7 +43,10 @@ class Evaluator:
                                      guidance=Guidance.from_teacher(cfg.teacher), batch_size=batch),
                           sample_row("unguided", backend, self.evals, steps, batch_size=batch)]
             self._score(self.fixed)
-        refined = sample_row("refined", backend, self.evals, steps, batch_size=batch, prepare_noise=refiner.refine)
+        # a refiner of several guidance scales is evaluated at the guided row's scale, teacher.guidance_scale
+        scale = float(cfg.teacher.guidance_scale) if refiner.guidance_conditioned else None
+        refined = sample_row("refined", backend, self.evals, steps, batch_size=batch,
+                             prepare_noise=functools.partial(refiner.refine, guidance_scale=scale))
         self._score([refined])
         rows = [*self.fixed, refined]
         save_rows_grid(rows, backend, cfg.eval.grid_columns, self.output_dir / f"eval_step{step}.png")

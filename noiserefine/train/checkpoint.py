@@ -42,6 +42,7 @@ from ..targets.cache import cache_dir_for
 from . import distributed
 from .distributed import CheckpointDamaged
 from .elastic import ELASTIC_FILE, load_elastic, save_elastic, trainable_names, trainable_parameters
+from .multi_scale import scale_label
 from .order import allowed_world_sizes
 
 CHECKPOINT_PREFIX = "step"
@@ -217,7 +218,7 @@ class Resume:
     tag: str
     step: int
     seconds: float
-    shard_rows: list[ShardInfo]
+    shard_rows: list[ShardInfo] | dict[float, list[ShardInfo]]  # per guidance scale for data.guidance_scales
     data_state: dict
     trainable_names: list[str] | None
     world_size: int = 1  # of the run that wrote it
@@ -235,9 +236,12 @@ class Checkpointer:
         return step % self.cfg.train.checkpoint_every == 0 or step == self.cfg.train.max_steps
 
     def save(self, engine, refiner: Refiner, step: int, data_state: dict, seconds: float,
-             shard_rows: list[ShardInfo]) -> None:
+             shard_rows: list[ShardInfo] | dict[float, list[ShardInfo]]) -> None:
         """Every rank: gather the ranks' data states (rank 0 writes them), then DeepSpeed saves, then rank 0
         records the files written and prunes old checkpoints.
+
+        ``shard_rows``: the stream's (``stream.shard_rows()``): a list, or one list per guidance scale
+        (``data.guidance_scales``), stored under the scale's ``scale_label``.
 
         Rank 0 first exports the refiner of this step to ``snapshots/``. A crash between the
         two only means the snapshot is written again, identically, after a resume.
@@ -248,10 +252,14 @@ class Checkpointer:
             save_refiner(refiner, self.output_dir / "snapshots" / tag, self.cfg)
             shutil.rmtree(self.ckpt_dir / tag, ignore_errors=True)  # leftover of a save that was killed
         positions = distributed.all_gather_object(data_state)  # also: nobody writes before the removal
+        if isinstance(shard_rows, dict):
+            shards = {scale_label(w): [row.name for row in rows] for w, rows in shard_rows.items()}
+            rows_state = {scale_label(w): [dataclasses.asdict(row) for row in rows] for w, rows in shard_rows.items()}
+        else:
+            shards, rows_state = [row.name for row in shard_rows], [dataclasses.asdict(row) for row in shard_rows]
         client_state = {"step": step, "data_position": positions, "seconds": seconds,
                         "global_batch_size": int(self.cfg.train.global_batch_size),
-                        "shards": [row.name for row in shard_rows],
-                        "shard_rows": [dataclasses.asdict(row) for row in shard_rows],
+                        "shards": shards, "shard_rows": rows_state,
                         "config": OmegaConf.to_container(self.cfg, resolve=True), "world_size": len(positions),
                         "trainable_names": trainable_names(refiner), "checkpoint_format": CHECKPOINT_FORMAT}
         distributed.save_checkpoint(engine, self.ckpt_dir, tag, client_state)
@@ -303,7 +311,9 @@ class Checkpointer:
         tag, state = chosen
         where = self.ckpt_dir / tag
         self.check(state, where, world_size)
-        if "shard_rows" in state:
+        if isinstance(state.get("shard_rows"), dict):  # data.guidance_scales: one list per scale
+            rows = {float(w): [ShardInfo(**row) for row in scale_rows] for w, scale_rows in state["shard_rows"].items()}
+        elif "shard_rows" in state:
             rows = [ShardInfo(**row) for row in state["shard_rows"]]
         else:  # written before the rows were stored: its shard names, today's manifest rows
             manifest = read_manifest(cache_dir_for(self.cfg))

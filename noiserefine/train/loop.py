@@ -44,6 +44,7 @@ from ..targets.cache import open_cache
 from . import distributed
 from .checkpoint import Checkpointer, finished_run
 from .logs import LOG_FIELDS, LogWindow, append_csv, trim_csv, trim_jsonl
+from .multi_scale import MultiScaleStream, open_scale_caches
 from .order import per_rank_batch
 from .stream import TeacherStream
 
@@ -63,7 +64,8 @@ def train_step(engine, refiner: Refiner, loss_fn: LossFn, backend, batch: dict) 
     noise = batch["noise"].to(backend.device)
     target = batch["target"].to(backend.device)
     cond = backend.encode_prompts(batch["prompt"])
-    loss, _ = loss_fn(engine(noise, cond), cond, target)  # the refiner's forward through the engine
+    # the refiner's forward through the engine; a multi-scale batch tells it each sample's guidance scale
+    loss, _ = loss_fn(engine(noise, cond, guidance_scale=batch.get("guidance_scale")), cond, target)
     if not torch.isfinite(loss):
         raise FloatingPointError(f"non-finite loss {loss.item()} on samples {batch['sample_id']}")
     engine.backward(loss)
@@ -110,8 +112,10 @@ def train(cfg, metric_factory: Callable[[], MetricFn] | None = None) -> dict:
         for step in range(run.start + 1, cfg.train.max_steps + 1):
             batch = next(batches)
             stats = train_step(run.engine, run.refiner, loss_fn, run.backend, batch)
-            samples_log.write(json.dumps({"step": step, "epoch": batch["epoch"], "index": batch["index"],
-                                          "sample_ids": batch["sample_id"]}) + "\n")
+            record = {"step": step, "epoch": batch["epoch"], "index": batch["index"], "sample_ids": batch["sample_id"]}
+            if "guidance_scale" in batch:  # data.guidance_scales: the batch's scale(s)
+                record["guidance_scales"] = sorted(set(batch["guidance_scale"].tolist()))
+            samples_log.write(json.dumps(record) + "\n")
             samples_log.flush()
             run.window.add(stats["loss"], len(batch["sample_id"]))
             if (cfg.train.log_every > 0 and step % cfg.train.log_every == 0) or step == cfg.train.max_steps:
@@ -121,8 +125,7 @@ def train(cfg, metric_factory: Callable[[], MetricFn] | None = None) -> dict:
             if run.checkpointer.due(step):
                 run.checkpointer.save(run.engine, run.refiner, step,
                                       {**run.stream.state_dict(), "log_window": run.window.state_dict()},
-                                      time.perf_counter() - started,
-                                      [run.stream.manifest[n] for n in run.stream.shard_names])
+                                      time.perf_counter() - started, run.stream.shard_rows())
             bar.update(1)
     bar.close()
     return _finish(cfg, run, last_row, started)
@@ -138,7 +141,7 @@ class _Run:
     backend: object
     refiner: Refiner
     engine: object
-    stream: TeacherStream
+    stream: TeacherStream | MultiScaleStream
     window: LogWindow
     checkpointer: Checkpointer
     start: int  # the step this run continues from (0: a new run)
@@ -156,7 +159,12 @@ def _start(cfg) -> _Run:
     per_rank_batch(cfg.train.global_batch_size, launch_world)  # the global batch must split over the ranks
     checkpointer = Checkpointer(cfg)
     resume = checkpointer.find(launch_rank, launch_world)
-    cache_dir, rows = open_cache(cfg, rows=resume.shard_rows if resume else None)
+    recorded = resume.shard_rows if resume else None
+    if cfg.data.guidance_scales:  # one cache per guidance scale (train/multi_scale.py)
+        caches = open_scale_caches(cfg, recorded)
+        cache_dir = ", ".join(f"w={w:g}: {directory}" for w, (directory, _) in caches.items())
+    else:
+        cache_dir, rows = open_cache(cfg, rows=recorded)
     info = distributed.init()
     _set_threads(info.world_size)
     backend = load_backend(OmegaConf.merge(cfg.model, {"device": distributed.device_for(cfg.model.device)}))
@@ -165,9 +173,13 @@ def _start(cfg) -> _Run:
     engine = distributed.build_engine(refiner, cfg)
     if resume:
         checkpointer.load(engine, refiner, resume)
-    shards = [row.name for row in resume.shard_rows] if resume else None  # a resumed run: in the recorded order
-    stream = TeacherStream.from_config(cfg, info.rank, info.world_size, shards=shards, cache=(cache_dir, rows),
-                                       latent_shape=backend.latent_shape)
+    if cfg.data.guidance_scales:  # a resumed run: each scale's recorded rows, in the recorded order
+        stream = MultiScaleStream.from_config(cfg, info.rank, info.world_size, caches,
+                                              latent_shape=backend.latent_shape)
+    else:
+        shards = [row.name for row in resume.shard_rows] if resume else None  # a resumed run: the recorded order
+        stream = TeacherStream.from_config(cfg, info.rank, info.world_size, shards=shards, cache=(cache_dir, rows),
+                                           latent_shape=backend.latent_shape)
     window = LogWindow()
     if resume:
         stream.load_state_dict(resume.data_state)
@@ -193,7 +205,8 @@ def _prepare_outputs(cfg, run: _Run, resume, cache_dir) -> None:
     save_config(cfg, run.output_dir / "config.yaml")
     trim_csv(run.output_dir / "train_log.csv", run.start)
     trim_csv(run.output_dir / EVAL_LOG, run.start)
-    print(f"teacher cache {cache_dir}: {len(run.stream.shard_names)} shards, {run.stream.samples_per_epoch} "
+    print(f"teacher cache {cache_dir}: {len(run.stream.shard_names)} shards"
+          f"{' per guidance scale' if cfg.data.guidance_scales else ''}, {run.stream.samples_per_epoch} "
           f"samples/epoch; {run.world} rank(s) x batch {run.stream.batch_size} (global batch "
           f"{cfg.train.global_batch_size}), loss {cfg.train.loss}, "
           f"steps {run.start}->{cfg.train.max_steps}", flush=True)

@@ -276,6 +276,10 @@ class TeacherStream:
         """Samples of all ranks in one epoch (from the manifest)."""
         return self.order.samples_per_epoch
 
+    def shard_rows(self) -> list[ShardInfo]:
+        """The manifest rows this stream trains on, in its order (recorded in checkpoints)."""
+        return [self.manifest[name] for name in self.shard_names]
+
     def epoch_shards(self, epoch: int) -> list[str]:
         """The shards this rank reads in ``epoch`` (those holding a position of its slices), in order."""
         return [span.name for span in self.order.epoch_spans(epoch)

@@ -1,0 +1,235 @@
+"""One refiner for a range of guidance scales, against one refiner per scale (not part of ``make demo``).
+
+    python -m noiserefine.digits.multi_scale --run-dir runs/demo [--quick] [--config extra.yaml] [key=value ...]
+
+For each guidance scale w in ``demo.multi_scale_guidance_scales`` it generates the teacher cache
+of ``teacher.guidance_scale=w`` (the Ray job; complete shards are skipped) and trains a
+per-w refiner on it (the DeepSpeed job, the main run's config otherwise: ``train.max_steps``
+steps each; the main job's own refiner, ``refiner-msd/``, is reused for the w it was trained at
+when its finished config is this one). Then it trains ONE refiner on all these caches, told w through its time input
+(``refiner.guidance_timestep_slope = demo.multi_scale_timestep_slope``; global batch ``b``
+comes from scale ``b % S``), for the same ``train.max_steps``: the budget of one per-w
+refiner, i.e. 1/S of the per-w refiners' total (about ``max_steps / S`` steps per scale).
+
+It evaluates, on the main job's held-out seeds and with its digit metrics, the teacher guided
+at every w (and unguided, w = 1; kept in ``multi_scale/sweep.json``, reused while its identity
+holds), each per-w refiner at its w and the multi-w refiner at every w, and writes
+``multi_scale.json``, ``multi_scale.md``, ``multi_scale.png`` (class-conditional FID and accuracy
+against w) and ``multi_scale_config.yaml`` into the run directory; the refiners are under
+``multi_scale/``. It reuses the main job's teacher and classifier (trained here if missing). A
+re-run generates and trains nothing already done; the refiner rows are sampled again (seconds).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
+
+from ..backends import load_backend
+from ..config import load_config, save_config
+from ..evaluation.rows import eval_set, metrics_markdown, score_rows
+from ..evaluation.scores import gap_closed
+from ..files import write_text_atomic
+from ..targets.identity import model_identity
+from ..train.checkpoint import resume_mismatch
+from .classifier import digit_metrics
+from .demo import QUICK, generate_cache, parse_args, run_setup, train_refiner
+from .report import COLUMNS, GAP, GAP_METRIC, refined_row, refiner_on_fresh_backend
+from .sweep import ensure_sweep
+from .teacher import ensure_digits_teacher
+
+RESULTS, TABLE, FIGURE, CONFIG = "multi_scale.json", "multi_scale.md", "multi_scale.png", "multi_scale_config.yaml"
+# --quick: the demo's smoke budgets; targets generated in this process (pipeline.num_workers=0: the same
+# script, byte-identical to the Ray job, without a Ray start per cache) and training on one rank
+QUICK_MULTI = QUICK + ["pipeline.num_workers=0", "demo.num_ranks=1", "demo.multi_scale_guidance_scales=[1.5,3]"]
+NO_EVAL = ["train.eval_every=1000000"]  # the evaluation below does it once
+
+
+def scale_dir(out: Path, scale: float) -> Path:
+    return out / f"refiner-w{scale:g}"
+
+
+def reusable_main_refiner(run_dir: Path, cfg) -> Path | None:
+    """The main job's refiner run (``run_dir/refiner-msd``) if it finished ``cfg``'s training (the same config
+    but for keys that do not change what is trained, e.g. the output directory), else None."""
+    directory = Path(run_dir) / "refiner-msd"
+    try:
+        done = json.loads((directory / "done.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if done.get("max_steps") != cfg.train.max_steps or not (directory / "refiner" / "refiner.safetensors").is_file():
+        return None
+    same = not resume_mismatch(done.get("config") or {}, OmegaConf.to_container(cfg, resolve=True))
+    return directory if same else None
+
+
+def multi_overrides(cfg) -> list[str]:
+    """What turns the main run's config into the multi-w refiner's."""
+    scales = ",".join(f"{float(w)!r}" for w in cfg.demo.multi_scale_guidance_scales)
+    return [f"data.guidance_scales=[{scales}]",
+            f"refiner.guidance_timestep_slope={float(cfg.demo.multi_scale_timestep_slope)!r}"]
+
+
+def evaluate_scales(cfg, backend, metric_fn, sweep: dict, out: Path, per_scale_dirs: dict[float, Path]) -> dict:
+    """Every row, scored on the held-out set: the teacher (from the sweep record), the per-w refiners at their w,
+    the multi-w refiner at every w; gap closed against unguided (w = 1) and the teacher at the same w."""
+    evals = eval_set(cfg)
+    teacher = {float(row["scale"]): {k: v for k, v in row.items() if k != "scale"} for row in sweep["rows"]}
+    unguided = teacher[1.0]
+    multi = refiner_on_fresh_backend(cfg, out / "refiner-multi" / "refiner")
+    rows = []
+    for w in tqdm([float(w) for w in cfg.demo.multi_scale_guidance_scales], desc="evaluate refiners", unit="w"):
+        per_w = refiner_on_fresh_backend(cfg, per_scale_dirs[w] / "refiner")
+        scored = [refined_row(f"w={w:g} per-w refiner", backend, per_w, evals, cfg),
+                  refined_row(f"w={w:g} multi-w refiner", backend, multi, evals, cfg, guidance_scale=w)]
+        score_rows(scored, backend, evals, metric_fn)
+        entry = {"scale": w, "teacher": teacher[w]}
+        for key, row in zip(("per_scale", "multi_scale"), scored):
+            entry[key] = {**row.metrics, "ms_per_sample": row.seconds_per_sample * 1000}
+        for metrics in (entry["teacher"], entry["per_scale"], entry["multi_scale"]):
+            metrics["gap_closed"] = gap_closed(unguided[GAP_METRIC], metrics[GAP_METRIC], teacher[w][GAP_METRIC])
+        rows.append(entry)
+    return {"unguided": unguided, "rows": rows}
+
+
+def summary_lines(results: dict) -> list[str]:
+    """Multi-w minus per-w, per scale and on average (the numbers the verdict is read from)."""
+    lines = []
+    for entry in results["rows"]:
+        per_w, multi = entry["per_scale"], entry["multi_scale"]
+        lines.append(f"- w = {entry['scale']:g}: class-cond. FID teacher {entry['teacher'][GAP_METRIC]:.2f}, per-w "
+                     f"{per_w[GAP_METRIC]:.2f}, multi-w {multi[GAP_METRIC]:.2f} (multi - per-w "
+                     f"{multi[GAP_METRIC] - per_w[GAP_METRIC]:+.2f}); gap closed per-w {per_w['gap_closed']:.2f}, "
+                     f"multi-w {multi['gap_closed']:.2f}; accuracy per-w {per_w['accuracy']:.3f}, multi-w "
+                     f"{multi['accuracy']:.3f}")
+    gaps = [(e["per_scale"]["gap_closed"], e["multi_scale"]["gap_closed"]) for e in results["rows"]]
+    if gaps:
+        lines.append(f"- mean gap closed over the scales: per-w {sum(g[0] for g in gaps) / len(gaps):.2f}, "
+                     f"multi-w {sum(g[1] for g in gaps) / len(gaps):.2f}")
+    return lines
+
+
+def write_table(results: dict, path: Path) -> None:
+    named = [("unguided (w = 1)", results["unguided"])]
+    for entry in results["rows"]:
+        w = entry["scale"]
+        named += [(f"w={w:g} teacher, CFG", entry["teacher"]), (f"w={w:g} per-w refiner", entry["per_scale"]),
+                  (f"w={w:g} multi-w refiner", entry["multi_scale"])]
+    budget = results["budget"]
+    text = "\n".join([
+        "# One refiner for a range of guidance scales", "",
+        f"Scales {results['scales']}; the multi-w refiner is told w through its time input, t_ref(w) = "
+        f"{results['refiner_timestep']:g} - {results['timestep_slope']:g} (w - 1).", "",
+        f"Budget: each per-w refiner {budget['per_scale_steps']} steps ({budget['per_scale_total_steps']} for all "
+        f"{len(results['scales'])}); the multi-w refiner {budget['multi_scale_steps']} steps in all (about "
+        f"{budget['multi_scale_steps'] // len(results['scales'])} per scale): the budget of ONE per-w refiner. "
+        f"Global batch {budget['global_batch_size']}. Every row: the same {results['num_eval_samples']} held-out "
+        f"seeds, {results['num_steps']} sampler steps; gap closed on class-cond. FID between unguided and the "
+        "teacher at the same w.", "",
+        metrics_markdown(named, COLUMNS + GAP), "", "## Multi-w vs per-w", "", *summary_lines(results), "",
+        f"![multi-scale]({FIGURE})", ""])
+    write_text_atomic(path, text)
+
+
+def plot(results: dict, sweep: dict, path: Path) -> None:
+    """Class-conditional FID and accuracy against w: teacher curve, per-w refiners, multi-w refiner."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scales = [e["scale"] for e in results["rows"]]
+    teacher_scales = [row["scale"] for row in sweep["rows"]]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, (key, title) in zip(axes, ((GAP_METRIC, "class-conditional FID (lower is better)"),
+                                       ("accuracy", "accuracy (higher is better)"))):
+        ax.plot(teacher_scales, [row.get(key, math.nan) for row in sweep["rows"]], "o-", color="tab:blue",
+                label="teacher, CFG at w (w = 1: unguided)")
+        ax.axhline(results["unguided"].get(key, math.nan), color="tab:gray", linestyle=":",
+                   label="unguided Gaussian noise")
+        ax.plot(scales, [e["per_scale"].get(key, math.nan) for e in results["rows"]], "s", color="tab:green",
+                markersize=8, label="per-w refiner (one per scale)")
+        ax.plot(scales, [e["multi_scale"].get(key, math.nan) for e in results["rows"]], "D--", color="tab:red",
+                label="multi-w refiner (one for all)")
+        ax.set_xlabel("guidance scale w")
+        ax.set_title(title, fontsize=10)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    run_dir, config_files, overrides = run_setup(args, QUICK_MULTI)
+    cfg = load_config(config_files, overrides)
+    save_config(cfg, run_dir / CONFIG)
+    scales = [float(w) for w in cfg.demo.multi_scale_guidance_scales]
+    load_config(config_files, overrides + multi_overrides(cfg))  # the multi-w run's config is valid: fail early
+    out = run_dir / "multi_scale"
+    out.mkdir(exist_ok=True)
+    timings: dict[str, float] = {}
+
+    def stage(name: str):
+        timings[name] = time.perf_counter()
+        print(f"\n=== {name} ===", flush=True)
+
+    stage("teacher and classifier")
+    ensure_digits_teacher(cfg.model.digits, cfg.model.path)
+    backend = load_backend(cfg.model)
+    metric_fn = digit_metrics(cfg)
+
+    stage("teacher at every scale")
+    sweep = ensure_sweep(cfg, backend, metric_fn, sorted({1.0, *scales}), out, model_identity(cfg.model))
+
+    stage("teacher-target caches (one per scale)")
+    caches = {w: str(generate_cache(config_files, overrides + [f"teacher.guidance_scale={w!r}"], run_dir))
+              for w in scales}
+
+    stage("per-w refiners")
+    per_scale_dirs = {}
+    for w in scales:
+        scale_overrides = overrides + NO_EVAL + [f"teacher.guidance_scale={w!r}"]
+        per_scale_dirs[w] = reusable_main_refiner(run_dir, load_config(config_files, scale_overrides))
+        if per_scale_dirs[w] is not None:
+            print(f"w = {w:g}: reusing the main job's refiner {per_scale_dirs[w]} (same config)", flush=True)
+        else:
+            per_scale_dirs[w] = train_refiner(config_files, scale_overrides, scale_dir(out, w), cfg.demo.num_ranks,
+                                              run_dir)
+
+    stage("multi-w refiner")
+    train_refiner(config_files, overrides + NO_EVAL + multi_overrides(cfg), out / "refiner-multi",
+                  cfg.demo.num_ranks, run_dir)
+
+    stage("evaluation")
+    results = {"scales": scales, "timestep_slope": float(cfg.demo.multi_scale_timestep_slope),
+               "refiner_timestep": float(cfg.refiner.timestep), "caches": {repr(w): c for w, c in caches.items()},
+               "per_scale_refiners": {repr(w): str(d) for w, d in per_scale_dirs.items()},
+               "num_eval_samples": int(cfg.eval.num_samples), "num_steps": int(cfg.student.num_steps),
+               "budget": {"per_scale_steps": int(cfg.train.max_steps),
+                          "per_scale_total_steps": int(cfg.train.max_steps) * len(scales),
+                          "multi_scale_steps": int(cfg.train.max_steps),
+                          "global_batch_size": int(cfg.train.global_batch_size)},
+               **evaluate_scales(cfg, backend, metric_fn, sweep, out, per_scale_dirs)}
+    timings["end"] = time.perf_counter()
+    names = list(timings)
+    results["stage_seconds"] = {n: round(timings[m] - timings[n], 1) for n, m in zip(names, names[1:])}
+    results["total_seconds"] = round(time.perf_counter() - started, 1)
+    write_text_atomic(run_dir / RESULTS, json.dumps(results, indent=2))
+    write_table(results, run_dir / TABLE)
+    plot(results, sweep, run_dir / FIGURE)
+    print("\n".join(["", *summary_lines(results), f"wrote {run_dir / TABLE} in {results['total_seconds']:.0f} s"]),
+          flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

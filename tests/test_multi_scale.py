@@ -1,0 +1,282 @@
+"""One refiner for a range of guidance scales: the refiner told w, its config rules, the multi-cache stream."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_digits_backend
+from helpers_cache import REPO, build_cache, tiny_cache, tiny_config, tiny_overrides, tiny_root, tiny_teacher  # noqa: F401
+from noiserefine.backends import load_backend
+from noiserefine.config import RefinerConfig, load_config
+from noiserefine.noise import noise_from_seeds
+from noiserefine.refiner import Refiner, adapters_enabled, load_refiner, lora_enabled
+from noiserefine.train.multi_scale import MultiScaleStream, at_guidance_scale, open_scale_caches
+from noiserefine.train.stream import DataPosition, TeacherStream
+
+PROMPTS = ["a handwritten seven", "digit 3", "a cat", "nine"]
+SLOPE = 200.0
+SCALES = (1.5, 3.0)  # 3.0: the tiny session cache (configs/digits.yaml's teacher.guidance_scale)
+MULTI = ["data.guidance_scales=[1.5,3.0]", f"refiner.guidance_timestep_slope={SLOPE}"]
+
+
+def _inputs(backend):
+    return noise_from_seeds(range(len(PROMPTS)), backend.latent_shape), backend.encode_prompts(PROMPTS)
+
+
+def _randomise_lora(refiner, seed=1, std=0.1):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in refiner.trainable_parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
+
+
+# --- the refiner ---------------------------------------------------------------------------------------
+
+def test_slope_zero_is_the_fixed_timestep_refiner_bit_for_bit(tiny_backend):
+    """k = 0 (the default): x_T + (eps_LoRA(x_T, timestep) - eps(x_T, timestep)), exactly as before."""
+    refiner = Refiner(tiny_backend, RefinerConfig())
+    assert not refiner.guidance_conditioned
+    _randomise_lora(refiner)
+    noise, cond = _inputs(tiny_backend)
+    t = torch.tensor(999.0)
+    with torch.no_grad():
+        base = tiny_backend.denoise(noise, t, cond)
+        with lora_enabled(tiny_backend.denoiser):
+            adapted = tiny_backend.denoise(noise, t, cond)
+        refined = refiner(noise, cond)
+    assert (adapted - base).abs().max() > 1e-3  # the LoRA acts: the check below can fail
+    assert torch.equal(refined, noise + (adapted - base))
+    assert torch.equal(refiner.refine(noise, PROMPTS), refined)
+    # told w at w = 1, a refiner with k > 0 computes the same (its time is refiner.timestep there)
+    conditioned = Refiner(tiny_digits_backend(), RefinerConfig(guidance_timestep_slope=SLOPE))
+    _randomise_lora(conditioned)
+    with torch.no_grad():
+        torch.testing.assert_close(conditioned(noise, cond, guidance_scale=1.0), refined, rtol=0, atol=1e-6)
+
+
+def test_told_w_zero_at_init_for_every_w_and_differs_across_w_after_a_step(tiny_backend):
+    refiner = Refiner(tiny_backend, RefinerConfig(guidance_timestep_slope=SLOPE))
+    assert refiner.guidance_conditioned
+    noise, cond = _inputs(tiny_backend)
+    for w in (1.0, 1.25, 2.0, 4.0, torch.tensor([1.25, 1.5, 2.0, 3.0])):
+        assert torch.equal(refiner(noise, cond, guidance_scale=w), noise)
+        assert torch.equal(refiner.refine(noise, PROMPTS, guidance_scale=w), noise)
+    assert torch.equal(refiner.refiner_time(torch.tensor([1.25, 2.0]), 2), torch.tensor([949.0, 799.0]))
+    # one gradient step on a batch of mixed scales (LoRA B moves off zero)
+    optimizer = torch.optim.SGD(refiner.trainable_parameters(), lr=0.5)
+    target = torch.ones_like(noise)
+    refined = refiner(noise, cond, guidance_scale=torch.tensor([1.25, 2.0, 1.25, 2.0]))
+    (refined - target).square().mean().backward()
+    optimizer.step()
+    assert not adapters_enabled(tiny_backend.denoiser)
+    with torch.no_grad():
+        low, high = (refiner(noise, cond, guidance_scale=w) for w in (1.25, 2.0))
+    assert (low - noise).abs().max() > 1e-4 and (high - noise).abs().max() > 1e-4
+    assert (low - high).abs().max() > 1e-5, "the correction must depend on w"
+    with torch.no_grad():  # per-sample scales: each sample as if refined alone at its own w
+        mixed = refiner(noise, cond, guidance_scale=torch.tensor([1.25, 2.0, 2.0, 1.25]))
+    torch.testing.assert_close(mixed[[0, 3]], low[[0, 3]], rtol=0, atol=1e-6)
+    torch.testing.assert_close(mixed[[1, 2]], high[[1, 2]], rtol=0, atol=1e-6)
+
+
+def test_w_missing_or_not_expected_is_an_error(tiny_backend):
+    noise, cond = _inputs(tiny_backend)
+    plain = Refiner(tiny_backend, RefinerConfig())
+    with pytest.raises(ValueError, match="trained for one guidance scale"):
+        plain(noise, cond, guidance_scale=2.0)
+    told = Refiner(tiny_digits_backend(), RefinerConfig(guidance_timestep_slope=SLOPE))
+    with pytest.raises(ValueError, match="give the guidance scale w"):
+        told.refine(noise, PROMPTS)
+    with pytest.raises(ValueError, match="expected a number or one per sample"):
+        told(noise, cond, guidance_scale=torch.tensor([1.5, 2.0]))
+    with pytest.raises(ValueError, match="must be finite and >= 0"):
+        told(noise, cond, guidance_scale=7.0)  # 999 - 200 * 6 < 0
+    assert not adapters_enabled(told.denoiser)
+
+
+def test_config_rules_for_several_scales():
+    with pytest.raises(ValueError, match="refiner.guidance_timestep_slope is 0"):
+        load_config(overrides=["data.guidance_scales=[1.5,2.0]"])
+    with pytest.raises(ValueError, match="data.guidance_scales is empty"):
+        load_config(overrides=["refiner.guidance_timestep_slope=100"])
+    with pytest.raises(ValueError, match="repeats a scale"):
+        load_config(overrides=["data.guidance_scales=[1.5,1.5]", "refiner.guidance_timestep_slope=100"])
+    with pytest.raises(ValueError, match="is negative"):
+        load_config(overrides=["data.guidance_scales=[1.5,20]", "refiner.guidance_timestep_slope=100"])
+    with pytest.raises(ValueError, match=r"data.guidance_scales.1' must be finite"):
+        load_config(overrides=["data.guidance_scales=[1.5,.nan]", "refiner.guidance_timestep_slope=100"])
+    cfg = load_config(overrides=["data.guidance_scales=[1.25,2]", "refiner.guidance_timestep_slope=100"])
+    assert list(cfg.data.guidance_scales) == [1.25, 2.0]
+    assert load_config().refiner.guidance_timestep_slope == 0.0  # today's refiner by default
+
+
+def test_periodic_evaluation_refines_at_the_teachers_scale(tiny_backend, tmp_path, monkeypatch):
+    from noiserefine.evaluation.evaluator import Evaluator
+
+    cfg = load_config(overrides=["eval.num_samples=4", "eval.batch_size=4", "student.num_steps=2",
+                                 "teacher.guidance_scale=2.0", *MULTI])
+    refiner = Refiner(tiny_backend, cfg.refiner)
+    seen = []
+    original = refiner.refine
+    monkeypatch.setattr(refiner, "refine", lambda noise, prompts, guidance_scale=None: (
+        seen.append(guidance_scale), original(noise, prompts, guidance_scale))[1])
+    Evaluator(cfg, tiny_backend, tmp_path)(refiner, step=1)
+    assert seen == [2.0] and (tmp_path / "eval_step1.png").is_file()
+
+
+# --- the multi-cache stream ------------------------------------------------------------------------------
+
+
+
+@pytest.fixture(scope="module")
+def multi_cfg(tiny_root, tiny_teacher, tiny_cache):
+    build_cache(tiny_config(tiny_root, tiny_teacher, ["teacher.guidance_scale=1.5"]))  # once per session
+    return tiny_config(tiny_root, tiny_teacher, MULTI)
+
+
+def _multi(cfg, rank=0, world=1) -> MultiScaleStream:
+    return MultiScaleStream.from_config(cfg, rank, world, open_scale_caches(cfg))
+
+
+def _single(cfg, scale) -> TeacherStream:
+    return TeacherStream.from_config(at_guidance_scale(cfg, scale))
+
+
+def test_each_batch_comes_from_its_scale_cache_in_cyclic_order(multi_cfg):
+    batches = list(itertools.islice(iter(_multi(multi_cfg)), 10))
+    singles = {w: list(itertools.islice(iter(_single(multi_cfg, w)), 5)) for w in SCALES}
+    assert [b["index"] for b in batches] == list(range(10))
+    for b, batch in enumerate(batches):
+        w = SCALES[b % 2]
+        assert batch["guidance_scale"].dtype == torch.float32
+        assert batch["guidance_scale"].tolist() == [w] * 8
+        expected = singles[w][b // 2]
+        assert batch["sample_id"] == expected["sample_id"]
+        assert torch.equal(batch["target"], expected["target"]) and torch.equal(batch["noise"], expected["noise"])
+    # the two caches hold different targets for the same samples (other guidance scale): the check above can fail
+    assert batches[0]["sample_id"] == batches[1]["sample_id"]
+    assert not torch.equal(batches[0]["target"], batches[1]["target"])
+
+
+def test_multi_stream_is_deterministic_rank_independent_and_resumes_exactly(multi_cfg):
+    full = list(itertools.islice(iter(_multi(multi_cfg)), 12))
+    again = list(itertools.islice(iter(_multi(multi_cfg)), 12))
+    for a, b in zip(full, again):
+        assert a["sample_id"] == b["sample_id"] and torch.equal(a["target"], b["target"])
+    ranks = [list(itertools.islice(iter(_multi(multi_cfg, r, 2)), 12)) for r in range(2)]
+    assert [r0["sample_id"] + r1["sample_id"] for r0, r1 in zip(*ranks)] == [b["sample_id"] for b in full]
+    assert all(torch.equal(torch.cat([r0["guidance_scale"], r1["guidance_scale"]]), b["guidance_scale"])
+               for r0, r1, b in zip(*ranks, full))
+    for consumed in (1, 4, 7):  # after either scale's batch
+        first = _multi(multi_cfg)
+        list(itertools.islice(iter(first), consumed))
+        state = json.loads(json.dumps(first.state_dict()))  # as stored in a checkpoint
+        assert state == {"batches": consumed, "corrupt_skipped": 0}
+        resumed = _multi(multi_cfg)
+        tail = list(itertools.islice(resumed.batches(resumed.load_state_dict(state)), 12 - consumed))
+        assert [(b["index"], b["sample_id"], b["guidance_scale"].tolist()) for b in tail] == \
+            [(b["index"], b["sample_id"], b["guidance_scale"].tolist()) for b in full[consumed:]]
+        assert all(torch.equal(a["target"], b["target"]) for a, b in zip(tail, full[consumed:]))
+    rows = _multi(multi_cfg).shard_rows()
+    assert sorted(rows) == list(SCALES) and all(len(r) == 4 for r in rows.values())
+    assert {r.sha256 for r in rows[1.5]}.isdisjoint({r.sha256 for r in rows[3.0]})
+    assert _multi(multi_cfg).batches(DataPosition(3)).__next__()["index"] == 3
+
+
+def test_a_missing_scale_cache_names_the_scale_and_the_command(multi_cfg, tiny_root, tiny_teacher):
+    cfg = tiny_config(tiny_root, tiny_teacher, ["data.guidance_scales=[1.5,2.5]",
+                                                f"refiner.guidance_timestep_slope={SLOPE}"])
+    with pytest.raises(FileNotFoundError, match=r"guidance scale 2.5 .*teacher.guidance_scale=2.5"):
+        open_scale_caches(cfg)
+
+
+def test_the_main_jobs_refiner_is_reused_only_for_its_own_config(tmp_path):
+    from omegaconf import OmegaConf
+
+    from noiserefine.digits.multi_scale import reusable_main_refiner
+
+    cfg = load_config(overrides=["teacher.guidance_scale=1.5"])
+    main = tmp_path / "refiner-msd"
+    (main / "refiner").mkdir(parents=True)
+    (main / "refiner" / "refiner.safetensors").write_bytes(b"")
+    stored = OmegaConf.to_container(load_config(overrides=["teacher.guidance_scale=1.5", "train.checkpoint_every=50",
+                                                           "train.output_dir=elsewhere"]), resolve=True)
+    (main / "done.json").write_text(json.dumps({"max_steps": cfg.train.max_steps, "config": stored}))
+    assert reusable_main_refiner(tmp_path, cfg) == main  # differs only in keys that do not change training
+    assert reusable_main_refiner(tmp_path, load_config(overrides=["teacher.guidance_scale=2.0"])) is None
+    assert reusable_main_refiner(tmp_path, load_config(overrides=["teacher.guidance_scale=1.5",
+                                                                  "train.max_steps=10"])) is None
+    assert reusable_main_refiner(tmp_path / "nothing", cfg) is None
+
+
+# --- the trainer and the command (subprocesses: `make test` only) ------------------------------------------
+
+def _train(cfg_extra: list[str], root, teacher, output_dir, log):
+    command = [sys.executable, "trainer/train.py", "--config", "configs/digits.yaml",
+               *tiny_overrides(root, teacher), *MULTI, *cfg_extra, f"train.output_dir={output_dir}"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT", "LOCAL_SIZE")}
+    result = subprocess.run(command, cwd=REPO, env={**env, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"},
+                            capture_output=True, text=True, timeout=600)
+    log.write_text(result.stdout + result.stderr)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    return result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_multi_scale_training_resumes_exactly_from_its_checkpoint(multi_cfg, tiny_root, tiny_teacher, tmp_path):
+    """A multi-scale run stopped at step 4 (checkpoint: each scale's shard rows) and continued to 6 ends with the
+    weights and per-step samples of an uninterrupted 6-step run; each step's samples carry the cyclic scale."""
+    settings = ["train.checkpoint_every=2", "train.eval_every=0", "train.learning_rate=0.01", "train.log_every=1"]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    _train(settings + ["train.max_steps=6"], tiny_root, tiny_teacher, full, tmp_path / "full.log")
+    _train(settings + ["train.max_steps=4"], tiny_root, tiny_teacher, resumed, tmp_path / "first.log")
+    text = _train(settings + ["train.max_steps=6"], tiny_root, tiny_teacher, resumed, tmp_path / "second.log")
+    assert "resuming from" in text and "step00000004" in text
+    samples = [json.loads(line) for line in (full / "samples_rank0.jsonl").read_text().splitlines()]
+    assert [s["guidance_scales"] for s in samples] == [[1.5], [3.0]] * 3
+    assert (resumed / "samples_rank0.jsonl").read_text() == (full / "samples_rank0.jsonl").read_text()
+    a = load_file(str(full / "refiner" / "refiner.safetensors"))
+    b = load_file(str(resumed / "refiner" / "refiner.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k)  # it did train
+    saved = load_config(full / "refiner" / "config.yaml")
+    assert list(saved.data.guidance_scales) == list(SCALES) and saved.refiner.guidance_timestep_slope == SLOPE
+    refiner = load_refiner(full / "refiner", load_backend(saved.model))
+    assert refiner.guidance_conditioned
+    with pytest.raises(ValueError, match="give the guidance scale w"):
+        refiner.refine(noise_from_seeds([0], refiner.backend.latent_shape), ["a handwritten one"])
+
+
+@pytest.mark.slow
+def test_quick_multi_scale_command_writes_its_table_and_plot(tmp_path):
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("RAY_ADDRESS", None)
+    command = [sys.executable, "-m", "noiserefine.digits.multi_scale", "--quick", "--run-dir", str(run_dir)]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for name in ("multi_scale.json", "multi_scale.md", "multi_scale.png", "multi_scale_config.yaml"):
+        assert (run_dir / name).is_file(), name
+    results = json.loads((run_dir / "multi_scale.json").read_text())
+    assert results["scales"] == [1.5, 3.0] and [e["scale"] for e in results["rows"]] == [1.5, 3.0]
+    assert results["budget"]["multi_scale_steps"] == results["budget"]["per_scale_steps"] == 4
+    for entry in results["rows"]:
+        for key in ("teacher", "per_scale", "multi_scale"):
+            assert "fid_class" in entry[key] and "accuracy" in entry[key] and "gap_closed" in entry[key], key
+        assert entry["teacher"]["nfe"] == 8 and entry["multi_scale"]["nfe"] == entry["per_scale"]["nfe"] == 6
+        assert entry["teacher"]["gap_closed"] == pytest.approx(1.0)
+    # the multi-w refiner is evaluated at each w: its rows differ across w
+    assert results["rows"][0]["multi_scale"]["fid"] != results["rows"][1]["multi_scale"]["fid"]
+    assert "w=1.5 multi-w refiner" in (run_dir / "multi_scale.md").read_text()
+    multi = load_config(run_dir / "multi_scale" / "refiner-multi" / "refiner" / "config.yaml")
+    assert list(multi.data.guidance_scales) == [1.5, 3.0] and multi.refiner.guidance_timestep_slope == 200.0
+    assert len(list((run_dir / "cache").glob("*/teacher.yaml"))) == 2  # one cache per scale
