@@ -214,7 +214,9 @@ class DemoConfig:
     pick_guidance: bool = True
     # python -m noiserefine.digits.multi_scale (not part of `make demo`): a per-w refiner for each of these
     # guidance scales and one refiner for all of them (same train.max_steps as one per-w refiner)
-    multi_scale_guidance_scales: list[float] = field(default_factory=lambda: [1.25, 1.5, 2.0])
+    multi_scale_guidance_scales: list[float] = field(default_factory=lambda: [1.1, 1.5, 2.0])
+    # scales the multi-w refiner is NOT trained on, evaluated against the teacher there (interpolation)
+    multi_scale_held_out_scales: list[float] = field(default_factory=lambda: [1.25])
     multi_scale_timestep_slope: float = 200.0  # its refiner.guidance_timestep_slope
 
 

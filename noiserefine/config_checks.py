@@ -120,12 +120,18 @@ def _check_guidance_scales(cfg: DictConfig) -> None:
     """``data.guidance_scales`` (several teacher caches) goes with a refiner told w, and only with one:
     ``refiner.guidance_timestep_slope > 0`` exactly when the list is non-empty; each ``t_ref(w) >= 0``."""
     scales, slope = [float(w) for w in cfg.data.guidance_scales], float(cfg.refiner.guidance_timestep_slope)
-    for key in ("data.guidance_scales", "demo.multi_scale_guidance_scales"):
+    for key in ("data.guidance_scales", "demo.multi_scale_guidance_scales", "demo.multi_scale_held_out_scales"):
         values = [float(w) for w in OmegaConf.select(cfg, key)]
         for index, value in enumerate(values):
             _check_range(f"{key}.{index}", value, *_RANGES["teacher.guidance_scale"])
         if len(set(values)) != len(values):
             raise ConfigValueError(f"config key '{key}' repeats a scale: {values}", key)
+    held_out = {float(w) for w in cfg.demo.multi_scale_held_out_scales}
+    if held_out & {float(w) for w in cfg.demo.multi_scale_guidance_scales}:
+        raise ConfigValueError(f"config key 'demo.multi_scale_held_out_scales' {sorted(held_out)} shares a scale with "
+                               f"demo.multi_scale_guidance_scales {list(cfg.demo.multi_scale_guidance_scales)}: a "
+                               "held-out scale is one the multi-w refiner is not trained on",
+                               "demo.multi_scale_held_out_scales")
     if scales and slope == 0:
         raise ConfigValueError(
             f"config key 'data.guidance_scales' is {scales} but refiner.guidance_timestep_slope is 0: a refiner "

@@ -1,4 +1,6 @@
-"""Smoke run of the main command (`make demo`) on a tiny budget: every stage, real Ray and DeepSpeed."""
+"""Smoke run of the main command (`make demo`) on a tiny budget: every stage, real Ray and DeepSpeed; then the
+multi-scale experiment (``noiserefine.digits.multi_scale --quick``) on the same run directory (its teacher,
+classifier and the demo's cache of one of its scales are reused, as a user would run them)."""
 
 import json
 import os
@@ -7,6 +9,8 @@ import sys
 
 from conftest import REPO
 import pytest
+
+from noiserefine.config import load_config
 
 pytestmark = pytest.mark.slow  # subprocesses, Ray, DeepSpeed or teacher training: `make test` only
 
@@ -28,7 +32,7 @@ def test_quick_demo_writes_report(tmp_path):
     sweep = json.loads((run_dir / "sweep.json").read_text())
     assert [row["scale"] for row in sweep["rows"]] == [1.0, 1.5, 3.0]
     chosen = sweep["chosen_scale"]
-    assert chosen == min(sweep["rows"], key=lambda row: row["fid_class"])["scale"]
+    assert chosen == min((row for row in sweep["rows"] if row["scale"] > 1), key=lambda row: row["fid_class"])["scale"]
     assert metrics["sweep"]["chosen_scale"] == metrics["sweep"]["teacher_guidance_scale"] == chosen
     assert "guidance_scale: " + str(float(chosen)) in (run_dir / "config.yaml").read_text()
     cache_teacher = (run_dir / "cache").glob("*/teacher.yaml")
@@ -62,3 +66,34 @@ def test_quick_demo_writes_report(tmp_path):
     assert "0 to generate" in again.stdout
     assert "train digit teacher" not in again.stdout + again.stderr
     assert "sweep: reusing" in again.stdout
+    _check_quick_multi_scale(run_dir, env)
+
+
+def _check_quick_multi_scale(run_dir, env):
+    command = [sys.executable, "-m", "noiserefine.digits.multi_scale", "--quick", "--run-dir", str(run_dir)]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "train digit teacher" not in result.stdout + result.stderr  # the demo's teacher, reused
+    for name in ("multi_scale.json", "multi_scale.md", "multi_scale.png", "multi_scale_config.yaml"):
+        assert (run_dir / name).is_file(), name
+    results = json.loads((run_dir / "multi_scale.json").read_text())
+    assert results["scales"] == [1.5, 3.0] and [e["scale"] for e in results["rows"]] == [1.5, 3.0]
+    assert results["budget"]["multi_scale_steps"] == results["budget"]["per_scale_steps"] == 4
+    for entry in results["rows"]:
+        for key in ("teacher", "per_scale", "multi_scale"):
+            assert "fid_class" in entry[key] and "accuracy" in entry[key] and "gap_closed" in entry[key], key
+        assert entry["teacher"]["nfe"] == 8 and entry["multi_scale"]["nfe"] == entry["per_scale"]["nfe"] == 6
+        assert entry["teacher"]["gap_closed"] == pytest.approx(1.0)
+    # the multi-w refiner is evaluated at each w: its rows differ across w
+    assert results["rows"][0]["multi_scale"]["fid"] != results["rows"][1]["multi_scale"]["fid"]
+    assert "w=1.5 multi-w refiner" in (run_dir / "multi_scale.md").read_text()
+    # and at a w it was not trained on (between its two), against the teacher there
+    assert results["held_out_scales"] == [2.0] and [e["scale"] for e in results["held_out"]] == [2.0]
+    held_out = results["held_out"][0]
+    assert held_out["teacher"]["nfe"] == 8 and held_out["multi_scale"]["nfe"] == 6
+    assert held_out["multi_scale"]["fid"] not in {e["multi_scale"]["fid"] for e in results["rows"]}
+    assert "multi-w refiner (not trained on w=2)" in (run_dir / "multi_scale.md").read_text()
+    multi = load_config(run_dir / "multi_scale" / "refiner-multi" / "refiner" / "config.yaml")
+    assert list(multi.data.guidance_scales) == [1.5, 3.0] and multi.refiner.guidance_timestep_slope == 200.0
+    # one cache per scale: the demo's (at its chosen w, one of the two) and one new
+    assert len(list((run_dir / "cache").glob("*/teacher.yaml"))) == 2

@@ -13,7 +13,8 @@ refiner, i.e. 1/S of the per-w refiners' total (about ``max_steps / S`` steps pe
 
 It evaluates, on the main job's held-out seeds and with its digit metrics, the teacher guided
 at every w (and unguided, w = 1; kept in ``multi_scale/sweep.json``, reused while its identity
-holds), each per-w refiner at its w and the multi-w refiner at every w, and writes
+holds), each per-w refiner at its w and the multi-w refiner at every w, and at each
+``demo.multi_scale_held_out_scales`` w it was not trained on (against the teacher there), and writes
 ``multi_scale.json``, ``multi_scale.md``, ``multi_scale.png`` (class-conditional FID and accuracy
 against w) and ``multi_scale_config.yaml`` into the run directory; the refiners are under
 ``multi_scale/``. It reuses the main job's teacher and classifier (trained here if missing). A
@@ -47,7 +48,8 @@ from .teacher import ensure_digits_teacher
 RESULTS, TABLE, FIGURE, CONFIG = "multi_scale.json", "multi_scale.md", "multi_scale.png", "multi_scale_config.yaml"
 # --quick: the demo's smoke budgets; targets generated in this process (pipeline.num_workers=0: the same
 # script, byte-identical to the Ray job, without a Ray start per cache) and training on one rank
-QUICK_MULTI = QUICK + ["pipeline.num_workers=0", "demo.num_ranks=1", "demo.multi_scale_guidance_scales=[1.5,3]"]
+QUICK_MULTI = QUICK + ["pipeline.num_workers=0", "demo.num_ranks=1", "demo.multi_scale_guidance_scales=[1.5,3]",
+                       "demo.multi_scale_held_out_scales=[2]"]
 NO_EVAL = ["train.eval_every=1000000"]  # the evaluation below does it once
 
 
@@ -95,7 +97,16 @@ def evaluate_scales(cfg, backend, metric_fn, sweep: dict, out: Path, per_scale_d
         for metrics in (entry["teacher"], entry["per_scale"], entry["multi_scale"]):
             metrics["gap_closed"] = gap_closed(unguided[GAP_METRIC], metrics[GAP_METRIC], teacher[w][GAP_METRIC])
         rows.append(entry)
-    return {"unguided": unguided, "rows": rows}
+    held_out = []
+    for w in [float(w) for w in cfg.demo.multi_scale_held_out_scales]:
+        row = refined_row(f"w={w:g} multi-w refiner (held out)", backend, multi, evals, cfg, guidance_scale=w)
+        score_rows([row], backend, evals, metric_fn)
+        entry = {"scale": w, "teacher": teacher[w], "multi_scale": {**row.metrics,
+                                                                    "ms_per_sample": row.seconds_per_sample * 1000}}
+        for metrics in (entry["teacher"], entry["multi_scale"]):
+            metrics["gap_closed"] = gap_closed(unguided[GAP_METRIC], metrics[GAP_METRIC], teacher[w][GAP_METRIC])
+        held_out.append(entry)
+    return {"unguided": unguided, "rows": rows, "held_out": held_out}
 
 
 def summary_lines(results: dict) -> list[str]:
@@ -108,6 +119,11 @@ def summary_lines(results: dict) -> list[str]:
                      f"{multi[GAP_METRIC] - per_w[GAP_METRIC]:+.2f}); gap closed per-w {per_w['gap_closed']:.2f}, "
                      f"multi-w {multi['gap_closed']:.2f}; accuracy per-w {per_w['accuracy']:.3f}, multi-w "
                      f"{multi['accuracy']:.3f}")
+    for entry in results.get("held_out", []):
+        multi = entry["multi_scale"]
+        lines.append(f"- w = {entry['scale']:g}, not trained on: class-cond. FID teacher "
+                     f"{entry['teacher'][GAP_METRIC]:.2f}, multi-w {multi[GAP_METRIC]:.2f}; accuracy teacher "
+                     f"{entry['teacher']['accuracy']:.3f}, multi-w {multi['accuracy']:.3f}")
     gaps = [(e["per_scale"]["gap_closed"], e["multi_scale"]["gap_closed"]) for e in results["rows"]]
     if gaps:
         lines.append(f"- mean gap closed over the scales: per-w {sum(g[0] for g in gaps) / len(gaps):.2f}, "
@@ -121,6 +137,10 @@ def write_table(results: dict, path: Path) -> None:
         w = entry["scale"]
         named += [(f"w={w:g} teacher, CFG", entry["teacher"]), (f"w={w:g} per-w refiner", entry["per_scale"]),
                   (f"w={w:g} multi-w refiner", entry["multi_scale"])]
+    for entry in results.get("held_out", []):
+        w = entry["scale"]
+        named += [(f"w={w:g} teacher, CFG", entry["teacher"]),
+                  (f"w={w:g} multi-w refiner (not trained on w={w:g})", entry["multi_scale"])]
     budget = results["budget"]
     text = "\n".join([
         "# One refiner for a range of guidance scales", "",
@@ -157,6 +177,10 @@ def plot(results: dict, sweep: dict, path: Path) -> None:
                 markersize=8, label="per-w refiner (one per scale)")
         ax.plot(scales, [e["multi_scale"].get(key, math.nan) for e in results["rows"]], "D--", color="tab:red",
                 label="multi-w refiner (one for all)")
+        held_out = results.get("held_out", [])
+        if held_out:
+            ax.plot([e["scale"] for e in held_out], [e["multi_scale"].get(key, math.nan) for e in held_out], "D",
+                    color="tab:red", fillstyle="none", markersize=9, label="multi-w refiner at a w not trained on")
         ax.set_xlabel("guidance scale w")
         ax.set_title(title, fontsize=10)
     handles, labels = axes[0].get_legend_handles_labels()
@@ -188,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     metric_fn = digit_metrics(cfg)
 
     stage("teacher at every scale")
-    sweep = ensure_sweep(cfg, backend, metric_fn, sorted({1.0, *scales}), out, model_identity(cfg.model))
+    held_out = [float(w) for w in cfg.demo.multi_scale_held_out_scales]
+    sweep = ensure_sweep(cfg, backend, metric_fn, sorted({1.0, *scales, *held_out}), out, model_identity(cfg.model))
 
     stage("teacher-target caches (one per scale)")
     caches = {w: str(generate_cache(config_files, overrides + [f"teacher.guidance_scale={w!r}"], run_dir))
@@ -210,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
                   cfg.demo.num_ranks, run_dir)
 
     stage("evaluation")
-    results = {"scales": scales, "timestep_slope": float(cfg.demo.multi_scale_timestep_slope),
+    results = {"scales": scales, "held_out_scales": held_out, "timestep_slope": float(cfg.demo.multi_scale_timestep_slope),
                "refiner_timestep": float(cfg.refiner.timestep), "caches": {repr(w): c for w, c in caches.items()},
                "per_scale_refiners": {repr(w): str(d) for w, d in per_scale_dirs.items()},
                "num_eval_samples": int(cfg.eval.num_samples), "num_steps": int(cfg.student.num_steps),
