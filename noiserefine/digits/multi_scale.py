@@ -57,6 +57,11 @@ def scale_dir(out: Path, scale: float) -> Path:
     return out / f"refiner-w{scale:g}"
 
 
+def multi_dir(out: Path, scales: list[float]) -> Path:
+    """The multi-w refiner's run, named by its scales: a re-run with other scales trains a new one beside it."""
+    return out / ("refiner-multi-w" + "-".join(f"{float(w):g}" for w in scales))
+
+
 def reusable_main_refiner(run_dir: Path, cfg) -> Path | None:
     """The main job's refiner run (``run_dir/refiner-msd``) if it finished ``cfg``'s training (the same config
     but for keys that do not change what is trained, e.g. the output directory), else None."""
@@ -84,7 +89,7 @@ def evaluate_scales(cfg, backend, metric_fn, sweep: dict, out: Path, per_scale_d
     evals = eval_set(cfg)
     teacher = {float(row["scale"]): {k: v for k, v in row.items() if k != "scale"} for row in sweep["rows"]}
     unguided = teacher[1.0]
-    multi = refiner_on_fresh_backend(cfg, out / "refiner-multi" / "refiner")
+    multi = refiner_on_fresh_backend(cfg, multi_dir(out, cfg.demo.multi_scale_guidance_scales) / "refiner")
     rows = []
     for w in tqdm([float(w) for w in cfg.demo.multi_scale_guidance_scales], desc="evaluate refiners", unit="w"):
         per_w = refiner_on_fresh_backend(cfg, per_scale_dirs[w] / "refiner")
@@ -231,11 +236,12 @@ def main(argv: list[str] | None = None) -> int:
                                               run_dir)
 
     stage("multi-w refiner")
-    train_refiner(config_files, overrides + NO_EVAL + multi_overrides(cfg), out / "refiner-multi",
+    train_refiner(config_files, overrides + NO_EVAL + multi_overrides(cfg), multi_dir(out, scales),
                   cfg.demo.num_ranks, run_dir)
 
     stage("evaluation")
-    results = {"scales": scales, "held_out_scales": held_out, "timestep_slope": float(cfg.demo.multi_scale_timestep_slope),
+    results = {"scales": scales, "held_out_scales": held_out,
+               "timestep_slope": float(cfg.demo.multi_scale_timestep_slope),
                "refiner_timestep": float(cfg.refiner.timestep), "caches": {repr(w): c for w, c in caches.items()},
                "per_scale_refiners": {repr(w): str(d) for w, d in per_scale_dirs.items()},
                "num_eval_samples": int(cfg.eval.num_samples), "num_steps": int(cfg.student.num_steps),
