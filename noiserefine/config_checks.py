@@ -126,12 +126,6 @@ def _check_guidance_scales(cfg: DictConfig) -> None:
             _check_range(f"{key}.{index}", value, *_RANGES["teacher.guidance_scale"])
         if len(set(values)) != len(values):
             raise ConfigValueError(f"config key '{key}' repeats a scale: {values}", key)
-    held_out = {float(w) for w in cfg.demo.multi_scale_held_out_scales}
-    if held_out & {float(w) for w in cfg.demo.multi_scale_guidance_scales}:
-        raise ConfigValueError(f"config key 'demo.multi_scale_held_out_scales' {sorted(held_out)} shares a scale with "
-                               f"demo.multi_scale_guidance_scales {list(cfg.demo.multi_scale_guidance_scales)}: a "
-                               "held-out scale is one the multi-w refiner is not trained on",
-                               "demo.multi_scale_held_out_scales")
     if scales and slope == 0:
         raise ConfigValueError(
             f"config key 'data.guidance_scales' is {scales} but refiner.guidance_timestep_slope is 0: a refiner "

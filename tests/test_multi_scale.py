@@ -18,6 +18,7 @@ from noiserefine.backends import load_backend
 from noiserefine.config import RefinerConfig, load_config
 from noiserefine.noise import noise_from_seeds
 from noiserefine.refiner import Refiner, adapters_enabled, load_refiner, lora_enabled
+from noiserefine.digits.multi_scale import held_out_scales
 from noiserefine.train.multi_scale import MultiScaleStream, at_guidance_scale, open_scale_caches
 from noiserefine.train.stream import DataPosition, TeacherStream
 
@@ -113,8 +114,11 @@ def test_config_rules_for_several_scales():
         load_config(overrides=["data.guidance_scales=[1.5,20]", "refiner.guidance_timestep_slope=100"])
     with pytest.raises(ValueError, match=r"data.guidance_scales.1' must be finite"):
         load_config(overrides=["data.guidance_scales=[1.5,.nan]", "refiner.guidance_timestep_slope=100"])
+    # a saved config whose demo scales include today's default held-out scale still loads (a refiner saved before
+    # demo.multi_scale_held_out_scales existed); the experiment itself refuses the overlap
+    cfg = load_config(overrides=["demo.multi_scale_guidance_scales=[1.25,2]", "demo.multi_scale_held_out_scales=[2]"])
     with pytest.raises(ValueError, match="demo.multi_scale_held_out_scales"):
-        load_config(overrides=["demo.multi_scale_guidance_scales=[1.25,2]", "demo.multi_scale_held_out_scales=[2]"])
+        held_out_scales(cfg)
     cfg = load_config(overrides=["data.guidance_scales=[1.25,2]", "refiner.guidance_timestep_slope=100"])
     assert list(cfg.data.guidance_scales) == [1.25, 2.0]
     assert load_config().refiner.guidance_timestep_slope == 0.0  # today's refiner by default

@@ -57,6 +57,18 @@ def scale_dir(out: Path, scale: float) -> Path:
     return out / f"refiner-w{scale:g}"
 
 
+def held_out_scales(cfg) -> list[float]:
+    """``demo.multi_scale_held_out_scales``, refused if one is a trained scale. Checked here, not when a config
+    loads: a refiner saved with other demo scales must still load under today's defaults."""
+    held_out = [float(w) for w in cfg.demo.multi_scale_held_out_scales]
+    trained = [float(w) for w in cfg.demo.multi_scale_guidance_scales]
+    if set(held_out) & set(trained):
+        raise ValueError(f"config key 'demo.multi_scale_held_out_scales' {held_out} shares a scale with "
+                         f"demo.multi_scale_guidance_scales {trained}: a held-out scale is one the multi-w refiner "
+                         "is not trained on")
+    return held_out
+
+
 def multi_dir(out: Path, scales: list[float]) -> Path:
     """The multi-w refiner's run, named by its scales: a re-run with other scales trains a new one beside it."""
     return out / ("refiner-multi-w" + "-".join(f"{float(w):g}" for w in scales))
@@ -103,7 +115,7 @@ def evaluate_scales(cfg, backend, metric_fn, sweep: dict, out: Path, per_scale_d
             metrics["gap_closed"] = gap_closed(unguided[GAP_METRIC], metrics[GAP_METRIC], teacher[w][GAP_METRIC])
         rows.append(entry)
     held_out = []
-    for w in [float(w) for w in cfg.demo.multi_scale_held_out_scales]:
+    for w in held_out_scales(cfg):
         row = refined_row(f"w={w:g} multi-w refiner (held out)", backend, multi, evals, cfg, guidance_scale=w)
         score_rows([row], backend, evals, metric_fn)
         entry = {"scale": w, "teacher": teacher[w], "multi_scale": {**row.metrics,
@@ -204,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(config_files, overrides)
     save_config(cfg, run_dir / CONFIG)
     scales = [float(w) for w in cfg.demo.multi_scale_guidance_scales]
+    held_out_scales(cfg)  # fail early
     load_config(config_files, overrides + multi_overrides(cfg))  # the multi-w run's config is valid: fail early
     out = run_dir / "multi_scale"
     out.mkdir(exist_ok=True)
@@ -219,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     metric_fn = digit_metrics(cfg)
 
     stage("teacher at every scale")
-    held_out = [float(w) for w in cfg.demo.multi_scale_held_out_scales]
+    held_out = held_out_scales(cfg)
     sweep = ensure_sweep(cfg, backend, metric_fn, sorted({1.0, *scales, *held_out}), out, model_identity(cfg.model))
 
     stage("teacher-target caches (one per scale)")
