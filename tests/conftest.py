@@ -57,3 +57,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# prompts that name different digits (and one that names none), for refiner tests
+REFINER_PROMPTS = ["a handwritten seven", "digit 3", "a cat", "nine"]
+
+
+def refiner_inputs(backend):
+    """Noise of seeds 0..3 and the conditioning of :data:`REFINER_PROMPTS`."""
+    from noiserefine.noise import noise_from_seeds
+
+    return noise_from_seeds(range(len(REFINER_PROMPTS)), backend.latent_shape), backend.encode_prompts(REFINER_PROMPTS)
+
+
+def randomise_lora(refiner, seed=1, std=0.1):
+    """Give the refiner's LoRA random weights (at init its correction is exactly zero)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in refiner.trainable_parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)

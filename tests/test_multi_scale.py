@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_digits_backend
+from conftest import REFINER_PROMPTS as PROMPTS, randomise_lora, refiner_inputs, tiny_digits_backend
 from helpers_cache import REPO, build_cache, tiny_cache, tiny_config, tiny_overrides, tiny_root, tiny_teacher  # noqa: F401
 from noiserefine.backends import load_backend
 from noiserefine.config import RefinerConfig, load_config
@@ -22,21 +22,9 @@ from noiserefine.digits.multi_scale import held_out_scales
 from noiserefine.train.multi_scale import MultiScaleStream, at_guidance_scale, open_scale_caches
 from noiserefine.train.stream import DataPosition, TeacherStream
 
-PROMPTS = ["a handwritten seven", "digit 3", "a cat", "nine"]
 SLOPE = 200.0
 SCALES = (1.5, 3.0)  # 3.0: the tiny session cache (configs/digits.yaml's teacher.guidance_scale)
 MULTI = ["data.guidance_scales=[1.5,3.0]", f"refiner.guidance_timestep_slope={SLOPE}"]
-
-
-def _inputs(backend):
-    return noise_from_seeds(range(len(PROMPTS)), backend.latent_shape), backend.encode_prompts(PROMPTS)
-
-
-def _randomise_lora(refiner, seed=1, std=0.1):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in refiner.trainable_parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
 
 
 # --- the refiner ---------------------------------------------------------------------------------------
@@ -45,8 +33,8 @@ def test_slope_zero_is_the_fixed_timestep_refiner_bit_for_bit(tiny_backend):
     """k = 0 (the default): x_T + (eps_LoRA(x_T, timestep) - eps(x_T, timestep)), exactly as before."""
     refiner = Refiner(tiny_backend, RefinerConfig())
     assert not refiner.guidance_conditioned
-    _randomise_lora(refiner)
-    noise, cond = _inputs(tiny_backend)
+    randomise_lora(refiner)
+    noise, cond = refiner_inputs(tiny_backend)
     t = torch.tensor(999.0)
     with torch.no_grad():
         base = tiny_backend.denoise(noise, t, cond)
@@ -58,7 +46,7 @@ def test_slope_zero_is_the_fixed_timestep_refiner_bit_for_bit(tiny_backend):
     assert torch.equal(refiner.refine(noise, PROMPTS), refined)
     # told w at w = 1, a refiner with k > 0 computes the same (its time is refiner.timestep there)
     conditioned = Refiner(tiny_digits_backend(), RefinerConfig(guidance_timestep_slope=SLOPE))
-    _randomise_lora(conditioned)
+    randomise_lora(conditioned)
     with torch.no_grad():
         torch.testing.assert_close(conditioned(noise, cond, guidance_scale=1.0), refined, rtol=0, atol=1e-6)
 
@@ -66,7 +54,7 @@ def test_slope_zero_is_the_fixed_timestep_refiner_bit_for_bit(tiny_backend):
 def test_told_w_zero_at_init_for_every_w_and_differs_across_w_after_a_step(tiny_backend):
     refiner = Refiner(tiny_backend, RefinerConfig(guidance_timestep_slope=SLOPE))
     assert refiner.guidance_conditioned
-    noise, cond = _inputs(tiny_backend)
+    noise, cond = refiner_inputs(tiny_backend)
     for w in (1.0, 1.25, 2.0, 4.0, torch.tensor([1.25, 1.5, 2.0, 3.0])):
         assert torch.equal(refiner(noise, cond, guidance_scale=w), noise)
         assert torch.equal(refiner.refine(noise, PROMPTS, guidance_scale=w), noise)
@@ -89,7 +77,7 @@ def test_told_w_zero_at_init_for_every_w_and_differs_across_w_after_a_step(tiny_
 
 
 def test_w_missing_or_not_expected_is_an_error(tiny_backend):
-    noise, cond = _inputs(tiny_backend)
+    noise, cond = refiner_inputs(tiny_backend)
     plain = Refiner(tiny_backend, RefinerConfig())
     with pytest.raises(ValueError, match="trained for one guidance scale"):
         plain(noise, cond, guidance_scale=2.0)

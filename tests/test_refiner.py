@@ -2,30 +2,17 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import tiny_digits_backend
+from conftest import REFINER_PROMPTS as PROMPTS, randomise_lora, refiner_inputs, tiny_digits_backend
 from noiserefine.config import RefinerConfig, load_config
-from noiserefine.noise import noise_from_seeds
 from noiserefine.refiner import (CONFIG_FILE, SAMPLER_FILE, WEIGHTS_FILE, Refiner, adapters_enabled, load_refiner,
                                  lora_enabled, save_refiner)
 from noiserefine.sampling import rollout
 
-PROMPTS = ["a handwritten seven", "digit 3", "a cat", "nine"]
-
-
-def _inputs(backend):
-    return noise_from_seeds(range(len(PROMPTS)), backend.latent_shape), backend.encode_prompts(PROMPTS)
-
-
-def _randomise_lora(refiner, seed=1, std=0.1):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in refiner.trainable_parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
 
 
 def test_refined_equals_noise_exactly_at_init(tiny_backend):
     refiner = Refiner(tiny_backend, RefinerConfig())
-    noise, cond = _inputs(tiny_backend)
+    noise, cond = refiner_inputs(tiny_backend)
     assert len(set(cond["encoder_hidden_states"][:, 0, 0].tolist())) == len(PROMPTS)  # prompts differ
     refined = refiner(noise, cond)
     assert torch.equal(refined, noise)
@@ -36,8 +23,8 @@ def test_refined_equals_noise_exactly_at_init(tiny_backend):
 def test_teacher_and_student_calls_run_the_base_model(tiny_backend):
     fresh = tiny_digits_backend()
     refiner = Refiner(tiny_backend, RefinerConfig())
-    _randomise_lora(refiner)
-    noise, cond = _inputs(tiny_backend)
+    randomise_lora(refiner)
+    noise, cond = refiner_inputs(tiny_backend)
     refined = refiner(noise, cond)
     assert (refined - noise).abs().max() > 1e-3, "the LoRA must change the refined noise"
     t = torch.tensor(500)
@@ -59,7 +46,7 @@ def test_adapters_disabled_after_error_in_refiner_forward(tiny_backend, monkeypa
         return original(x, t, cond)
 
     monkeypatch.setattr(tiny_backend, "denoise", failing)
-    noise, cond = _inputs(tiny_backend)
+    noise, cond = refiner_inputs(tiny_backend)
     with pytest.raises(RuntimeError, match="boom"):
         refiner(noise, cond)
     assert not adapters_enabled(tiny_backend.denoiser)
@@ -73,7 +60,7 @@ def test_only_lora_is_trainable_and_receives_gradient(tiny_backend):
     assert lora and all("lora_" in n for n, p in tiny_backend.denoiser.named_parameters() if id(p) in lora_ids)
     trainable = [n for n, p in tiny_backend.denoiser.named_parameters() if p.requires_grad]
     assert len(trainable) == len(lora) and all(".lora_" in n for n in trainable)
-    noise, cond = _inputs(tiny_backend)
+    noise, cond = refiner_inputs(tiny_backend)
     refined = refiner(noise, cond)
     # the flags survive the enable/disable toggling, or backward would silently skip them
     assert all(p.requires_grad for p in lora)
@@ -88,8 +75,8 @@ def test_only_lora_is_trainable_and_receives_gradient(tiny_backend):
 def test_save_load_round_trip(tiny_backend, tmp_path):
     cfg = load_config(overrides=["refiner.lora_rank=4", "refiner.lora_alpha=4.0"])
     refiner = Refiner(tiny_backend, cfg.refiner)
-    _randomise_lora(refiner)
-    noise, cond = _inputs(tiny_backend)
+    randomise_lora(refiner)
+    noise, cond = refiner_inputs(tiny_backend)
     expected = refiner.refine(noise, PROMPTS)
     save_refiner(refiner, tmp_path / "out", cfg)
     assert (tmp_path / "out" / CONFIG_FILE).is_file() and (tmp_path / "out" / WEIGHTS_FILE).is_file()
