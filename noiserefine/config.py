@@ -23,10 +23,8 @@ from .files import write_text_atomic
 class DigitsTeacherConfig:
     """How the embedded default teacher is trained (only used by the ``digits`` backend)."""
 
-    # 800 x 64 with dropout 0.3: ~3 min on 2 cores. Measured on the 500 held-out seeds, 10 DDIM steps
-    # (bench/results/digits_teacher_study.md): 400 steps leave 5.8% noise-like samples unguided (2.8% at
-    # the best w); 1200 steps leave 1.0% but guidance no longer improves class-conditional FID at any w;
-    # dropout 0.3 (vs 0.15) keeps a clear guidance gain at 800 steps (7.5% vs 3% at w = 1.1).
+    # 800 x 64, dropout 0.3: ~3 min on 2 cores, fewer noise-like samples while guidance still helps
+    # (the trade-off, measured: bench/results/digits_teacher_study.md)
     train_steps: int = 800
     batch_size: int = 64
     learning_rate: float = 2e-3
@@ -80,14 +78,10 @@ class RefinerConfig:
     ``timestep - guidance_timestep_slope * (w - 1)`` for a refiner of several guidance scales w."""
 
     timestep: float = 999.0  # the denoiser's time input for the refiner forward
-    # > 0: a refiner for a range of guidance scales (data.guidance_scales), told w through the denoiser's time
-    # input: t_ref(w) = timestep - guidance_timestep_slope * (w - 1). 0: one scale, t_ref = timestep.
-    guidance_timestep_slope: float = 0.0
+    guidance_timestep_slope: float = 0.0  # > 0: a refiner of several scales (data.guidance_scales), told w
     lora_rank: int = 8
     lora_alpha: float = 8.0
-    target_modules: list[str] = field(
-        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]
-    )
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"])
 
 
 @dataclass
@@ -212,10 +206,9 @@ class DemoConfig:
     # guidance_scale is set by its rule (noiserefine.digits.sweep.RULE) before targets are generated
     sweep_scales: list[float] = field(default_factory=lambda: [1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0])
     pick_guidance: bool = True
-    # python -m noiserefine.digits.multi_scale (not part of `make demo`): a per-w refiner for each of these
-    # guidance scales and one refiner for all of them (same train.max_steps as one per-w refiner)
+    # python -m noiserefine.digits.multi_scale (not in `make demo`): a per-w refiner for each of these scales and
+    # one for all of them (same train.max_steps), the latter also at held-out scales it is not trained on
     multi_scale_guidance_scales: list[float] = field(default_factory=lambda: [1.1, 1.5, 2.0])
-    # scales the multi-w refiner is NOT trained on, evaluated against the teacher there (interpolation)
     multi_scale_held_out_scales: list[float] = field(default_factory=lambda: [1.25])
     multi_scale_timestep_slope: float = 200.0  # its refiner.guidance_timestep_slope
 
