@@ -33,9 +33,9 @@ def tiny_backend() -> DigitsBackend:
 
 @pytest.fixture(scope="session")
 def trained_teacher_dir(tmp_path_factory) -> Path:
-    """The default digit teacher's recipe (configs/digits.yaml) at 300 of its 800 steps, trained once per session.
+    """The default digit teacher's recipe (configs/digits.yaml) at 200 of its 800 steps, trained once per session.
 
-    300 steps (~80 s here) keep the suite inside its time budget; the full 800 are the
+    200 steps (~55 s here) keep the suite inside its time budget; the full 800 are the
     demo's, whose guidance sweep and goals table judge that teacher. NOISEREFINE_TEST_TEACHER may
     point at an existing teacher directory to skip training.
     """
@@ -45,7 +45,7 @@ def trained_teacher_dir(tmp_path_factory) -> Path:
     existing = os.environ.get("NOISEREFINE_TEST_TEACHER")
     if existing:
         return Path(existing)
-    cfg = load_config(REPO / "configs" / "digits.yaml", ["model.digits.train_steps=300"])
+    cfg = load_config(REPO / "configs" / "digits.yaml", ["model.digits.train_steps=200"])
     return ensure_digits_teacher(cfg.model.digits, tmp_path_factory.mktemp("teacher") / "digits",
                                  progress=False)
 

@@ -1,4 +1,4 @@
-"""The embedded default teacher's recipe (at 300 of its 800 steps: see conftest) shows a clear guidance effect."""
+"""The embedded default teacher's recipe (at 200 of its 800 steps: see conftest) shows a clear guidance effect."""
 
 
 import torch
