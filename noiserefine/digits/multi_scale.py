@@ -38,7 +38,7 @@ from ..evaluation.rows import eval_set, metrics_markdown, score_rows
 from ..evaluation.scores import gap_closed
 from ..files import write_text_atomic
 from ..targets.identity import model_identity
-from ..train.checkpoint import resume_mismatch
+from ..train.checkpoint import finished_run
 from .classifier import digit_metrics
 from .demo import QUICK, generate_cache, parse_args, run_setup, train_refiner
 from .report import COLUMNS, GAP, GAP_METRIC, refined_row, refiner_on_fresh_backend
@@ -75,17 +75,14 @@ def multi_dir(out: Path, scales: list[float]) -> Path:
 
 
 def reusable_main_refiner(run_dir: Path, cfg) -> Path | None:
-    """The main job's refiner run (``run_dir/refiner-msd``) if it finished ``cfg``'s training (the same config
-    but for keys that do not change what is trained, e.g. the output directory), else None."""
+    """The main job's refiner run (``run_dir/refiner-msd``) if it finished ``cfg``'s training (the trainer's own
+    :func:`finished_run` test: the same config but for keys that do not change what is trained), else None."""
     directory = Path(run_dir) / "refiner-msd"
     try:
-        done = json.loads((directory / "done.json").read_text())
-    except (OSError, ValueError):
+        done = finished_run(OmegaConf.merge(cfg, {"train": {"output_dir": str(directory)}}))
+    except ValueError:  # a finished run of another config
         return None
-    if done.get("max_steps") != cfg.train.max_steps or not (directory / "refiner" / "refiner.safetensors").is_file():
-        return None
-    same = not resume_mismatch(done.get("config") or {}, OmegaConf.to_container(cfg, resolve=True))
-    return directory if same else None
+    return directory if done is not None else None
 
 
 def multi_overrides(cfg) -> list[str]:
