@@ -23,8 +23,7 @@ from .files import write_text_atomic
 class DigitsTeacherConfig:
     """How the embedded default teacher is trained (only used by the ``digits`` backend)."""
 
-    # 800 x 64, dropout 0.3: ~3 min on 2 cores, fewer noise-like samples while guidance still helps
-    # (the trade-off, measured: bench/results/digits_teacher_study.md)
+    # 800 x 64, dropout 0.3: ~3 min on 2 cores; the trade-off measured: bench/results/digits_teacher_study.md
     train_steps: int = 800
     batch_size: int = 64
     learning_rate: float = 2e-3
@@ -206,8 +205,7 @@ class DemoConfig:
     # guidance_scale is set by its rule (noiserefine.digits.sweep.RULE) before targets are generated
     sweep_scales: list[float] = field(default_factory=lambda: [1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0])
     pick_guidance: bool = True
-    # python -m noiserefine.digits.multi_scale (not in `make demo`): a per-w refiner for each of these scales and
-    # one for all of them (same train.max_steps), the latter also at held-out scales it is not trained on
+    # python -m noiserefine.digits.multi_scale (not in `make demo`): per-w refiners vs one for all (README)
     multi_scale_guidance_scales: list[float] = field(default_factory=lambda: [1.1, 1.5, 2.0])
     multi_scale_held_out_scales: list[float] = field(default_factory=lambda: [1.25])
     multi_scale_timestep_slope: float = 200.0  # its refiner.guidance_timestep_slope
