@@ -36,7 +36,7 @@ if str(REPO) not in sys.path:
 
 from bench.gpu import cases, report  # noqa: E402
 from bench.gpu.markdown import markdown  # noqa: E402
-from bench.gpu.runner import Runner  # noqa: E402
+from bench.gpu.runner import DEFAULT_BUDGET_S, Runner  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,8 +46,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="where gpu_report.json/.md and cases.log go (default runs/gpu-check)")
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     parser.add_argument("--tiny", action="store_true", help="tiny models of the same classes (the CPU smoke run)")
-    parser.add_argument("--budget-s", type=float, default=270.0,
-                        help="after this many seconds the remaining cases are skipped (default 270)")
+    parser.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S,
+                        help=f"after this many seconds the remaining cases are skipped (default {DEFAULT_BUDGET_S:.0f})")
     parser.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temp dir, removed)")
     parser.add_argument("--keep-work", action="store_true", help="keep the scratch directory")
     parser.add_argument("--cases", default="",

@@ -212,6 +212,20 @@ def test_cases_are_declared_once_with_known_runners():
         cases.resolve(["sdxl_nope"], tiny=True)
 
 
+def test_case_caps_grow_with_the_budget(tmp_path):
+    """At the default budget the declared caps; with more (a loaded machine, the tests' 900 s) proportionally more,
+    so the digits case is not killed at 150 s while most of the budget is left (seen on 2 busy cores)."""
+    from bench.gpu.runner import Runner
+
+    digits = cases.BY_NAME["digits_deepspeed"].for_tiny()
+
+    def runner(budget):
+        return Runner([digits], tmp_path / "out", tmp_path / "work", "cpu", True, budget, started=0.0)
+
+    assert runner(270).cap(digits) == 150 and runner(100).cap(digits) == 150  # the remaining time bounds it there
+    assert runner(900).cap(digits) == 500
+
+
 # --- FLOPs: torch's counter against hand-derived counts ----------------------------------------------------------
 
 def test_flops_of_a_linear_layer_and_a_convolution_match_hand_counts():

@@ -31,7 +31,8 @@ class Case:
     plan: LossPlan = ()  # losses only: the training steps measured
     optional_steps: tuple[int, ...] = ()  # losses only: N run only if the estimated time leaves room
     needs: str = "any"  # "cuda": without CUDA the case only checks that it is ready (gpu_tests collects)
-    cap_s: float = 0.0  # pytest/digits: the most seconds it may take (leaves the real-size cases their share)
+    cap_s: float = 0.0  # pytest/digits: the most seconds it may take of the default budget (leaves the later
+                        # cases their share; scaled up with a larger --budget-s, see Runner.cap)
     tiny: tuple[tuple[str, object], ...] = ()  # --tiny overrides beyond the step mapping
 
     def for_tiny(self) -> "Case":

@@ -54,7 +54,7 @@ def run_digits(check, case: Case, figures: dict) -> None:
     from noiserefine.digits.teacher import train_digits_teacher
 
     sizes = dataclasses.replace(TINY_SIZES if check.tiny else GPU_SIZES, batch=case.batch, max_steps=case.steps[0])
-    cap_end = time.time() + case.cap_s  # leave the real-size cases their share
+    cap_end = time.time() + check.cap(case)  # leave the real-size cases their share
 
     def limit() -> float:
         return min(cap_end, check.deadline) - time.time()
