@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gc
 import statistics
+from types import SimpleNamespace
 
 import torch
 
@@ -184,7 +185,6 @@ def row_key(loss: str, checkpointing: bool, steps: int | None = None) -> str:
 
 
 def losses(ctx: Context, case: Case) -> dict:
-    from noiserefine.config import load_config
     from noiserefine.losses import build_loss
 
     backend, batch = ctx.backend, case.batch
@@ -196,8 +196,9 @@ def losses(ctx: Context, case: Case) -> dict:
     target = torch.randn(noise.shape, generator=torch.Generator().manual_seed(1)).to(ctx.device, torch.float16)
 
     def loss_fn(loss: str, steps: int, checkpointing: bool):
-        cfg = load_config(overrides=[f"train.loss={loss}", f"student.num_steps={steps}",
-                                     f"train.gradient_checkpointing={str(checkpointing).lower()}"])
+        # the three keys build_loss reads (load_config per step cost ~0.3-0.9 s each on a busy CPU)
+        cfg = SimpleNamespace(train=SimpleNamespace(loss=loss, gradient_checkpointing=checkpointing),
+                              student=SimpleNamespace(num_steps=steps))
         return build_loss(cfg, backend)
 
     def step(loss: str, steps: int, checkpointing: bool) -> dict:
@@ -248,16 +249,21 @@ def losses(ctx: Context, case: Case) -> dict:
     summarise_losses(case, figures, rows, oom_at)
 
     def count():
-        """Forward + backward of one sample, linear in N: counted at N = 1, 2 for each (loss, checkpointing)."""
+        """Forward + backward of one sample: ``fixed + N * per_step``. The fixed part (the refiner's forward and
+        backward) is the same for every loss: counted with MSD at N = 1, 2; each other loss at N = 1 only."""
         def one(loss, checkpointing, n):
             fn = loss_fn(loss, n, checkpointing)
             value = forward_backward(refiner, fn, noise[:1], first(cond, 1), target[:1])
             optimizer.zero_grad(set_to_none=True)
             return value
 
-        linear = {row_key(loss, ckpt): flops.count_linear_in_steps(lambda n: one(loss, ckpt, n))
-                  for loss, ckpt, _ in case.plan}
-        per_sample = {"refiner_forward_backward": linear["msd"]["fixed"]} if "msd" in linear else {}
+        msd = flops.count_linear_in_steps(lambda n: one("msd", False, n))
+        linear = {"msd": msd}
+        for loss, ckpt, _ in case.plan:
+            if row_key(loss, ckpt) not in linear:
+                at_one, _ = flops.count(lambda: one(loss, ckpt, 1))
+                linear[row_key(loss, ckpt)] = {"fixed": msd["fixed"], "per_step": at_one - msd["fixed"]}
+        per_sample = {"refiner_forward_backward": msd["fixed"]}
         per_sample.update({f"{key}_per_step": value["per_step"] for key, value in linear.items()})
         timed = {row_key(r["loss"], r["checkpointing"], r["steps"]):
                  (batch * flops.at_steps(linear[row_key(r["loss"], r["checkpointing"])], r["steps"]), r["seconds"])
