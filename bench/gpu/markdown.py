@@ -96,7 +96,8 @@ def flops_table(cases: list[dict]) -> list[str]:
             lines = ["\n### FLOPs per sample (counted with torch FlopCounterMode) and MFU\n",
                      "| case | stage | GFLOP per sample |", "|---|---|---|"]
         for stage, value in counted["per_sample"].items():
-            lines.append(f"| {case['name']} | {stage} | {fmt(value / 1e9)} |")
+            gflop = fmt(value / 1e9) if isinstance(value, int) else f"failed: {value.get('type')}"
+            lines.append(f"| {case['name']} | {stage} | {gflop} |")
     peaks = {(c["figures"]["flops"].get("peak_flop_per_s"), c["figures"]["flops"].get("peak_source"))
              for c in cases if "per_sample" in (c["figures"].get("flops") or {})}
     for peak, source in sorted(peaks, key=str):

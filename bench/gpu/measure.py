@@ -156,7 +156,8 @@ def sampling(ctx: Context, case: Case) -> dict:
         per_sample = {"refiner_forward": plain["fixed"], "denoiser_forward": plain["per_step"],
                       "cfg_step": guided_one["per_step"]}
         with torch.no_grad():  # not timed here; what decoding a sample to pixels costs (evaluation does it)
-            per_sample["vae_decode"], _ = flops.count(lambda: backend.decode(out[:1]))
+            decoded, error = guarded(flops.count, lambda: backend.decode(out[:1]))
+        per_sample["vae_decode"] = decoded[0] if error is None else error
         return per_sample, {"refined": (batch * flops.at_steps(plain, steps), statistics.median(refined_times)),
                             "cfg": (batch * flops.at_steps(guided_one, steps), statistics.median(cfg_times))}
 
