@@ -20,7 +20,11 @@ Printed: parameters per component, build seconds, seconds per step (the first
 includes one-time costs, the median of the rest is the figure to quote), and
 peak memory: the process's peak RSS, and on CUDA the peak allocated GPU memory.
 The costs do not depend on the weights' values, so they are those of the real
-model at this dtype and device. No assertion: read the numbers.
+model at this dtype and device. Also printed: the FLOPs of one teacher CFG step and of the MSD step, counted
+with torch's ``FlopCounterMode`` on one sample, and the achieved FLOP/s and MFU (peak: the GPU's datasheet
+figure, or on the CPU a measured matmul roofline; ``bench/gpu/flops.py``). ``--tiny`` builds a tiny variant of
+the same classes (sd21, sdxl; for smoke tests). Building and the training step are the GPU check's own
+(``bench/gpu/realsize.py``, ``bench/gpu/measure.py``). No assertion: read the numbers.
 """
 
 from __future__ import annotations
@@ -28,11 +32,19 @@ from __future__ import annotations
 import argparse
 import resource
 import statistics
+import sys
 import time
-import warnings
-from types import SimpleNamespace
+from pathlib import Path
 
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench.gpu import flops  # noqa: E402
+from bench.gpu.measure import first, training_step  # noqa: E402
+from bench.gpu.realsize import build_backend  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -46,24 +58,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--msd", action="store_true", help="also time one MSD training step of the refiner")
     parser.add_argument("--msd-steps", type=int, default=1, help="unguided student steps of the MSD rollout")
+    parser.add_argument("--tiny", action="store_true", help="tiny widths of the same classes (sd21, sdxl)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from noiserefine.backends import load_backend
-    from noiserefine.backends.random_init import RandomWeightsWarning, count_parameters, read_architecture
+    from noiserefine.backends.random_init import count_parameters, read_architecture
     from noiserefine.sampling import Guidance, rollout
 
     arch = read_architecture(args.arch)
-    cfg = SimpleNamespace(backend=arch.backend, init="random", architecture=args.arch, device=args.device,
-                          dtype=args.dtype, path="", revision="")
+    dtype = getattr(torch, args.dtype)
     cuda = torch.device(args.device).type == "cuda"
-    print(f"arch {args.arch} ({arch.pipeline.get('published_as', '')}), backend {arch.backend}, device "
-          f"{args.device}{' (' + torch.cuda.get_device_name() + ')' if cuda else ''}, dtype {args.dtype}, "
-          f"threads {torch.get_num_threads()}, torch {torch.__version__}")
+    print(f"arch {args.arch}{' (tiny)' if args.tiny else ''} ({arch.pipeline.get('published_as', '')}), backend "
+          f"{arch.backend}, device {args.device}{' (' + torch.cuda.get_device_name() + ')' if cuda else ''}, dtype "
+          f"{args.dtype}, threads {torch.get_num_threads()}, torch {torch.__version__}")
     started = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RandomWeightsWarning)  # said once below instead
-        backend = load_backend(cfg)
+    backend = build_backend(args.arch, args.device, dtype, tiny=args.tiny)
     if cuda:
         torch.cuda.synchronize()
     built = time.perf_counter() - started
@@ -77,6 +86,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  {name:<15} {type(module).__name__:<30} {count:>15,} parameters  {module.dtype}")
     print(f"  {'total':<15} {'':<30} {total:>15,} parameters")
     rss_built = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    peak = flops.device_peak(torch.device(args.device), dtype)
 
     prompts = ["207" if arch.backend == "sit" else "a photograph of an astronaut riding a horse"] * args.batch
     cond = backend.encode_prompts(prompts)
@@ -94,30 +104,42 @@ def main(argv: list[str] | None = None) -> None:
             if cuda:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - started)
+        step_flops, _ = flops.count(lambda: rollout(backend, noise[:1], first(cond, 1), 1, guidance, first(null, 1)))
     assert out.shape == noise.shape
     rest = times[1:] or times
+    median = statistics.median(rest)
     print(f"one teacher CFG step (one forward of {2 * args.batch} samples of {tuple(backend.latent_shape)}): "
-          + ", ".join(f"{t:.3f} s" for t in times) + f"; median after the first {statistics.median(rest):.3f} s")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(f"peak RSS {peak:.2f} GB (after the build {rss_built:.2f} GB)")
+          + ", ".join(f"{t:.3f} s" for t in times) + f"; median after the first {median:.3f} s")
+    print_flops("teacher CFG step", step_flops, args.batch, median, peak)
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"peak RSS {peak_rss:.2f} GB (after the build {rss_built:.2f} GB)")
     if cuda:
         print(f"peak GPU memory allocated during the steps {torch.cuda.max_memory_allocated() / 2**30:.2f} GB; "
               f"model memory {torch.cuda.memory_allocated() / 2**30:.2f} GB")
     if args.msd:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        seconds, loss = msd_step(backend, cond, noise, args.msd_steps)
+        seconds, loss, msd_flops = msd_step(backend, cond, noise, args.msd_steps)
         print(f"one MSD step (refiner forward + backward, {args.msd_steps}-step unguided rollout, AdamW; batch "
               f"{args.batch}): {seconds:.3f} s, loss {loss:.4g}")
+        print_flops("MSD step", msd_flops, args.batch, seconds, peak)
         print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB")
         if cuda:
             print(f"peak GPU memory allocated during the MSD step {torch.cuda.max_memory_allocated() / 2**30:.2f} GB")
     print("random weights: for speed/memory measurements and smoke tests; samples are noise")
 
 
-def msd_step(backend, cond, noise, num_steps: int = 1, seed: int = 0) -> tuple[float, float]:
+def print_flops(what: str, per_sample: int, batch: int, seconds: float, peak: dict) -> None:
+    use = flops.utilisation(per_sample * batch, seconds, peak)
+    mfu = f"{use['mfu']:.4f}" if use["mfu"] is not None else "n/a"
+    print(f"{what}: {per_sample / 1e9:.4g} GFLOP per sample; achieved {use['achieved_flop_per_s'] / 1e12:.4g} "
+          f"TFLOP/s, MFU {mfu} (peak: {peak['peak_source']})")
+
+
+def msd_step(backend, cond, noise, num_steps: int = 1, seed: int = 0) -> tuple[float, float, int]:
     """One refiner training step as ``train.loop.train_step`` runs it, without DeepSpeed: refiner forward (LoRA
-    graph), MSD loss against a random target, backward, AdamW. Returns (seconds, loss); the refiner stays attached."""
+    graph), MSD loss against a random target, backward, AdamW. Returns (seconds, loss, FLOPs of one sample's
+    forward + backward, counted after the timed step); the refiner stays attached."""
     from noiserefine.config import RefinerConfig
     from noiserefine.losses import MSDLoss
     from noiserefine.refiner import Refiner
@@ -129,13 +151,15 @@ def msd_step(backend, cond, noise, num_steps: int = 1, seed: int = 0) -> tuple[f
     target = torch.randn(noise.shape, generator=torch.Generator().manual_seed(seed + 1)).to(noise.device)
     cuda = noise.device.type == "cuda"
     started = time.perf_counter()
-    loss, _ = loss_fn(refiner(noise, cond), cond, target)
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    loss = training_step(refiner, optimizer, loss_fn, noise, cond, target)
     if cuda:
         torch.cuda.synchronize()
-    return time.perf_counter() - started, float(loss.detach())
+    seconds = time.perf_counter() - started
+    optimizer.zero_grad(set_to_none=True)
+    counted, _ = flops.count(lambda: loss_fn(refiner(noise[:1], first(cond, 1)), first(cond, 1), target[:1])[0]
+                             .backward())
+    optimizer.zero_grad(set_to_none=True)
+    return seconds, loss, counted
 
 
 if __name__ == "__main__":

@@ -278,3 +278,31 @@ def test_pretrained_errors_name_path_and_expected_model(tmp_path, tiny_dirs):
     # An SDXL directory has every SD 1.x/2.x subfolder: refused on its UNet's config, before loading weights.
     with pytest.raises(ValueError, match=r"'.*sdxl' holds an SDXL UNet.*use model.backend=sdxl"):
         load_pretrained("stable_diffusion", tiny_dirs["sdxl"])
+
+
+# --- bench/bench_real_size.py: the GPU check's build and training step, with FLOPs ------------------------------
+
+def test_bench_real_size_tiny_times_a_step_and_counts_its_flops(capsys):
+    """``--tiny``: the same classes at tiny widths, built and trained through bench/gpu (the GPU check's code)."""
+    import re
+    import sys
+
+    repo = str(Path(__file__).resolve().parents[1])
+    if repo not in sys.path:
+        sys.path.insert(0, repo)
+    from bench import bench_real_size
+
+    threads = torch.get_num_threads()
+    try:
+        bench_real_size.main(["--arch", "sd21", "--tiny", "--msd", "--msd-steps", "2", "--repeats", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "arch sd21 (tiny)" in out and "sd21-tiny, random weights" in out
+    step = re.search(r"teacher CFG step: ([\d.e+-]+) GFLOP per sample; achieved ([\d.e+-]+) TFLOP/s, MFU ([\d.]+)", out)
+    msd = re.search(r"MSD step: ([\d.e+-]+) GFLOP per sample; achieved [\d.e+-]+ TFLOP/s, MFU ([\d.]+)", out)
+    assert step and msd, out
+    assert float(step.group(1)) > 0 and float(step.group(3)) > 0 and "peak: measured" in out
+    # the MSD step runs the refiner (two forwards and a backward) and a 2-step rollout: more than one CFG step
+    assert float(msd.group(1)) > float(step.group(1))
+    assert re.search(r"one MSD step .*: [\d.]+ s, loss [\d.]+", out)
