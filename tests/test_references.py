@@ -25,8 +25,16 @@ PLACEHOLDER = re.compile(r"[*<>{}$]")
 
 
 def tracked(*suffixes: str) -> list[Path]:
-    names = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
-    return [REPO / name for name in names if name.endswith(suffixes) and (REPO / name).is_file()]
+    """Tracked files (a copy without git: those under the top directories), this one aside: its guard names
+    stale references on purpose."""
+    try:
+        names = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True,
+                               check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        names = [str(p.relative_to(REPO)) for top in TOP_DIRS for p in (REPO / top).rglob("*")]
+        names += [p.name for p in REPO.iterdir()]
+    return [REPO / name for name in names
+            if name.endswith(suffixes) and (REPO / name).is_file() and REPO / name != Path(__file__).resolve()]
 
 
 def module_file(dotted: str) -> Path | None:
