@@ -98,7 +98,7 @@ def frozen(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) ->
 
 def pipeline_placement(pipe, denoiser: str) -> tuple[torch.device, torch.dtype]:
     """The device and dtype of a stock pipeline's denoiser (``pipe.unet`` / ``pipe.transformer``), which a backend
-    around it keeps; its text encoders must be in the same dtype (the backend would cast them, changing the pipeline)."""
+    around it keeps; its text encoders must be in that dtype (the backend would cast them, changing the pipeline)."""
     module = getattr(pipe, denoiser, None)
     if module is None:
         raise ValueError(f"{type(pipe).__name__} has no {denoiser}")
