@@ -39,7 +39,8 @@ def load_backend(model_cfg):
         if not architecture:
             raise ValueError(f"model.init=random needs model.architecture, one of {chosen.architectures}")
         return cls.from_architecture(architecture, device=model_cfg.device, dtype=dtype)
-    return cls.from_pretrained(model_cfg.path, revision=model_cfg.revision, device=model_cfg.device, dtype=dtype)
+    return cls.from_pretrained(model_cfg.path, revision=getattr(model_cfg, "revision", ""), device=model_cfg.device,
+                               dtype=dtype)
 
 
 def __getattr__(name: str):
