@@ -30,6 +30,7 @@ DTYPE_BYTES = {"float16": 2, "float32": 4}
 # sample-forwards per teacher step: CFG batches [uncond, cond]; CFG+PAG [uncond, cond, cond (perturbed)]
 FORWARDS_PER_STEP = {"cfg": 2, "cfg_pag": 3}
 
+
 def _blocks(num_bytes: int) -> int:
     return -(-num_bytes // TAR_BLOCK) * TAR_BLOCK
 
@@ -97,14 +98,17 @@ def measured_points(data: dict, source: str = "measured figures") -> dict[str, d
             continue
         prefix = name[:-len("_generation")]
         arch, losses = gen.get("build", {}).get("architecture", prefix), cases.get(f"{prefix}_losses", {})
-        forwards = FORWARDS_PER_STEP["cfg_pag" if "cfg_pag" in gen.get("guidance", "") else "cfg"]
-        per_forward = 1.0 / (gen["generation_samples_per_s"] * gen["teacher_steps"] * forwards)
-        msd = {row["steps"]: row["seconds"] for row in losses.get("rows", [])
-               if row.get("loss") == "msd" and not row.get("checkpointing") and row.get("status") == "ok"}
-        out[arch] = {"teacher": Measured(arch, per_forward, tuple(gen["build"]["latent_shape"]),
-                                         f"{source}: {name} {gen['generation_samples_per_s']} samples/s, batch "
-                                         f"{gen['batch']}, {gen['teacher_steps']} steps, {gen['guidance']}"),
-                     "msd_batch": losses.get("batch"), "msd_s_per_step": msd}
+        try:
+            forwards = FORWARDS_PER_STEP["cfg_pag" if "cfg_pag" in gen.get("guidance", "") else "cfg"]
+            per_forward = 1.0 / (gen["generation_samples_per_s"] * gen["teacher_steps"] * forwards)
+            msd = {row["steps"]: row["seconds"] for row in losses.get("rows", [])
+                   if row.get("loss") == "msd" and not row.get("checkpointing") and row.get("status") == "ok"}
+            out[arch] = {"teacher": Measured(arch, per_forward, tuple(gen["build"]["latent_shape"]),
+                                             f"{source}: {name} {gen['generation_samples_per_s']} samples/s, batch "
+                                             f"{gen['batch']}, {gen['teacher_steps']} steps, {gen['guidance']}"),
+                         "msd_batch": losses.get("batch"), "msd_s_per_step": msd}
+        except KeyError as missing:
+            raise ValueError(f"{source}: case {name!r} (or {prefix}_losses) has no {missing}") from None
     return out
 
 

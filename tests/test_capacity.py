@@ -121,3 +121,8 @@ def test_command_line(capsys, tmp_path):
     broken.write_text(json.dumps({"results": []}))
     with pytest.raises(ValueError, match="broken.json: not a GPU check"):
         capacity.main(["--config", sd21, "--measured", str(broken)])
+    check = gpu_check("sd21", 2.0, [4, 64, 64], {10: 1.0})
+    del check["cases"][0]["figures"]["build"]
+    broken.write_text(json.dumps(check))
+    with pytest.raises(ValueError, match="broken.json: case 'sd21_generation'.*'build'"):
+        capacity.main(["--config", sd21, "--measured", str(broken)])
