@@ -1,10 +1,13 @@
 """Capacity plan of a config: samples, shards, bytes, teacher GPU-hours, training throughput (docs/scale.md).
 
-    python -m noiserefine.capacity --config configs/sdxl.yaml --samples 1000000 [--wall-hours 24]
+    python -m noiserefine.capacity --config configs/sdxl.yaml --samples 1000000 [--wall-hours 24] \
+        --measured bench/results/2026-11-26-h200-gpu_check.json
 
-Everything is arithmetic on the config and on measured GPU figures (``bench/results/*gpu_check.json``:
-NVIDIA H200, bf16). Sizes are exact for our shard format; times are ESTIMATES scaled from one measured
-point per model family (see :func:`teacher_seconds_per_sample` and :func:`train_samples_per_second`).
+Everything is arithmetic on the config and on measured GPU figures: ``--measured`` names the JSON that
+``bench/gpu_check.py`` writes (the library takes them as data: :func:`measured_points`). Sizes are exact
+for our shard format; times are ESTIMATES scaled from one measured point per model family (see
+:func:`teacher_seconds_per_sample` and :func:`train_samples_per_second`). The model family, its latent
+shape and the architecture a model directory's name suggests come from ``backends/registry.py``.
 """
 
 from __future__ import annotations
@@ -15,8 +18,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-GPU_FIGURES = REPO / "bench" / "results" / "2026-11-26-h200-gpu_check.json"
+from .backends import registry
+
 ARCHITECTURES = Path(__file__).resolve().parent / "backends" / "architectures"
 
 TAR_BLOCK = 512
@@ -26,10 +29,6 @@ JSON_FIXED = 200  # the sample metadata without its prompt: ids, seed, source, t
 DTYPE_BYTES = {"float16": 2, "float32": 4}
 # sample-forwards per teacher step: CFG batches [uncond, cond]; CFG+PAG [uncond, cond, cond (perturbed)]
 FORWARDS_PER_STEP = {"cfg": 2, "cfg_pag": 3}
-# latent shapes of families without an architecture directory here
-KNOWN_LATENTS = {"sd3": (16, 128, 128)}
-# measured family -> the architectures its per-forward cost is scaled to (by latent pixels)
-MEASURED_FAMILY = {"sd15": "sd21", "sd21": "sd21", "sd21_768": "sd21", "sdxl": "sdxl"}
 
 
 def _blocks(num_bytes: int) -> int:
@@ -58,25 +57,19 @@ def cache_bytes(num_samples: int, shard_size: int, per_sample: int) -> int:
 
 def architecture_of(cfg) -> str | None:
     """The architecture directory (``backends/architectures``) a config's model has, from
-    ``model.architecture`` or the model path's name; None if unknown."""
-    if cfg.model.architecture:
-        return cfg.model.architecture
-    name = Path(cfg.model.path).name.lower()
-    for key, arch in (("xl-base", "sdxl"), ("sdxl", "sdxl"), ("2-1-base", "sd21"), ("2-1", "sd21_768"),
-                      ("v1-5", "sd15"), ("1-5", "sd15"), ("dit", "dit_xl2"), ("sit", "sit_xl2")):
-        if key in name:
-            return arch
-    return None
+    ``model.architecture`` or the model path's name (the registry's hints); None if unknown."""
+    return cfg.model.architecture or registry.architecture_for_path(cfg.model.path)
 
 
 def latent_shape_of(cfg) -> tuple[int, int, int]:
-    if cfg.model.backend in KNOWN_LATENTS:
-        return KNOWN_LATENTS[cfg.model.backend]
-    if cfg.model.backend == "digits":
-        return (1, 16, 16)
+    """The architecture's latent (its denoiser config), else the family's at its published resolution."""
     arch = architecture_of(cfg)
     if arch is None:
-        raise ValueError(f"cannot tell the latent shape of model.path={cfg.model.path}; pass --latent-shape C,H,W")
+        try:
+            return registry.family(cfg.model.backend).latent_shape()
+        except ValueError as error:
+            raise ValueError(f"cannot tell the latent shape of model.path={cfg.model.path} ({error}); pass "
+                             "--latent-shape C,H,W") from None
     component = "unet.json" if (ARCHITECTURES / arch / "unet.json").is_file() else "transformer.json"
     spec = json.loads((ARCHITECTURES / arch / component).read_text())
     return (int(spec["in_channels"]), int(spec["sample_size"]), int(spec["sample_size"]))
@@ -92,25 +85,52 @@ class Measured:
     source: str
 
 
-def measured_points(path: Path = GPU_FIGURES) -> dict[str, dict]:
-    """From the GPU check: the generation rate per family and the MSD step time per student step count."""
-    data = json.loads(Path(path).read_text())
-    cases = {case["name"]: case.get("figures") or {} for case in data["cases"]}
+def measured_points(data: dict, source: str = "measured figures") -> dict[str, dict]:
+    """From a GPU check (``bench/gpu_check.py``'s JSON, as data), per measured architecture: the generation
+    rate as one sample-forward's cost, and the MSD step time per student step count. ``source`` names it."""
+    try:
+        cases = {case["name"]: case.get("figures") or {} for case in data["cases"]}
+    except (KeyError, TypeError):
+        raise ValueError(f"{source}: not a GPU check's figures (no list of named 'cases')") from None
     out = {}
-    for family in ("sd21", "sdxl"):
-        gen, losses = cases.get(f"{family}_generation", {}), cases.get(f"{family}_losses", {})
-        if not gen:
+    for name, gen in cases.items():
+        if not name.endswith("_generation") or "generation_samples_per_s" not in gen:
             continue
-        forwards = FORWARDS_PER_STEP["cfg_pag" if "cfg_pag" in gen.get("guidance", "") else "cfg"]
-        per_forward = 1.0 / (gen["generation_samples_per_s"] * gen["teacher_steps"] * forwards)
-        msd = {row["steps"]: row["seconds"] for row in losses.get("rows", [])
-               if row.get("loss") == "msd" and not row.get("checkpointing") and row.get("status") == "ok"}
-        out[family] = {"teacher": Measured(family, per_forward, tuple(gen["build"]["latent_shape"]),
-                                           f"{path.name}: {family}_generation {gen['generation_samples_per_s']} "
-                                           f"samples/s, batch {gen['batch']}, {gen['teacher_steps']} steps, "
-                                           f"{gen['guidance']}"),
-                       "msd_batch": losses.get("batch"), "msd_s_per_step": msd}
+        prefix = name[:-len("_generation")]
+        arch, losses = gen.get("build", {}).get("architecture", prefix), cases.get(f"{prefix}_losses", {})
+        try:
+            forwards = FORWARDS_PER_STEP["cfg_pag" if "cfg_pag" in gen.get("guidance", "") else "cfg"]
+            per_forward = 1.0 / (gen["generation_samples_per_s"] * gen["teacher_steps"] * forwards)
+            msd = {row["steps"]: row["seconds"] for row in losses.get("rows", [])
+                   if row.get("loss") == "msd" and not row.get("checkpointing") and row.get("status") == "ok"}
+            out[arch] = {"teacher": Measured(arch, per_forward, tuple(gen["build"]["latent_shape"]),
+                                             f"{source}: {name} {gen['generation_samples_per_s']} samples/s, batch "
+                                             f"{gen['batch']}, {gen['teacher_steps']} steps, {gen['guidance']}"),
+                         "msd_batch": losses.get("batch"), "msd_s_per_step": msd}
+        except KeyError as missing:
+            raise ValueError(f"{source}: case {name!r} (or {prefix}_losses) has no {missing}") from None
     return out
+
+
+def load_measured(path: str | Path) -> dict[str, dict]:
+    """:func:`measured_points` of a GPU check's JSON file; ``ValueError`` naming the file."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"--measured {str(path)!r}: cannot read a GPU check's JSON ({error})") from None
+    return measured_points(data, path.name)
+
+
+def measured_for(architecture: str | None, figures: dict[str, dict]) -> dict | None:
+    """The measured point for ``architecture``: its own, else one of its family's (scaled by latent pixels:
+    SD 1.5 and SD 2.1-768 use SD 2.1's); None when its family was not measured."""
+    if architecture in figures:
+        return figures[architecture]
+    if architecture not in registry.architecture_names():
+        return None
+    siblings = registry.family_of_architecture(architecture).architectures
+    return next((figures[arch] for arch in sorted(figures) if arch in siblings), None)
 
 
 def teacher_seconds_per_sample(per_forward: float, num_steps: int, guidance: str, latent: tuple[int, ...],
@@ -141,8 +161,11 @@ def train_samples_per_second(s_per_step: dict[int, float], batch: int, student_s
 def plan(cfg, num_samples: int, *, wall_hours: float = 24.0, gpus_per_node: int = 8,
          seconds_per_forward: float | None = None, latent: tuple[int, ...] | None = None,
          figures: dict | None = None) -> dict:
-    """The capacity table of ``cfg`` with ``num_samples`` samples (see the module docstring)."""
-    figures = measured_points() if figures is None else figures
+    """The capacity table of ``cfg`` with ``num_samples`` samples (see the module docstring).
+
+    ``figures``: :func:`measured_points` (measured architecture -> point); without a point for the
+    config's family (or ``seconds_per_forward``) the table has sizes and no time estimates."""
+    figures = figures or {}
     latent = tuple(latent) if latent else latent_shape_of(cfg)
     per_sample = sample_bytes(latent, cfg.data.target_dtype, cfg.data.max_prompt_chars)
     shard_size = cfg.data.shard_size
@@ -152,8 +175,7 @@ def plan(cfg, num_samples: int, *, wall_hours: float = 24.0, gpus_per_node: int 
            "target_dtype": cfg.data.target_dtype, "samples": num_samples, "shard_size": shard_size,
            "shards": num_shards, "bytes_per_sample": per_sample, "bytes_per_shard": shard_bytes(shard_size, per_sample),
            "cache_bytes": total, "teacher_steps": cfg.teacher.num_steps, "guidance": cfg.teacher.guidance}
-    family = MEASURED_FAMILY.get(out["architecture"] or "")
-    measured = figures.get(family) if family else None
+    measured = measured_for(out["architecture"], figures)
     if seconds_per_forward is not None:
         per_forward, ref_latent, source = seconds_per_forward, latent, "--seconds-per-forward"
     elif measured is not None:
@@ -206,7 +228,8 @@ def render(table: dict) -> str:
                  ("for the wall-clock goal", f"{table['teacher_gpus_for_wall_hours']} GPUs = {table['teacher_nodes']} "
                                              f"node(s); writes {_size(table['write_bytes_per_second'])}/s")]
     else:
-        rows.append(("teacher GPU-hours", "not measured for this model family: pass --seconds-per-forward"))
+        rows.append(("teacher GPU-hours", "not measured for this model family: pass --measured (a GPU check's JSON "
+                                          "that measured it) or --seconds-per-forward"))
     rows.append(("training", f"{table['train_steps']} steps x global batch {table['global_batch_size']} = "
                              f"{table['train_samples_seen']:,} samples ({table['train_epochs']:.3g} epochs)"))
     if "train_gpu_hours" in table:
@@ -226,14 +249,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, help="data.num_samples to plan for (default: the config's)")
     parser.add_argument("--wall-hours", type=float, default=24.0, help="wall-clock goal of the teacher job")
     parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("--measured", help="measured GPU figures: the JSON bench/gpu_check.py writes, e.g. "
+                                           "bench/results/2026-11-26-h200-gpu_check.json (no times without it)")
     parser.add_argument("--seconds-per-forward", type=float, help="measured cost of one sample-forward")
     parser.add_argument("--latent-shape", help="C,H,W if the config's model is not a known architecture")
     parser.add_argument("--json", action="store_true", help="print the table as JSON")
     args = parser.parse_args(argv)
     cfg = load_config(args.config)
     latent = tuple(int(x) for x in args.latent_shape.split(",")) if args.latent_shape else None
+    figures = load_measured(args.measured) if args.measured else {}
     table = plan(cfg, args.samples or cfg.data.num_samples, wall_hours=args.wall_hours,
-                 gpus_per_node=args.gpus_per_node, seconds_per_forward=args.seconds_per_forward, latent=latent)
+                 gpus_per_node=args.gpus_per_node, seconds_per_forward=args.seconds_per_forward, latent=latent,
+                 figures=figures)
     print(json.dumps(table, indent=1, default=str) if args.json else render(table))
     return 0
 

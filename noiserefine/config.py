@@ -170,7 +170,7 @@ class EvalConfig:
 
 @dataclass
 class BenchmarkConfig:
-    """The paper-table evaluation (``python -m noiserefine.evaluate``; docs/paper_table.md)."""
+    """The paper-table evaluation (``python -m noiserefine.evaluate``; README.md, "Reproducing the paper's table")."""
 
     protocol: str = "coco"  # coco (MS-COCO captions) | imagenet (class-conditional) | prompts (a text file)
     captions: str = ""  # coco: captions_val2014.json / captions_val2017.json

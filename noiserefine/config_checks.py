@@ -12,12 +12,14 @@ import math
 
 from omegaconf import DictConfig, OmegaConf
 
+from .backends.registry import architecture_names, family_names
+
 _CHOICES = {
-    "model.backend": ("digits", "stable_diffusion", "sdxl", "sit", "sd3"),
+    # the registered model families and their architectures (directories of noiserefine/backends/architectures/)
+    "model.backend": family_names(),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.init": ("pretrained", "random"),
-    # "" or a directory of noiserefine/backends/architectures/ (tests/test_real_size.py keeps the two in step)
-    "model.architecture": ("", "sd15", "sd21", "sd21_768", "sdxl", "dit_xl2", "sit_xl2"),
+    "model.architecture": ("", *architecture_names()),
     "teacher.guidance": ("cfg", "cfg_pag"),
     "data.target_dtype": ("float16", "float32"),
     "train.loss": ("msd", "full_gradient", "noise_space"),

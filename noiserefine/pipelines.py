@@ -53,6 +53,7 @@ from pathlib import Path
 import torch
 
 from .backends.base import Backend
+from .backends.registry import family_for_pipeline
 from .noise import noise_from_seeds
 from .refiner import Refiner, detach_refiner, load_refiner
 from .sampler_record import SAMPLER_FILE, check_model_schedule, read_sampler_record
@@ -77,58 +78,12 @@ def _scheduler(record: dict):
 def backend_for_pipeline(pipe, record: dict) -> Backend:
     """A backend around the pipeline's own modules (nothing copied, moved or cast), sampling with ``record``'s sampler.
 
-    ``ValueError`` for a pipeline of no supported family, or whose text encoders are in another
-    dtype than its denoiser (the backend would cast them, changing the pipeline).
+    The family comes from the pipeline's class (``backends/registry.py``). ``ValueError`` for a pipeline of
+    no registered class (naming the registered ones), or whose text encoders are in another dtype than its
+    denoiser (the backend would cast them, changing the pipeline).
     """
-    denoiser = getattr(pipe, "unet", None)
-    if denoiser is None:
-        denoiser = getattr(pipe, "transformer", None)
-    if denoiser is None:
-        raise ValueError(f"{type(pipe).__name__} has neither a unet nor a transformer")
-    device, dtype = denoiser.device, denoiser.dtype
-    if device.type == "meta":
-        raise ValueError("move the whole pipeline to one device first (pipe.to(device)); offloading is not supported")
-    scheduler_class = type(_scheduler(record))
-    config = dict(record["scheduler_config"])
-    if hasattr(pipe, "unet"):
-        encoders = [e for e in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)) if e]
-        wrong = [f"{type(e).__name__} {e.dtype}" for e in encoders if e.dtype != dtype]
-        if wrong:
-            raise ValueError(f"the pipeline's text encoders ({', '.join(wrong)}) are not in its UNet's dtype {dtype}")
-        if getattr(pipe, "text_encoder", None) is None or getattr(pipe, "tokenizer", None) is None:
-            raise ValueError(f"{type(pipe).__name__} has no text_encoder/tokenizer (an SDXL refiner pipeline?)")
-        if getattr(pipe, "text_encoder_2", None) is not None:
-            from .backends.sdxl import SDXLBackend
-
-            backend = SDXLBackend(denoiser, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.text_encoder_2,
-                                  pipe.tokenizer_2, config, device=device, dtype=dtype,
-                                  force_zeros_for_empty_prompt=pipe.config.get("force_zeros_for_empty_prompt", True),
-                                  vae_dtype=pipe.vae.dtype)
-        else:
-            from .backends.stable_diffusion import StableDiffusionBackend
-
-            backend = StableDiffusionBackend(denoiser, pipe.vae, pipe.text_encoder, pipe.tokenizer, config,
-                                             device=device, dtype=dtype, vae_dtype=pipe.vae.dtype)
-        backend.scheduler_class = scheduler_class
-        return backend
-    if type(denoiser).__name__ == "SD3Transformer2DModel":
-        from .backends.sd3 import SD3Backend
-
-        encoders = [e for e in (pipe.text_encoder, pipe.text_encoder_2, getattr(pipe, "text_encoder_3", None)) if e]
-        wrong = [f"{type(e).__name__} {e.dtype}" for e in encoders if e.dtype != dtype]
-        if wrong:
-            raise ValueError(f"the pipeline's text encoders ({', '.join(wrong)}) are not in its transformer's dtype "
-                             f"{dtype}")
-        return SD3Backend(denoiser, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.text_encoder_2, pipe.tokenizer_2,
-                          config, text_encoder_3=getattr(pipe, "text_encoder_3", None),
-                          tokenizer_3=getattr(pipe, "tokenizer_3", None), device=device, dtype=dtype,
-                          vae_dtype=pipe.vae.dtype)
-    from .backends.sit import SiTBackend
-
-    id2label: dict[str, str] = {}
-    for name, index in (getattr(pipe, "labels", None) or {}).items():
-        id2label[str(index)] = f"{id2label[str(index)]}, {name}" if str(index) in id2label else name
-    return SiTBackend(denoiser, pipe.vae, scheduler_class, config, device=device, dtype=dtype, id2label=id2label)
+    family = family_for_pipeline(pipe)
+    return family.backend_class().from_pipeline(pipe, type(_scheduler(record)), dict(record["scheduler_config"]))
 
 
 def use_refiner_sampler(pipe, refiner_dir: str | Path) -> None:

@@ -1,10 +1,12 @@
 """The capacity calculator's arithmetic (``python -m noiserefine.capacity``): sizes against real shards written
-by the one shard writer, the time formulas against hand-computed values, the worked example of docs/scale.md."""
+by the one shard writer, the time formulas against hand-computed values, the worked example of docs/scale.md
+(from the measured figures passed in: ``--measured`` / ``figures=``, never read from bench/ by the library)."""
 
 from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +15,19 @@ from noiserefine import capacity
 from noiserefine.config import load_config
 from noiserefine.shards import ShardSample, sample_key, write_shard
 
-REPO = capacity.REPO
+REPO = Path(__file__).resolve().parents[1]
+GPU_CHECK = REPO / "bench" / "results" / "2026-11-26-h200-gpu_check.json"
+
+
+def gpu_check(architecture: str, samples_per_s: float, latent: list[int], msd: dict[int, float]) -> dict:
+    """A GPU check's JSON (``bench/gpu_check.py``) with one measured architecture, CFG+PAG at 10 steps."""
+    build = {"architecture": architecture, "latent_shape": latent}
+    return {"cases": [
+        {"name": f"{architecture}_generation", "figures": {"batch": 4, "teacher_steps": 10, "guidance": "cfg_pag",
+                                                          "generation_samples_per_s": samples_per_s, "build": build}},
+        {"name": f"{architecture}_losses", "figures": {"batch": 2, "build": build, "rows": [
+            {"loss": "msd", "steps": n, "seconds": t, "status": "ok"} for n, t in msd.items()]}},
+        {"name": "gpu_tests", "figures": {"passed": 3}}]}
 
 
 @pytest.mark.parametrize("latent, dtype, count", [((4, 8, 8), "float16", 3), ((4, 8, 8), "float32", 5),
@@ -49,7 +63,7 @@ def test_time_formulas():
 
 def test_sdxl_million_samples_from_the_measured_h200_figures():
     cfg = load_config(REPO / "configs" / "sdxl.yaml")
-    table = capacity.plan(cfg, 1_000_000, wall_hours=24, gpus_per_node=8)
+    table = capacity.plan(cfg, 1_000_000, wall_hours=24, gpus_per_node=8, figures=capacity.load_measured(GPU_CHECK))
     assert table["latent_shape"] == [4, 128, 128] and table["shards"] == 1000
     assert table["cache_bytes"] == 1000 * capacity.shard_bytes(1000, 133120)
     # 1.799 samples/s at 10 CFG+PAG steps -> per sample-forward 1/(1.799*30) s; 50 steps x 3 forwards
@@ -62,9 +76,53 @@ def test_sdxl_million_samples_from_the_measured_h200_figures():
     assert table["train_samples_seen"] == 2000 * 8
 
 
-def test_command_line(capsys):
-    assert capacity.main(["--config", str(REPO / "configs" / "sd21.yaml"), "--samples", "50000", "--json"]) == 0
+def test_figures_are_data_and_apply_to_the_measured_family_scaled_by_latent_pixels():
+    figures = capacity.measured_points(gpu_check("sd21", 2.0, [4, 64, 64], {10: 1.0, 50: 3.0}), "mine.json")
+    per_forward = 1 / (2.0 * 10 * 3)
+    assert figures["sd21"]["teacher"].seconds_per_forward == pytest.approx(per_forward)
+    cfg = load_config(REPO / "configs" / "sd15.yaml")  # SD 1.5 (64x64 latents) uses SD 2.1's point
+    table = capacity.plan(cfg, 1000, figures=figures)
+    assert table["architecture"] == "sd15" and table["teacher_source"].startswith("mine.json: sd21_generation")
+    steps, forwards = cfg.teacher.num_steps, 3
+    assert table["teacher_seconds_per_sample"] == pytest.approx(steps * forwards * per_forward)
+    # the student's N=50 step takes 3 s at batch 2
+    assert table["train_samples_per_s_per_gpu"] == pytest.approx(2 / 3.0)
+    big = capacity.plan(load_config(REPO / "configs" / "sd21_768.yaml"), 1000, figures=figures)
+    assert big["teacher_seconds_per_sample"] == pytest.approx(steps * forwards * per_forward * 96**2 / 64**2)
+    for other in ("sdxl", "sit_xl2", "sd3"):  # another family: sizes, no times
+        table = capacity.plan(load_config(REPO / "configs" / f"{other}.yaml"), 1000, figures=figures)
+        assert "teacher_gpu_hours" not in table and "train_gpu_hours" not in table and table["cache_bytes"] > 0
+
+
+def test_latent_shapes_come_from_the_architecture_or_the_registered_family():
+    shape = {name: capacity.latent_shape_of(load_config(REPO / "configs" / f"{name}.yaml"))
+             for name in ("sd15", "sd21_768", "sdxl", "sit_xl2", "sd3", "digits")}
+    assert shape == {"sd15": (4, 64, 64), "sd21_768": (4, 96, 96), "sdxl": (4, 128, 128), "sit_xl2": (4, 32, 32),
+                     "sd3": (16, 128, 128), "digits": (1, 16, 16)}
+    with pytest.raises(ValueError, match="models/sd-turbo.*several resolutions.*--latent-shape"):
+        capacity.latent_shape_of(load_config(REPO / "configs" / "sd_turbo.yaml"))
+
+
+def test_command_line(capsys, tmp_path):
+    sd21 = str(REPO / "configs" / "sd21.yaml")
+    assert capacity.main(["--config", sd21, "--samples", "50000", "--json", "--measured", str(GPU_CHECK)]) == 0
     table = json.loads(capsys.readouterr().out)
     assert table["samples"] == 50000 and table["shards"] == 50 and table["latent_shape"] == [4, 64, 64]
-    assert capacity.main(["--config", str(REPO / "configs" / "sit_xl2.yaml")]) == 0
-    assert "not measured for this model family" in capsys.readouterr().out
+    assert table["teacher_source"].startswith(GPU_CHECK.name) and table["train_gpu_hours"] > 0
+    assert capacity.main(["--config", sd21, "--samples", "50000", "--json"]) == 0  # no figures: no times
+    untimed = json.loads(capsys.readouterr().out)
+    assert "teacher_gpu_hours" not in untimed and untimed["cache_bytes"] == table["cache_bytes"]
+    assert capacity.main(["--config", str(REPO / "configs" / "sit_xl2.yaml"), "--measured", str(GPU_CHECK)]) == 0
+    assert "not measured for this model family: pass --measured" in capsys.readouterr().out
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    with pytest.raises(ValueError, match="broken.json"):
+        capacity.main(["--config", sd21, "--measured", str(broken)])
+    broken.write_text(json.dumps({"results": []}))
+    with pytest.raises(ValueError, match="broken.json: not a GPU check"):
+        capacity.main(["--config", sd21, "--measured", str(broken)])
+    check = gpu_check("sd21", 2.0, [4, 64, 64], {10: 1.0})
+    del check["cases"][0]["figures"]["build"]
+    broken.write_text(json.dumps(check))
+    with pytest.raises(ValueError, match="broken.json: case 'sd21_generation'.*'build'"):
+        capacity.main(["--config", sd21, "--measured", str(broken)])

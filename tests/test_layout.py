@@ -1,13 +1,15 @@
-"""The architecture's import rules, checked on the modules' import statements (DESIGN.md, Layout).
+"""The architecture's rules (README.md, Layout), checked on the modules' source:
 
 - the math (losses, sampling, noise, inversion) imports neither Ray nor DeepSpeed nor a stage;
 - nothing in the library outside ``digits/`` imports the embedded default;
-- only ``train/distributed.py`` imports DeepSpeed, and no library module imports Ray.
+- only ``train/distributed.py`` imports DeepSpeed, and no library module imports Ray;
+- nothing outside ``backends/`` matches on a model or pipeline class name (``backends/registry.py`` does).
 """
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -59,3 +61,42 @@ def test_only_the_distributed_module_imports_deepspeed_and_none_imports_ray():
     users = {str(p.relative_to(PACKAGE)): sorted(n for n in imports_of(p) if n.split(".")[0] in ("ray", "deepspeed"))
              for p in modules()}
     assert {k for k, v in users.items() if v} == {"train/distributed.py"}, users
+
+
+# --- model families are named in backends/ only ---------------------------------------------------------------
+# A diffusers model or pipeline class name (dispatch on it belongs to backends/registry.py and the backend modules).
+MODEL_CLASS = re.compile(r"[A-Z][A-Za-z0-9]*(?:Pipeline|Model|Transformer[A-Za-z0-9]*)|(?:StableDiffusion|UNet)"
+                         r"[A-Za-z0-9]*")
+ENTRY_SCRIPTS = [PACKAGE.parent / "pipeline" / "generate_targets.py", PACKAGE.parent / "trainer" / "train.py"]
+
+
+def model_class_matches(source: str) -> list[str]:
+    """Where code matches on a model class name: a string that is one (not a docstring: comparisons, dict keys,
+    ``type(x).__name__ == ...``), or an ``isinstance``/``issubclass`` against one."""
+    tree = ast.parse(source)
+    docs = {id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Expr)}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs:
+            if MODEL_CLASS.fullmatch(node.value.strip()):
+                found.append(f"line {node.lineno}: {node.value!r}")
+        elif isinstance(node, ast.Call) and getattr(node.func, "id", "") in ("isinstance", "issubclass"):
+            names = [ast.unparse(n) for n in ast.walk(node.args[1]) if isinstance(n, (ast.Name, ast.Attribute))]
+            found += [f"line {node.lineno}: {ast.unparse(node)}" for name in names
+                      if MODEL_CLASS.fullmatch(name.rsplit(".", 1)[-1])]
+    return found
+
+
+def test_the_model_class_rule_sees_dispatch():
+    """Guard: the dispatch the registry replaced, and an isinstance one, are caught; messages and docs are not."""
+    old = 'if type(denoiser).__name__ == "SD3Transformer2DModel":\n    pass\n'
+    assert model_class_matches(old) == ["line 1: 'SD3Transformer2DModel'"]
+    assert model_class_matches("FAMILY = {'StableDiffusionXL': 1}\nok = isinstance(m, diffusers.UNet2DConditionModel)")
+    assert len(model_class_matches("FAMILY = {'StableDiffusionXL': 1}\nok = isinstance(m, UNet2DConditionModel)")) == 2
+    assert not model_class_matches('"""Loads a StableDiffusionPipeline."""\nraise ValueError("DiTPipeline asked")')
+
+
+def test_nothing_outside_backends_matches_on_model_class_names():
+    files = [p for p in modules() if p.relative_to(PACKAGE).parts[0] != "backends"] + ENTRY_SCRIPTS
+    offenders = {str(p.relative_to(PACKAGE.parent)): model_class_matches(p.read_text()) for p in files}
+    assert not {k: v for k, v in offenders.items() if v}, "model families are named in noiserefine/backends/ only"

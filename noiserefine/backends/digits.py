@@ -73,8 +73,9 @@ class DigitsBackend(Backend):
         self.scheduler_config = dict(scheduler_config)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str = "cpu",
+    def from_pretrained(cls, path: str | Path, revision: str = "", device: str = "cpu",
                         dtype: torch.dtype = torch.float32) -> "DigitsBackend":
+        """The teacher directory ``path`` (``revision`` is unused: the digit teacher is always local)."""
         path = Path(path)
         if not (path / "unet").is_dir() or not (path / EMBEDDING_FILE).is_file():
             raise FileNotFoundError(f"no digit teacher at {path} (expected unet/, scheduler/ and "

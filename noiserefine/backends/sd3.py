@@ -31,7 +31,7 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transfo
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
 from .base import Backend, Conditioning
-from .stable_diffusion import check_dtype, frozen, read_scheduler_config, resolve_model_dir
+from .stable_diffusion import check_dtype, frozen, pipeline_placement, read_scheduler_config, resolve_model_dir
 
 SD3_COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 EXPECTED_MODEL = ("a Stable Diffusion 3 pipeline (StableDiffusion3Pipeline layout: transformer/ vae/ text_encoder/ "
@@ -114,9 +114,13 @@ class SD3Backend(Backend):
         return cls(**cls.load_components(directory, dtype), device=device, dtype=dtype)
 
     @classmethod
-    def from_architecture(cls, architecture: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                          seed: int = 0) -> "SD3Backend":
-        raise ValueError("model.init=random: no SD3 architecture is shipped (noiserefine/backends/architectures/)")
+    def from_pipeline(cls, pipe, scheduler_class: type, scheduler_config: dict) -> "SD3Backend":
+        """A backend around a stock ``StableDiffusion3Pipeline``'s own modules (its flow-matching scheduler)."""
+        device, dtype = pipeline_placement(pipe, "transformer")
+        return cls(pipe.transformer, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.text_encoder_2,
+                   pipe.tokenizer_2, scheduler_config, text_encoder_3=getattr(pipe, "text_encoder_3", None),
+                   tokenizer_3=getattr(pipe, "tokenizer_3", None), device=device, dtype=dtype,
+                   vae_dtype=pipe.vae.dtype)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:

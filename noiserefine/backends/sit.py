@@ -40,7 +40,8 @@ from diffusers.loaders import PeftAdapterMixin
 
 from .base import Backend, Conditioning
 from .random_init import build_components, mark_random, read_architecture
-from .stable_diffusion import check_dtype, frozen, read_model_index, read_scheduler_config, resolve_model_dir
+from .stable_diffusion import (check_dtype, frozen, pipeline_placement, read_model_index, read_scheduler_config,
+                               resolve_model_dir)
 
 SIT_COMPONENTS = ("transformer", "vae", "scheduler")
 EXPECTED_MODEL = "a class-conditional DiT/SiT pipeline (DiTPipeline layout: transformer/ vae/ scheduler/)"
@@ -161,6 +162,16 @@ class SiTBackend(Backend):
         arch = read_architecture(architecture, backend=cls.name)
         backend = cls(**cls.random_components(arch, device, dtype, seed), device=device, dtype=dtype)
         return mark_random(backend, arch)
+
+    @classmethod
+    def from_pipeline(cls, pipe, scheduler_class: type, scheduler_config: dict) -> "SiTBackend":
+        """A backend around a stock ``DiTPipeline``'s own modules; its ``labels`` (name -> id) name the classes."""
+        device, dtype = pipeline_placement(pipe, "transformer")
+        id2label: dict[str, str] = {}
+        for name, index in (getattr(pipe, "labels", None) or {}).items():
+            id2label[str(index)] = f"{id2label[str(index)]}, {name}" if str(index) in id2label else name
+        return cls(pipe.transformer, pipe.vae, scheduler_class, scheduler_config, device=device, dtype=dtype,
+                   id2label=id2label)
 
     def labels_for(self, prompts: Sequence[str]) -> torch.Tensor:
         if isinstance(prompts, str) or len(prompts) == 0:

@@ -96,6 +96,22 @@ def frozen(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) ->
     return module.eval().requires_grad_(False)
 
 
+def pipeline_placement(pipe, denoiser: str) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype of a stock pipeline's denoiser (``pipe.unet`` / ``pipe.transformer``), which a backend
+    around it keeps; its text encoders must be in that dtype (the backend would cast them, changing the pipeline)."""
+    module = getattr(pipe, denoiser, None)
+    if module is None:
+        raise ValueError(f"{type(pipe).__name__} has no {denoiser}")
+    if module.device.type == "meta":
+        raise ValueError("move the whole pipeline to one device first (pipe.to(device)); offloading is not supported")
+    encoders = [getattr(pipe, name, None) for name in ("text_encoder", "text_encoder_2", "text_encoder_3")]
+    wrong = [f"{type(e).__name__} {e.dtype}" for e in encoders if e is not None and e.dtype != module.dtype]
+    if wrong:
+        raise ValueError(f"the pipeline's text encoders ({', '.join(wrong)}) are not in its {denoiser}'s dtype "
+                         f"{module.dtype}")
+    return module.device, module.dtype
+
+
 class StableDiffusionBackend(Backend):
     """SD 1.x/2.x: conditioning ``{"encoder_hidden_states": (B, 77, D)}``."""
 
@@ -178,6 +194,20 @@ class StableDiffusionBackend(Backend):
         backend = cls(**cls.random_components(arch, device, dtype, seed), device=device, dtype=dtype,
                       **cls.pipeline_options(arch.pipeline))
         return mark_random(backend, arch)
+
+    @classmethod
+    def from_pipeline(cls, pipe, scheduler_class: type, scheduler_config: dict) -> "StableDiffusionBackend":
+        """A backend around a stock pipeline's own modules (nothing copied, moved or cast; ``noiserefine.pipelines``)
+        sampling with ``scheduler_class`` and ``scheduler_config``."""
+        device, dtype = pipeline_placement(pipe, "unet")
+        names = [name for name in cls.required_components if name != "scheduler"]
+        missing = [name for name in names if getattr(pipe, name, None) is None]
+        if missing:
+            raise ValueError(f"{type(pipe).__name__} has no {', '.join(missing)}; {cls.expected_model} needs them")
+        backend = cls(**{name: getattr(pipe, name) for name in names}, scheduler_config=scheduler_config,
+                      device=device, dtype=dtype, vae_dtype=pipe.vae.dtype, **cls.pipeline_options(dict(pipe.config)))
+        backend.scheduler_class = scheduler_class
+        return backend
 
     @classmethod
     def pipeline_options(cls, model_index: dict) -> dict:

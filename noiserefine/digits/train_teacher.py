@@ -1,4 +1,6 @@
-"""Train (or reuse) the embedded digit teacher: ``python -m noiserefine.train_teacher --config configs/digits.yaml``.
+"""Train (or reuse) the embedded digit teacher.
+
+    python -m noiserefine.digits.train_teacher --config configs/digits.yaml
 
 Re-running with the same ``model.digits`` settings reuses the saved teacher.
 """
