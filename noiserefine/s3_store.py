@@ -39,20 +39,33 @@ def _precondition_failed(error: BaseException) -> bool:
 
 _filesystems: dict[int, object] = {}  # pid -> s3fs filesystem (a forked DataLoader worker makes its own)
 _fs_guard = threading.Lock()
+# One attempt of a call is one request, ended by the server's answer or by these timeouts: a call costs at most
+# attempts * (CONNECT_TIMEOUT_S + READ_TIMEOUT_S) plus the backoff sleeps (RetryPolicy.delays); with the
+# defaults (data.io_retries=5, data.io_backoff_s=1) 6 * 65 s + 31 s, about 7 minutes for a server that never answers.
+CONNECT_TIMEOUT_S = 5.0
+READ_TIMEOUT_S = 60.0
 
 
 def s3_filesystem():
-    """This process's s3fs filesystem: one client, no retries of its own (s3fs's and botocore's would add an
-    unbounded-looking second layer): every retry is :class:`RetryPolicy`'s, bounded and logged."""
+    """This process's s3fs filesystem: one client, no retries of its own (botocore's ``total_max_attempts=1``:
+    its ``max_attempts`` counts *retries*, so 1 there meant two requests per attempt; s3fs's loop: one pass):
+    every retry is :class:`RetryPolicy`'s, bounded and logged."""
     pid = os.getpid()
     with _fs_guard:
         fs = _filesystems.get(pid)
         if fs is None:
             import s3fs
+            from aiobotocore.session import AioSession
+            from botocore.handlers import add_expect_header
 
-            fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False,
-                                   config_kwargs={"retries": {"max_attempts": 1, "mode": "standard"},
-                                                  "connect_timeout": 5, "read_timeout": 60})
+            session = AioSession()
+            # No "Expect: 100-continue" on PUTs: aiohttp waits for the 100 without any timeout, so a server that
+            # never answers held a PUT forever (and aiohttp then sent it again), past READ_TIMEOUT_S.
+            session.unregister("before-call.s3", add_expect_header)
+            fs = s3fs.S3FileSystem(session=session, skip_instance_cache=True, use_listings_cache=False,
+                                   config_kwargs={"retries": {"total_max_attempts": 1, "mode": "standard"},
+                                                  "connect_timeout": CONNECT_TIMEOUT_S,
+                                                  "read_timeout": READ_TIMEOUT_S})
             fs.retries = 1  # s3fs's own retry loop: one attempt
             _filesystems.clear()
             _filesystems[pid] = fs

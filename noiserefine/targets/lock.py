@@ -264,9 +264,3 @@ def lease_lock(store, ttl_s: float | None = None) -> Iterator[None]:
             _leases.pop(key, None)
         lease.release()
 
-
-def held_anywhere_here(where) -> bool:
-    """Whether the calling thread holds the job lock of ``where`` (a local directory or an object store)."""
-    if str(where).startswith("s3://"):
-        return (str(where), threading.get_ident()) in _leases
-    return held_here(where)
