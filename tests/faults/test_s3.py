@@ -17,11 +17,11 @@ import pytest
 
 from helpers_cache import REPO, tiny_config, tiny_overrides
 from helpers_s3 import run_job_in_process, s3_url, upload_dir
-from noiserefine import retries, s3_store, storage
+from noiserefine import storage
 from noiserefine.shards import read_manifest
-from noiserefine.storage import StorageUnavailable, store_for
+from noiserefine.storage import StorageUnavailable, VersionConflict, retries, s3, store_for
+from noiserefine.storage.locks import CacheLockedError, LeaseLostError
 from noiserefine.targets.cache import cache_dir_for, hold_cache, record_shards
-from noiserefine.targets.lock import CacheLockedError, LeaseLostError
 from noiserefine.train.stream import TeacherStream
 
 pytestmark = pytest.mark.slow
@@ -124,7 +124,7 @@ def test_server_restarted_mid_epoch_the_read_resumes_at_the_offset_reached(s3_se
     and is back 1 s later: the read is retried with backoff from the chunk it had reached, the epoch's batches
     are those of the disk cache, and the sha256/fingerprint checks passed on every sample."""
     remote, local = streams(tiny_root, tiny_teacher, s3_cache, tiny_cache)
-    fs = s3_store.s3_filesystem()
+    fs = s3.s3_filesystem()
     calls, original = [], fs.cat_file
 
     def cat_file(path, start=None, end=None, **kwargs):
@@ -210,9 +210,8 @@ def test_a_job_that_lost_its_lease_stops_writing(s3_server, tiny_root, tiny_teac
     with pytest.raises(LeaseLostError, match="another job took over the lease"):
         with hold_cache(cfg) as cache:
             store = store_for(cache)
-            info = store.info(".lock")
             taker = {"pid": 1, "host": "other", "started": "x", "token": "other", "ttl_s": 60, "renewed": time.time()}
-            store.put_if(".lock", json.dumps(taker).encode(), etag=info["ETag"])  # the takeover
+            store.replace(".lock", json.dumps(taker).encode(), store.version(".lock"))  # the takeover
             time.sleep(0.6)  # the heartbeat (every ttl/4) finds its lease gone
             record_shards(cache, [row])
     assert read_manifest(cache) == {}  # nothing was recorded by the job that lost its lease
@@ -283,16 +282,16 @@ def test_a_renewal_whose_put_landed_but_whose_answer_was_lost_keeps_the_lease(s3
 
     cache = s3_url("lease-landed")
     store = store_for(cache)
-    original, dropped = s3_store.S3Store.put_if, []
+    original, dropped = s3.S3Store.replace, []
 
-    def put_if(self, name, data, *, etag):
-        result = original(self, name, data, etag=etag)
-        if name == ".lock" and etag is not None and not dropped:
-            dropped.append(etag)
-            raise s3_store.PreconditionFailed("the retried PUT found its own write")
+    def replace(self, name, data, version):
+        result = original(self, name, data, version)
+        if name == ".lock" and not dropped:
+            dropped.append(version)
+            raise VersionConflict("the retried PUT found its own write")
         return result
 
-    monkeypatch.setattr(s3_store.S3Store, "put_if", put_if)
+    monkeypatch.setattr(s3.S3Store, "replace", replace)
     with store.job_lock(0.8):
         time.sleep(0.6)
         record_shards(cache, [ShardInfo("shard-000000.tar", 1, 10, "0" * 64)])

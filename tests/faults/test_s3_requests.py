@@ -12,8 +12,7 @@ import threading
 
 import pytest
 
-from noiserefine import retries, s3_store
-from noiserefine.storage import StorageUnavailable, store_for
+from noiserefine.storage import StorageUnavailable, retries, s3, store_for
 from noiserefine.train.distributed import free_port
 
 SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
@@ -67,8 +66,8 @@ def endpoint(request, monkeypatch):
                        "AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
                        "AWS_EC2_METADATA_DISABLED": "true"}.items():
         monkeypatch.setenv(key, value)
-    monkeypatch.setattr(s3_store, "_filesystems", {})
-    monkeypatch.setattr(s3_store, "READ_TIMEOUT_S", 0.5)  # the default 60 s, shortened here
+    monkeypatch.setattr(s3, "_filesystems", {})
+    monkeypatch.setattr(s3, "READ_TIMEOUT_S", 0.5)  # the default 60 s, shortened here
     monkeypatch.setattr(retries, "_policy", retries.RetryPolicy(attempts=3, backoff_s=0.01))
     yield fake
     fake.close()

@@ -1,7 +1,9 @@
-"""The S3 store (s3fs): one PUT per published file, ranged GETs, conditional PUTs for the locks and manifest.
+"""The S3 store (s3fs): one PUT per published file, ranged GETs; versions are ETags, ``create`` is a PUT with
+``If-None-Match: *``, ``replace`` a PUT with ``If-Match: <ETag>`` (what the lease and the manifest's
+compare-and-swap of ``base.py`` / ``locks.py`` are built on).
 
 Every call goes through :func:`retries.retry_policy` (s3fs's and botocore's own retries are off).
-See ``storage.py`` for the interface and the semantics it shares with a local directory.
+See ``base.py`` for the interface and the semantics it shares with a local directory.
 """
 
 from __future__ import annotations
@@ -9,23 +11,18 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import random
 import shutil
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
+from .base import ObjectPath, Store
+from .errors import BucketNotFoundError, VersionConflict
 from .retries import StorageUnavailable, read_chunk_bytes, retry_policy, s3_status
-from .storage import ObjectPath, Store
 
 T = TypeVar("T")
-
-
-class PreconditionFailed(Exception):
-    """A conditional write lost: the object exists (``If-None-Match``) or changed (``If-Match``)."""
 
 
 def _precondition_failed(error: BaseException) -> bool:
@@ -36,11 +33,6 @@ def _precondition_failed(error: BaseException) -> bool:
     chain = [error, error.__cause__, error.__context__]
     return any(e is not None and ("PreconditionFailed" in str(e) or "pre-conditions you specified" in str(e))
                for e in chain)
-
-
-class BucketNotFoundError(ValueError):
-    """The location's bucket does not exist (or these credentials cannot see it): a configuration error, never
-    an empty cache."""
 
 
 def _missing_bucket(error: BaseException) -> bool:
@@ -70,7 +62,8 @@ _filesystems: dict[int, object] = {}  # pid -> s3fs filesystem (a forked DataLoa
 _fs_guard = threading.Lock()
 # One attempt of a call is one request, ended by the server's answer or by these timeouts: a call costs at most
 # attempts * (CONNECT_TIMEOUT_S + READ_TIMEOUT_S) plus the backoff sleeps (RetryPolicy.delays); with the
-# defaults (data.io_retries=5, data.io_backoff_s=1) 6 * 65 s + 31 s, about 7 minutes for a server that never answers.
+# defaults (data.io_retries=6, data.io_backoff_s=1) 7 * 65 s + at most 61 s: under 9 minutes for a server that
+# never answers (it was ~15: two requests of up to 60 s each per attempt).
 CONNECT_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 60.0
 
@@ -116,7 +109,7 @@ class S3Store(Store):
         """``call`` under the retry policy; an error that is not transient names ``what`` (operation and object)."""
         try:
             return retry_policy().run(what, call)
-        except (StorageUnavailable, PreconditionFailed):
+        except (StorageUnavailable, VersionConflict):
             raise
         except Exception as error:  # noqa: BLE001 - re-raised, same kind, naming the object
             named = _named(what, self.location, error)
@@ -174,19 +167,22 @@ class S3Store(Store):
             offset += len(part)
         return b"".join(parts)
 
-    def read_with_etag(self, name: str) -> tuple[bytes | None, str | None]:
+    def version(self, name: str) -> str | None:
+        info = self.info(name)
+        return None if info is None else info["ETag"]
+
+    def read_versioned(self, name: str) -> tuple[bytes | None, str | None]:
         """The object and the ETag of exactly those bytes (HEAD, GET, HEAD: retried until both HEADs agree)."""
         for _ in range(10):
-            before = self.info(name)
+            before = self.version(name)
             if before is None:
                 return None, None
             try:
                 data = self.read_bytes(name)
             except FileNotFoundError:
                 continue
-            after = self.info(name)
-            if after is not None and after["ETag"] == before["ETag"]:
-                return data, before["ETag"]
+            if self.version(name) == before:
+                return data, before
         raise OSError(f"{self.path(name)} kept changing while it was read")
 
     @contextlib.contextmanager
@@ -199,9 +195,15 @@ class S3Store(Store):
         finally:
             shutil.rmtree(spool, ignore_errors=True)
 
-    def put_if(self, name: str, data: bytes, *, etag: str | None) -> str:
+    def create(self, name: str, data: bytes) -> str:
+        return self._put_if(name, data, etag=None)
+
+    def replace(self, name: str, data: bytes, version: str) -> str:
+        return self._put_if(name, data, etag=version)
+
+    def _put_if(self, name: str, data: bytes, *, etag: str | None) -> str:
         """PUT ``data`` only if ``name`` is absent (``etag`` None) or still has ``etag``; its new ETag.
-        :class:`PreconditionFailed` if not (a retried PUT that already landed reads as one too)."""
+        :class:`VersionConflict` if not (a retried PUT that already landed reads as one too)."""
         condition = {"IfNoneMatch": "*"} if etag is None else {"IfMatch": etag}
 
         def call():
@@ -209,13 +211,13 @@ class S3Store(Store):
                 return self.fs.pipe_file(self._key(name), data, **condition)
             except Exception as error:  # noqa: BLE001
                 if _precondition_failed(error):
-                    raise PreconditionFailed(str(error)) from None
+                    raise VersionConflict(str(error)) from None
                 if etag is not None and isinstance(error, FileNotFoundError) and not _missing_bucket(error):
                     # If-Match on an object that is gone (S3: 404 NoSuchKey): the version we held no longer exists
-                    raise PreconditionFailed(f"{self.path(name)} no longer exists") from None
+                    raise VersionConflict(f"{self.path(name)} no longer exists") from None
                 raise
         response = self._retry(f"conditional PUT {self.path(name)}", call)
-        return (response or {}).get("ETag") or self.info(name)["ETag"]
+        return (response or {}).get("ETag") or self.version(name)
 
     def delete(self, name: str) -> None:
         def call():
@@ -230,23 +232,3 @@ class S3Store(Store):
         """Server-side copy, then delete (S3 has no rename)."""
         self._retry(f"COPY {self.path(name)}", lambda: self.fs.copy(self._key(name), self._key(new_name)))
         self.delete(name)
-
-    def job_lock(self, ttl_s: float | None = None):
-        from .targets.lock import lease_lock
-
-        return lease_lock(self, ttl_s)
-
-    def read_modify_write(self, name: str, change: Callable[[bytes | None], bytes | None]) -> None:
-        """Compare-and-swap: read ``name`` with its ETag, PUT ``change(old)`` ``If-Match`` that ETag
-        (``If-None-Match: *`` when absent); another writer in between makes it read and merge again."""
-        for _ in range(100):
-            old, etag = self.read_with_etag(name)
-            new = change(old)
-            if new is None:
-                return
-            try:
-                self.put_if(name, new, etag=etag)
-                return
-            except PreconditionFailed:
-                time.sleep(random.random() * 0.2)
-        raise OSError(f"{self.path(name)}: 100 concurrent updates in a row lost the compare-and-swap")
