@@ -5,7 +5,7 @@ One sample = one WebDataset key (``000000012``) with exactly one ``.json`` membe
 members (``000000012.target.npy`` -> ``arrays["target"]``).  No pickle anywhere:
 readers refuse every other member and load npy with ``allow_pickle=False``.
 Shards are written atomically (temp file + fsync + ``os.replace``; on an object store a
-local temp file and one PUT: ``storage.py``) and byte-deterministically;
+local temp file and one PUT: ``storage/``) and byte-deterministically;
 ``manifest.parquet`` records name/count/size/sha256.
 """
 

@@ -72,7 +72,7 @@ def s3_server():
     server.start()
     saved = {key: os.environ.get(key) for key in s3_env(server.endpoint)}
     os.environ.update(s3_env(server.endpoint))
-    from noiserefine.s3_store import s3_filesystem
+    from noiserefine.storage.s3 import s3_filesystem
 
     try:
         s3_filesystem().mkdir(BUCKET)
@@ -107,7 +107,7 @@ def object_etags(url: str) -> dict[str, str]:
     from noiserefine.storage import store_for
 
     store = store_for(url)
-    return {name: store.info(name)["ETag"] for name in store.names()}
+    return {name: store.version(name) for name in store.names()}
 
 
 def run_job_in_process(argv: list[str]) -> tuple[int, str, str]:
@@ -117,7 +117,7 @@ def run_job_in_process(argv: list[str]) -> tuple[int, str, str]:
     import importlib.util
     import io
 
-    from noiserefine import retries
+    from noiserefine.storage import retries
 
     spec = importlib.util.spec_from_file_location("generate_targets_job",
                                                   Path(__file__).resolve().parents[1] / "pipeline" /

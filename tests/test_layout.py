@@ -3,7 +3,10 @@
 - the math (losses, sampling, noise, inversion) imports neither Ray nor DeepSpeed nor a stage;
 - nothing in the library outside ``digits/`` imports the embedded default;
 - only ``train/distributed.py`` imports DeepSpeed, and no library module imports Ray;
-- nothing outside ``backends/`` matches on a model or pipeline class name (``backends/registry.py`` does).
+- nothing outside ``backends/`` matches on a model or pipeline class name (``backends/registry.py`` does);
+- no import cycles among noiserefine modules, counting imports at module level and inside functions (not
+  those under ``if TYPE_CHECKING:``, never run), and ``storage/`` imports no stage (targets, train,
+  evaluation, digits).
 """
 
 from __future__ import annotations
@@ -100,3 +103,102 @@ def test_nothing_outside_backends_matches_on_model_class_names():
     files = [p for p in modules() if p.relative_to(PACKAGE).parts[0] != "backends"] + ENTRY_SCRIPTS
     offenders = {str(p.relative_to(PACKAGE.parent)): model_class_matches(p.read_text()) for p in files}
     assert not {k: v for k, v in offenders.items() if v}, "model families are named in noiserefine/backends/ only"
+
+
+# --- import cycles and the storage layer's independence ---------------------------------------------------------
+
+def _runtime_imports(path: Path) -> set[str]:
+    """Like :func:`imports_of`, at module level and inside functions alike, but without the imports under
+    ``if TYPE_CHECKING:`` (never executed)."""
+    package = path.relative_to(PACKAGE.parent).with_suffix("").parts[:-1]
+    names: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            for child in node.orelse:
+                visit(child)
+            return
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = list(package[:len(package) - node.level + 1]) if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            names.add(module)
+            names.update(f"{module}.{alias.name}" for alias in node.names)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(path.read_text()))
+    return names
+
+
+def module_graph() -> dict[str, set[str]]:
+    """noiserefine module -> the noiserefine modules it imports when run (a package is its ``__init__``; the
+    implicit import of a module's parent packages is not counted: Python runs those first, they cannot cycle
+    back unless their own imports, which are counted, do)."""
+    def name_of(path: Path) -> str:
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+    paths = {name_of(p): p for p in modules()}
+    graph = {}
+    for name, path in paths.items():
+        targets = set()
+        for imported in _runtime_imports(path):
+            while imported and imported not in paths:  # `from .x import f` -> module .x; `from . import x` -> .x
+                imported = imported.rpartition(".")[0]
+            if imported and imported != name:
+                targets.add(imported)
+        graph[name] = targets
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for target in sorted(graph[node]):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_the_cycle_check_sees_a_function_level_cycle():
+    """Guard: a cycle held together by an import inside a function is a cycle (what storage had)."""
+    graph = {"a": {"b"}, "b": {"a"}, "c": {"a"}}
+    assert cycles(graph) == [["a", "b"]]
+    assert "noiserefine.storage.base" in module_graph()["noiserefine.storage.local"]
+
+
+def test_no_import_cycles_among_noiserefine_modules():
+    assert cycles(module_graph()) == []
+
+
+def test_the_storage_layer_imports_no_stage():
+    stages = ("noiserefine.targets", "noiserefine.train", "noiserefine.evaluation", "noiserefine.digits")
+    offenders = {str(p.relative_to(PACKAGE)): sorted(n for n in _runtime_imports(p) | imports_of(p)
+                                                     if n.startswith(stages))
+                 for p in sorted((PACKAGE / "storage").rglob("*.py"))}
+    assert offenders and not {k: v for k, v in offenders.items() if v}, offenders

@@ -6,7 +6,7 @@ shard: name, count, bytes, sha256). Experiments with the same teacher share one
 directory. Re-running the generator skips shards already complete.
 
 The directory may be local or an S3 prefix (``s3://bucket/prefix``): every file operation goes
-through a ``storage.Store``, with the same semantics on both (see ``storage.py`` and ``lock.py``).
+through a ``storage.Store``, with the same semantics on both (see ``storage/``: ``base.py``, ``locks.py``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import yaml
 from ..shards import MANIFEST_NAME, ShardInfo, manifest_bytes, parse_manifest, parse_shard_name, read_manifest
 from ..storage import Location, LocalStore, location, store_for
 from .identity import teacher_key, teacher_record
-from .lock import LOCK_FILES, check_lease
+from ..storage.locks import LOCK_FILES, check_lease
 
 if TYPE_CHECKING:  # plan imports torch: not needed to read or lock a cache
     from .plan import Plan
@@ -209,7 +209,7 @@ def _refuse_foreign(cache_dir) -> None:
 def hold_cache(cfg) -> Iterator[Location]:
     """The cache directory of ``cfg``, created with its ``teacher.yaml`` and held for writing.
 
-    The job lock (``.lock``, see ``lock.py``) is held until the block ends: a second job on
+    The job lock (``.lock``, see ``storage/locks.py``) is held until the block ends: a second job on
     the same directory fails at once naming the first one (on S3: while the first one's lease
     lasts). Refuses a directory of another teacher, or made with other generation settings.
     """

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from ..shards import ShardInfo, iter_samples, parse_shard_name, read_manifest, sample_key, shard_name
 from ..storage import location, store_for
 from .cache import read_teacher_record, record_shards
-from .lock import check_lease
+from ..storage.locks import check_lease
 
 if TYPE_CHECKING:  # plan imports torch: not needed to scan a cache
     from .plan import Plan

@@ -146,7 +146,7 @@ def test_a_killed_job_releases_the_lock(teacher, tmp_path, capsys):
     args = job_args(teacher, tmp_path / "cache")
     cache_dir = prepare_cache_dir(config_of(args))
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from noiserefine.targets.lock import cache_lock\n"
+        [sys.executable, "-c", "import sys, time; from noiserefine.storage.locks import cache_lock\n"
          f"with cache_lock({str(cache_dir)!r}):\n    print('locked', flush=True); time.sleep(600)"],
         stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     try:

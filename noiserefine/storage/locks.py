@@ -1,5 +1,8 @@
-"""Locks of a teacher-cache directory: ``fcntl.flock`` on files in it, released by the kernel when
-the holding process dies (a crashed or killed job leaves no stale lock behind).
+"""Locks of a store's directory: the job lock ``.lock`` (one job writes the directory) and, locally, the
+manifest lock ``.manifest.lock``.
+
+Locally: ``fcntl.flock`` on files in the directory, released by the kernel when the holding process
+dies (a crashed or killed job leaves no stale lock behind).
 
 - ``.lock``: the one job that writes the directory (the generator's driver) holds it for the
   whole job. A second job fails at once, naming the holder (pid, host and start time, which
@@ -10,18 +13,22 @@ the holding process dies (a crashed or killed job leaves no stale lock behind).
   short), so concurrent recorders (threads or processes) never lose each other's rows.
 
 flock works between processes of one machine and, on Linux NFS clients (2.6.12+, emulated
-with POSIX locks), between machines; it does not exist on object stores. There (``s3://``):
+with POSIX locks), between machines; it does not exist on object stores. There the lock is
+written with the store's conditional writes only (``Store.create`` / ``Store.replace`` /
+``Store.read_versioned``, ``base.py``), so any store with versioned objects gets it:
 
-- ``.lock`` is a *lease* object (:func:`lease_lock`): created with a conditional PUT
-  (``If-None-Match: *``: exactly one creator wins), renewed every ``ttl/4`` by a heartbeat
-  thread with ``If-Match: <its ETag>``, deleted at the end. A killed job cannot delete it: the
-  next job waits for the lease to expire (``pipeline.lock_ttl_s`` after its last renewal, by
-  the wall clocks of the two machines: keep them in NTP sync) and then takes it over with
-  ``If-Match`` on the expired lease's ETag (of two jobs taking over at once, one wins). A job
-  whose renewal fails because another job took over (it stalled past its TTL) has *lost* the
-  lease: its next manifest update or rename raises instead of writing.
-- The manifest needs no lock object: ``Store.read_modify_write`` does a compare-and-swap
-  (PUT ``If-Match`` the ETag it read), so concurrent recorders never lose each other's rows.
+- ``.lock`` is a *lease* object (:func:`lease_lock`): created if absent (exactly one creator
+  wins), renewed every ``ttl/4`` by a heartbeat thread by a replace conditional on its version,
+  deleted at the end. A killed job cannot delete it: the next job waits for the lease to expire
+  (``pipeline.lock_ttl_s`` after its last renewal, by the wall clocks of the two machines: keep
+  them in NTP sync) and then takes it over by a replace conditional on the expired lease's
+  version (of two jobs taking over at once, one wins). A job whose renewal finds the lease
+  changed or gone (another job took over, perhaps finished and deleted it: it stalled past its
+  TTL) has *lost* the lease, unless the lease still carries its token (its own retried write);
+  so has a job with no confirmed renewal for a whole TTL. Its next manifest update or rename
+  raises instead of writing.
+- The manifest needs no lock object: ``Store.read_modify_write`` does a compare-and-swap, so
+  concurrent recorders never lose each other's rows.
 - Only the lease holder deletes or moves anything (rejected shards); shards themselves are
   deterministic and only ever appear complete, so a duplicate writer could only write the
   same bytes again.
@@ -41,6 +48,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from .errors import VersionConflict
+
 LOCK_FILE = ".lock"
 MANIFEST_LOCK_FILE = ".manifest.lock"
 LOCK_FILES = (LOCK_FILE, MANIFEST_LOCK_FILE)
@@ -50,7 +59,7 @@ _registry = threading.Lock()
 
 
 class CacheLockedError(RuntimeError):
-    """Another job holds the cache directory's ``.lock``."""
+    """Another job holds the directory's ``.lock``."""
 
 
 def _open(path: Path) -> int:
@@ -129,14 +138,14 @@ def manifest_lock(cache_dir: str | Path) -> Iterator[None]:
         os.close(fd)
 
 
-# --- object stores: a lease object -------------------------------------------------------------------
+# --- versioned stores: a lease object -------------------------------------------------------------------
 
 DEFAULT_LEASE_TTL_S = 120.0
 _leases: dict[tuple[str, int], "_Lease"] = {}  # (location, thread id) -> the lease this thread holds
 
 
 class LeaseLostError(CacheLockedError):
-    """This job's lease on an object-store cache was taken over by another job (it stalled past its TTL)."""
+    """This job's lease on a store was taken over by another job, or expired unrenewed (it stalled past its TTL)."""
 
 
 def _describe(holder: dict, now: float) -> str:
@@ -153,8 +162,9 @@ class _Lease:
         self.store, self.ttl_s = store, float(ttl_s)
         self.token = secrets.token_hex(8)
         self.started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        self.etag: str | None = None
+        self.version: str | None = None
         self.lost: str | None = None
+        self.renewed_at = time.monotonic()  # of the last write of the lease that the store confirmed
         self.depth = 1
         self._stop = threading.Event()
         self._guard = threading.Lock()
@@ -165,16 +175,15 @@ class _Lease:
                             "token": self.token, "renewed": time.time(), "ttl_s": self.ttl_s}) + "\n").encode()
 
     def acquire(self) -> None:
-        from ..s3_store import PreconditionFailed
-
         where = self.store.location
         for _ in range(20):
             try:
-                self.etag = self.store.put_if(LOCK_FILE, self.record(), etag=None)
+                self.version = self.store.create(LOCK_FILE, self.record())
+                self.renewed_at = time.monotonic()
                 return
-            except PreconditionFailed:
+            except VersionConflict:
                 pass
-            data, etag = self.store.read_with_etag(LOCK_FILE)
+            data, version = self.store.read_versioned(LOCK_FILE)
             if data is None:
                 continue  # released in between: try again
             try:
@@ -183,15 +192,16 @@ class _Lease:
             except (ValueError, KeyError, TypeError, UnicodeDecodeError):
                 holder, expired = {}, True  # not a lease of ours: treated as expired
             if holder.get("token") == self.token:  # our retried PUT had landed
-                self.etag = etag
+                self.version, self.renewed_at = version, time.monotonic()
                 return
             if not expired:
                 raise CacheLockedError(f"another job ({_describe(holder, time.time())}) is writing this cache {where}; "
                                        "wait for it to end (a killed job's lease expires after pipeline.lock_ttl_s) "
                                        "or use another data.cache_root")
             try:
-                self.etag = self.store.put_if(LOCK_FILE, self.record(), etag=etag)
-            except PreconditionFailed:
+                self.version = self.store.replace(LOCK_FILE, self.record(), version)
+                self.renewed_at = time.monotonic()
+            except VersionConflict:
                 continue  # another job took it over first, or it was renewed: look again
             print(f"warning: {where}: took over the expired lease of {_describe(holder, time.time())} "
                   "(that job was killed or stalled)", file=sys.stderr, flush=True)
@@ -199,20 +209,40 @@ class _Lease:
         raise CacheLockedError(f"{where}: could not take the job lock (its lease object kept changing)")
 
     def _heartbeat(self) -> None:
-        from ..s3_store import PreconditionFailed
-
         while not self._stop.wait(self.ttl_s / 4):
             try:
                 with self._guard:
-                    self.etag = self.store.put_if(LOCK_FILE, self.record(), etag=self.etag)
-            except PreconditionFailed:
-                self.lost = "another job took over the lease (this one stalled past pipeline.lock_ttl_s)"
+                    self.version = self.store.replace(LOCK_FILE, self.record(), self.version)
+                    self.renewed_at = time.monotonic()
+            except VersionConflict:
+                # The lease object changed or is gone (a job that took over finished and deleted it). Still
+                # ours only if it carries our token (a retried renewal of ours that had landed).
+                if self._still_ours():
+                    continue
+                self.lost = ("another job took over the lease, or took it and released it (this one stalled "
+                             "past pipeline.lock_ttl_s)")
                 print(f"ERROR: {self.store.location}: {self.lost}; this job stops writing", file=sys.stderr,
                       flush=True)
                 return
             except Exception as error:  # noqa: BLE001 - the store is down: keep trying while the lease lasts
-                print(f"warning: {self.store.location}: lease renewal failed ({error}); retrying", file=sys.stderr,
-                      flush=True)
+                print(f"warning: {self.store.location}: lease renewal failed ({error}); retrying until the lease "
+                      "expires", file=sys.stderr, flush=True)
+
+    def _still_ours(self) -> bool:
+        """Re-read the lease: if it carries our token, adopt its current version (our own write) and keep it."""
+        try:
+            data, version = self.store.read_versioned(LOCK_FILE)
+            ours = data is not None and json.loads(data.decode()).get("token") == self.token
+        except Exception:  # noqa: BLE001 - unreadable or unreachable: not known to be ours
+            return False
+        if ours:
+            with self._guard:
+                self.version, self.renewed_at = version, time.monotonic()
+        return ours
+
+    def expired(self) -> bool:
+        """No confirmed renewal for a whole TTL: another job may have taken the lease over by now."""
+        return time.monotonic() - self.renewed_at > self.ttl_s
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._heartbeat, name="noiserefine-lease", daemon=True)
@@ -224,22 +254,25 @@ class _Lease:
             self._thread.join()
         if self.lost is None:
             with contextlib.suppress(Exception):  # best effort: an unreleased lease expires by itself
-                info = self.store.info(LOCK_FILE)
-                if info is not None and info["ETag"] == self.etag:
+                if self.store.version(LOCK_FILE) == self.version:
                     self.store.delete(LOCK_FILE)
 
 
 def check_lease(where) -> None:
-    """Raise :class:`LeaseLostError` if this thread held a lease on ``where`` and lost it (no-op otherwise)."""
+    """Raise :class:`LeaseLostError` if this thread holds a lease on ``where`` and lost it (no-op otherwise)."""
     lease = _leases.get((str(where), threading.get_ident()))
-    if lease is not None and lease.lost:
-        raise LeaseLostError(f"{where}: {lease.lost}; nothing more is written by this job. Re-run the same "
+    if lease is None:
+        return
+    lost = lease.lost or (f"its lease could not be renewed for pipeline.lock_ttl_s={lease.ttl_s:g} s (another job "
+                          "may have taken it over)" if lease.expired() else None)
+    if lost:
+        raise LeaseLostError(f"{where}: {lost}; nothing more is written by this job. Re-run the same "
                              "command: it skips every complete shard")
 
 
 @contextlib.contextmanager
 def lease_lock(store, ttl_s: float | None = None) -> Iterator[None]:
-    """Hold the lease object ``.lock`` of an object-store cache (see the module docstring); re-entrant per thread."""
+    """Hold the lease object ``.lock`` of a versioned store (see the module docstring); re-entrant per thread."""
     key = (str(store.location), threading.get_ident())
     with _registry:
         lease = _leases.get(key)
@@ -264,9 +297,3 @@ def lease_lock(store, ttl_s: float | None = None) -> Iterator[None]:
             _leases.pop(key, None)
         lease.release()
 
-
-def held_anywhere_here(where) -> bool:
-    """Whether the calling thread holds the job lock of ``where`` (a local directory or an object store)."""
-    if str(where).startswith("s3://"):
-        return (str(where), threading.get_ident()) in _leases
-    return held_here(where)
