@@ -81,3 +81,21 @@ def _fsync(path: Path) -> None:
 def write_text_atomic(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def refuse_foreign_directory(directory: str | Path, marker: str, what: str, also_ours: tuple[str, ...] = ()) -> None:
+    """Refuse (``ValueError``) to write into ``directory`` unless it is positively ours: new, empty, or holding
+    ``marker`` (the file the command writes there before anything else) or one of ``also_ours`` (what older
+    versions of the command left). Like the teacher cache (``targets.cache``), a user's folder given as an
+    output (``--out``, ``--run-dir``) is refused before a single file in it is created or replaced."""
+    directory = Path(directory)
+    if not directory.exists():
+        return
+    if not directory.is_dir():
+        raise ValueError(f"{directory} exists and is not a directory; {what} must be a directory")
+    entries = sorted(path.name for path in directory.iterdir())
+    if not entries or marker in entries or any(name in entries for name in also_ours):
+        return
+    shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+    raise ValueError(f"{directory} is not empty and holds no {marker}: it is not {what}; refusing to write into it "
+                     f"(it holds {shown}). Give a new or empty directory")
