@@ -12,50 +12,29 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from tiny_eval import tiny_inception_features, write_coco_fixture
-from tiny_models import build_tiny_sd
 
 import noiserefine.evaluation.benchmark as benchmark_module
-from noiserefine.config import load_config
 from noiserefine.evaluate import evaluate
 from noiserefine.evaluation.benchmark import Evaluation
 from noiserefine.evaluation.protocols import build_protocol
 from noiserefine.evaluation.store import ShardStore
 
-REPO = Path(__file__).resolve().parents[2]
+from .tiny_refiner import tiny_sd_and_refiner, tiny_sd_config
+
 NUM_SAMPLES, SHARD = 4, 2
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
-
-
-def tiny_config(root: Path, **extra):
-    overrides = {"model.path": root / "sd", "model.device": "cpu", "model.dtype": "float32",
-                 "teacher.num_steps": 2, "student.num_steps": 2, "data.sources": "[{kind: text, path: prompts.txt}]",
-                 "benchmark.captions": root / "captions_val2014.json", "benchmark.reference": root / "val2014",
-                 "benchmark.num_samples": NUM_SAMPLES, "benchmark.shard_size": SHARD, "benchmark.batch_size": 2,
-                 "benchmark.feature_batch_size": 4, "benchmark.grid_columns": 2, "benchmark.distilled_path": "''",
-                 "benchmark.inception_path": "''", "eval.clip_path": "''", "eval.pickscore_path": "''", **extra}
-    return load_config(REPO / "configs" / "sd21.yaml", [f"{k}={v}" for k, v in overrides.items()])
+tiny_config = tiny_sd_config
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from noiserefine.backends import load_backend
-    from noiserefine.refiner import Refiner, save_refiner
-
     root = tmp_path_factory.mktemp("evaluate-faults")
     patch = pytest.MonkeyPatch()
     patch.setenv("NOISEREFINE_HASH_CACHE", str(root / "file_hashes.json"))
-    build_tiny_sd(root / "sd", seed=0)
     write_coco_fixture(root, num_images=6)
-    cfg = tiny_config(root)
-    refiner = Refiner(load_backend(cfg.model), cfg.refiner)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for parameter in refiner.trainable_parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
-    refiner_dir = save_refiner(refiner, root / "refiner", cfg)
+    cfg, refiner_dir = tiny_sd_and_refiner(root)
     report = evaluate(cfg, refiner_dir, out=root / "out", progress=False, inception=tiny_inception_features())
     yield root, cfg, refiner_dir, report
     patch.undo()
