@@ -65,6 +65,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from noiserefine.files import refuse_foreign_directory  # noqa: E402  (torch-free)
+
 SCHEMA = "noiserefine.gpu_check/1"
 CASES = {  # name -> title, in the order they run (by importance)
     "gpu_tests": "pytest -m gpu tests/test_gpu.py",
@@ -165,6 +167,8 @@ class Check:
     def __init__(self, args):
         self.args = args
         self.out: Path = args.out.resolve()
+        refuse_foreign_directory(self.out, "cases.log", "an output folder of bench/gpu_check.py (--out)",
+                                 also_ours=("gpu_report.json",))  # a user's folder: nothing replaced
         self.out.mkdir(parents=True, exist_ok=True)
         self.work: Path = (args.work or Path(tempfile.mkdtemp(prefix="noiserefine-gpu-check-"))).resolve()
         self.work.mkdir(parents=True, exist_ok=True)
