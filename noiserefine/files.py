@@ -1,12 +1,14 @@
 """Atomic file writes: write to a temp name in the same directory, then ``os.replace``.
 
 A crash never leaves a truncated file under the final name (readers see the old
-file or the new one), which is what makes every command safe to re-run.
+file or the new one), which is what makes every command safe to re-run. Also: the check that an output
+folder is the command's own (:func:`refuse_foreign_directory`) and the CSV log rows (:func:`append_csv`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import csv
 import os
 import secrets
 from collections.abc import Iterator
@@ -99,3 +101,13 @@ def refuse_foreign_directory(directory: str | Path, marker: str, what: str, also
     shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
     raise ValueError(f"{directory} is not empty and holds no {marker}: it is not {what}; refusing to write into it "
                      f"(it holds {shown}). Give a new or empty directory")
+
+
+def append_csv(path: Path, fields: tuple[str, ...], row: dict) -> None:
+    """Append ``row`` (its ``fields``) to a CSV log, writing the header first if the file is new or empty."""
+    new = not path.exists() or path.stat().st_size == 0
+    with open(path, "a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(fields))
+        if new:
+            writer.writeheader()
+        writer.writerow({f: row[f] for f in fields})

@@ -59,3 +59,10 @@ def test_only_the_distributed_module_imports_deepspeed_and_none_imports_ray():
     users = {str(p.relative_to(PACKAGE)): sorted(n for n in imports_of(p) if n.split(".")[0] in ("ray", "deepspeed"))
              for p in modules()}
     assert {k for k, v in users.items() if v} == {"train/distributed.py"}, users
+
+
+def test_the_evaluation_imports_no_training_stage():
+    """The generic evaluation (``evaluation/``) runs without the trainer: its helpers live in neutral modules."""
+    offenders = {str(p.relative_to(PACKAGE)): sorted(n for n in imports_of(p) if n.startswith("noiserefine.train"))
+                 for p in sorted((PACKAGE / "evaluation").glob("*.py"))}
+    assert not {k: v for k, v in offenders.items() if v}, offenders
