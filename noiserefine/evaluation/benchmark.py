@@ -18,10 +18,10 @@ from ..noise import noise_from_seeds
 from ..sampling import rollout
 from .features import InceptionFeatures, TextImageScores, load_inception
 from .fid_reference import needs_reference_features, reference_statistics, reference_store, reference_windows
-from .paper_report import write_protocol, write_report
+from .paper_report import row_metrics, write_protocol, write_report
 from .protocols import Protocol, build_protocol, fid_image_rule, load_statistics, to_uint8
-from .run_identity import FORMAT_VERSION, assign_row_identities, claim_output, reference_identity
-from .settings import Setting, build_settings
+from .run_identity import FORMAT_VERSION, assign_row_identities, claim_output, reference_identity, write_finished
+from .settings import Setting, build_settings, guidance_record
 from .store import ShardStore, check_store_root, record_key, shard_windows
 from .worker_shards import missing_samples, set_aside_bad_shards, worker_windows
 
@@ -209,7 +209,7 @@ class Evaluation:
         and the reference are complete; otherwise return ``{"complete": False, "missing": ...}``."""
         from tqdm.auto import tqdm
 
-        write_protocol(self)
+        write_protocol(self.out, self.cfg, self.protocol, self._protocol_record())
         stores = [(self.stores[row.slug], self.windows, self.protocol.seeds) for row in self.rows]
         if needs_reference_features(self.protocol, self.reference_identity, self.store_root):
             stores.append((reference_store(self.store_root, self.reference_identity),
@@ -234,4 +234,28 @@ class Evaluation:
             return {"complete": False, "out": str(self.out), "run_key": self.run_key,
                     "missing": {**{k: v for k, v in missing.items() if v},
                                 **({"reference": True} if reference_pending else {})}}
-        return write_report(self, reference)
+        return self._report(reference)
+
+    # ------------------------------------------------------------------------------------------ outputs
+    def _protocol_record(self) -> dict:
+        """What ``protocol.json`` adds to the protocol's record: this run's rows, stores, networks and key."""
+        return {"resolution": self.resolution, "num_steps": self.steps,
+                "rows": {row.slug: {"label": row.label, "nfe": row.nfe, "guidance": guidance_record(row.guidance),
+                                    "model_path": str(row.model_cfg.path),
+                                    "store": str(self.stores[row.slug].directory)} for row in self.rows},
+                "refiner": str(self.refiner_dir.resolve()),
+                "inception": self.inception.record if self.inception else None,
+                "text_image": self.text_image.record if self.text_image else None, "run_key": self.run_key}
+
+    def _report(self, reference) -> dict:
+        """Write the report of the complete rows (``paper_report``), then mark ``--out`` finished."""
+        results, notes = row_metrics(self.rows, self.stores, self.windows, self.protocol, reference)
+        device = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else str(self.device)
+        report = {"complete": True, "run_key": self.run_key, "protocol": self.protocol.record,
+                  "resolution": self.resolution, "num_steps": self.steps, "device": device,
+                  "dtype": self.cfg.model.dtype, "rows": results, "notes": list(dict.fromkeys(self.notes + notes)),
+                  "out": str(self.out)}
+        write_report(self.out, report, [(row.label, self.stores[row.slug].images) for row in self.rows],
+                     min(self.bench.grid_columns, self.protocol.num_samples))
+        write_finished(self.out, self.run_key, self.run_record, self.stores)
+        return report
