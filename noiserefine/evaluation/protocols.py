@@ -33,6 +33,7 @@ import torch
 from ..noise import sample_seed
 from ..hashing import file_sha256
 
+MAX_SAMPLES = 10_000_000  # the paper's protocols use 30K (COCO) and 50K (ImageNet)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 FID_IMAGE_RULE = ("uint8 RGB (generated: round(255 * x) of the decoded image in [0, 1]); center crop to the "
                   "shorter side; PIL bicubic resize to resolution x resolution (skipped when already that size); "
@@ -139,6 +140,8 @@ def build_protocol(bench, num_samples: int | None = None) -> Protocol:
     count = int(num_samples if num_samples is not None else bench.num_samples)
     if count < 1:
         raise ValueError(f"num_samples must be >= 1, got {count}")
+    if count > MAX_SAMPLES:  # before a seed or prompt is listed: a typo must not fill the memory
+        raise ValueError(f"num_samples={count} (benchmark.num_samples or --num-samples): at most {MAX_SAMPLES}")
     seeds = seeds_for(bench, count)
     reference = str(bench.reference or "")
     reference_path = Path(reference).expanduser() if reference else None

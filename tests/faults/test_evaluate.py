@@ -199,3 +199,14 @@ def test_two_coco_images_sharing_one_file_are_refused(tmp_path):
                                    "benchmark.reference": folder})
     with pytest.raises(ValueError, match=r"edited\.json.*image ids \d+ and \d+ share .*\.png"):
         build_protocol(cfg.benchmark)
+
+
+# ------------------------------------------------------------------ item 11's class: counts bounded before lists
+@pytest.mark.parametrize("protocol", ["coco", "imagenet"])
+def test_a_huge_num_samples_is_refused_before_any_list_is_built(tmp_path, protocol):
+    (tmp_path / "coco").mkdir()
+    captions, folder = write_coco_fixture(tmp_path / "coco", num_images=4)
+    cfg = tiny_config(tmp_path, **{"benchmark.captions": captions, "benchmark.reference": folder,
+                                   "benchmark.protocol": protocol, "benchmark.num_classes": 10})
+    with pytest.raises(ValueError, match=r"num_samples=1000000000000.*at most"):
+        build_protocol(cfg.benchmark, 10**12)
