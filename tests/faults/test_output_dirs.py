@@ -76,3 +76,18 @@ def test_gpu_check_out_refuses_a_foreign_folder(tmp_path):
         assert gpu_check.Check(Namespace(**{**vars(args), "out": tmp_path / "report"})).out == tmp_path / "report"
     finally:
         sys.modules.pop(spec.name, None)
+
+
+def test_the_digits_teacher_is_never_trained_into_a_foreign_folder(tmp_path):
+    """``model.path`` of the digits model is where the teacher is trained; a folder there that is not a teacher of
+    ours (no ``training.json``) was deleted (``shutil.rmtree``) to make room for it."""
+    from noiserefine.config import load_config
+    from noiserefine.digits.teacher import TRAINING_FILE, ensure_digits_teacher
+
+    settings = load_config(REPO / "configs" / "digits.yaml", ["model.digits.train_steps=2"]).model.digits
+    mine = tmp_path / "models"
+    mine.mkdir()
+    (mine / "weights.bin").write_bytes(b"someone's model")
+    with pytest.raises(ValueError, match=rf"{mine}.*no {TRAINING_FILE}.*not a digits teacher"):
+        ensure_digits_teacher(settings, mine, progress=False)
+    assert files_of(mine) == {"weights.bin": b"someone's model"}
