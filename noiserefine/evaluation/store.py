@@ -25,7 +25,7 @@ from ..files import atomic_path, write_text_atomic
 
 RECORD_FILE = "store.json"
 _SHARD = re.compile(r"shard-(\d{8})-(\d{8})\.npz")
-_STORE_DIRECTORY = re.compile(r"[a-z0-9-]+-[0-9a-f]{16}")
+_STORE_DIRECTORY = re.compile(r"[A-Za-z0-9_.-]+-[0-9a-f]{16}")
 
 
 def record_key(record: dict) -> str:
