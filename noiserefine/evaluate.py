@@ -24,8 +24,11 @@ determines them (model files, dtype, sampler, steps, guidance, refiner weights, 
 rule, feature networks), never ``num_samples``, the batch size or the device, so re-running resumes a
 killed run and samples only missing shards, a longer run extends a shorter one, and another
 configuration gets other directories. ``--out`` (default ``benchmark.output_dir/<backend>-<run key>``)
-belongs to one run key and refuses another; ``--store`` (default ``<out>/store``) may be shared between
-runs, e.g. to reuse the Gaussian rows when evaluating several refiners. Several GPUs: one process each,
+belongs to one run key and refuses another, and a user's non-empty folder (no ``evaluation.json``);
+``--store`` (default ``<out>/store``) may be shared between runs, e.g. to reuse the Gaussian rows when
+evaluating several refiners (a folder holding anything but store directories is refused). Every stored
+shard is checked when a run starts (ids, seeds, each array's length): a bad one is named, set aside and
+sampled again. A ``benchmark.reference`` statistics file is checked before the first sample. Several GPUs: one process each,
 ``--worker I/K`` (same ``--out``), samples every K-th shard from the I-th; the last to finish writes the
 report (a process that finds shards still missing says so and exits 0).
 

@@ -1,12 +1,14 @@
 """Atomic file writes: write to a temp name in the same directory, then ``os.replace``.
 
 A crash never leaves a truncated file under the final name (readers see the old
-file or the new one), which is what makes every command safe to re-run.
+file or the new one), which is what makes every command safe to re-run. Also: the check that an output
+folder is the command's own (:func:`refuse_foreign_directory`) and the CSV log rows (:func:`append_csv`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import csv
 import os
 import secrets
 from collections.abc import Iterator
@@ -81,3 +83,31 @@ def _fsync(path: Path) -> None:
 def write_text_atomic(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def refuse_foreign_directory(directory: str | Path, marker: str, what: str, also_ours: tuple[str, ...] = ()) -> None:
+    """Refuse (``ValueError``) to write into ``directory`` unless it is positively ours: new, empty, or holding
+    ``marker`` (the file the command writes there before anything else) or one of ``also_ours`` (what older
+    versions of the command left). Like the teacher cache (``targets.cache``), a user's folder given as an
+    output (``--out``, ``--run-dir``) is refused before a single file in it is created or replaced."""
+    directory = Path(directory)
+    if not directory.exists():
+        return
+    if not directory.is_dir():
+        raise ValueError(f"{directory} exists and is not a directory; {what} must be a directory")
+    entries = sorted(path.name for path in directory.iterdir())
+    if not entries or marker in entries or any(name in entries for name in also_ours):
+        return
+    shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+    raise ValueError(f"{directory} is not empty and holds no {marker}: it is not {what}; refusing to write into it "
+                     f"(it holds {shown}). Give a new or empty directory")
+
+
+def append_csv(path: Path, fields: tuple[str, ...], row: dict) -> None:
+    """Append ``row`` (its ``fields``) to a CSV log, writing the header first if the file is new or empty."""
+    new = not path.exists() or path.stat().st_size == 0
+    with open(path, "a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(fields))
+        if new:
+            writer.writeheader()
+        writer.writerow({f: row[f] for f in fields})

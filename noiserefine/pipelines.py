@@ -29,7 +29,7 @@ What :func:`refined_latents` does to the pipeline, and why:
   it. Adapters already loaded (``pipe.load_lora_weights``: a style LoRA) stay as they
   are and also apply inside the refiner forward, which is the zero-shot transfer of a
   refiner to that variant. The modules' ``requires_grad`` flags are left as they were
-  (they select CPU kernels). Attached once per pipeline and refiner directory.
+  (they select CPU kernels). Attached once per pipeline and refiner (directory and content).
 - **Noise.** ``x_T`` of each seed comes from ``noiserefine.noise`` (a CPU generator per
   seed, float32), is refined in the denoiser's dtype on its device, and is returned in
   the denoiser's dtype: the same noise the teacher cache and the trainer use for that seed.
@@ -55,10 +55,11 @@ import torch
 from .backends.base import Backend
 from .backends.registry import family_for_pipeline
 from .noise import noise_from_seeds
-from .refiner import Refiner, detach_refiner, load_refiner
+from .hashing import file_sha256, tree_sha256
+from .refiner import CONFIG_FILE, Refiner, detach_refiner, load_refiner
 from .sampler_record import SAMPLER_FILE, check_model_schedule, read_sampler_record
 
-_ATTACHED = "_noiserefine_refiner"  # pipeline attribute: (refiner directory, Refiner)
+_ATTACHED = "_noiserefine_refiner"  # pipeline attribute: (refiner directory, Refiner, its files' sha256)
 
 
 def _record(refiner_dir: Path) -> dict:
@@ -97,13 +98,15 @@ def use_refiner_sampler(pipe, refiner_dir: str | Path) -> None:
 
 
 def attach_refiner(pipe, refiner_dir: str | Path) -> Refiner:
-    """The refiner of ``refiner_dir`` on the pipeline's own denoiser (once; another directory, or a ``pipe.to``
-    to another device or dtype, attaches it again), with the pipeline's scheduler set to the refiner's sampler.
+    """The refiner of ``refiner_dir`` on the pipeline's own denoiser (once; another directory, other files in it
+    (another refiner saved there), or a ``pipe.to`` to another device or dtype, attaches it again), with the pipeline's scheduler set to the refiner's sampler.
     Pipeline outputs are unchanged by the attachment."""
     refiner_dir = Path(refiner_dir).resolve()
     use_refiner_sampler(pipe, refiner_dir)
+    # the cache is keyed by content, not path: another refiner saved into the same directory is loaded
+    version = (tree_sha256(refiner_dir), file_sha256(refiner_dir / CONFIG_FILE))  # memoised: no re-reading
     attached = getattr(pipe, _ATTACHED, None)
-    if attached is not None and attached[0] == refiner_dir:
+    if attached is not None and attached[0] == refiner_dir and attached[2] == version:
         denoiser, backend = attached[1].denoiser, attached[1].backend
         if (denoiser.device, denoiser.dtype) == (backend.device, backend.dtype):
             return attached[1]
@@ -124,7 +127,7 @@ def attach_refiner(pipe, refiner_dir: str | Path) -> Refiner:
             parameter.requires_grad_(flag)
     for parameter in refiner.trainable_parameters():
         parameter.requires_grad_(False)  # inference only
-    setattr(pipe, _ATTACHED, (refiner_dir, refiner))
+    setattr(pipe, _ATTACHED, (refiner_dir, refiner, version))
     return refiner
 
 

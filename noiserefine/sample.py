@@ -16,7 +16,9 @@ Written to ``--out``: ``refined/<prompt index>_<seed>.png`` (refined noise, ungu
 (the teacher's guidance from the same ``x_T``, same steps), ``unguided/`` (plain
 ``x_T``) and ``compare/`` (guided | unguided | refined side by side); ``prompts.json``
 (index -> prompt), ``sample.json`` (the arguments, steps and network calls per image)
-and ``config.yaml`` (the resolved config).
+and ``config.yaml`` (the resolved config). ``--out`` must be new, empty or a folder of this command (it holds
+``sample.json``): a user's other folder is refused before anything in it is replaced. ``--seeds`` gives at most
+:data:`MAX_IMAGES` seeds (prompts x seeds images), counted before they are listed.
 """
 
 from __future__ import annotations
@@ -31,12 +33,19 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import refiner_run_config, save_config
-from .files import write_text_atomic
+from .files import refuse_foreign_directory, write_text_atomic
+
+SAMPLE_FILE = "sample.json"
+
+
+MAX_IMAGES = 1_000_000  # per command: a typo like 0-1000000000000 must fail at once, not fill the memory
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
 
 
 def parse_seeds(text: str) -> list[int]:
-    """``"0-7"``, ``"3"``, ``"0,4,9"`` or ``"0-3,10-11"`` -> the seeds in order (ranges inclusive)."""
-    seeds: list[int] = []
+    """``"0-7"``, ``"3"``, ``"0,4,9"`` or ``"0-3,10-11"`` -> the seeds in order (ranges inclusive); at most
+    :data:`MAX_IMAGES` of them, counted before any list is built."""
+    ranges: list[tuple[int, int]] = []
     for part in text.split(","):
         part = part.strip()
         match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
@@ -45,19 +54,22 @@ def parse_seeds(text: str) -> list[int]:
         start, stop = int(match.group(1)), int(match.group(2) or match.group(1))
         if stop < start:
             raise ValueError(f"--seeds: range {part!r} runs backwards")
-        seeds.extend(range(start, stop + 1))
-    if not seeds:
-        raise ValueError("--seeds is empty")
-    return seeds
+        if stop > MAX_SEED:
+            raise ValueError(f"--seeds: {part!r} goes past the generator's largest seed 2**64 - 1")
+        ranges.append((start, stop))
+    count = sum(stop - start + 1 for start, stop in ranges)
+    if count > MAX_IMAGES:
+        raise ValueError(f"--seeds {text!r} is {count} seeds; at most {MAX_IMAGES} per command")
+    return [seed for start, stop in ranges for seed in range(start, stop + 1)]
 
 
 def read_prompts(prompts: list[str], prompts_file: str | None) -> list[str]:
-    out = [p for p in prompts]
+    """The ``--prompt`` values, then the ``--prompts-file`` lines (UTF-8, blank lines skipped)."""
+    from .targets.prompts import read_text_prompts
+
+    out = list(prompts)
     if prompts_file:
-        path = Path(prompts_file).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"--prompts-file {str(path)!r} not found")
-        out += [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+        out += [line.strip() for line in read_text_prompts(prompts_file) if line.strip()]
     if not out:
         raise ValueError("give at least one --prompt or a --prompts-file with prompts")
     return out
@@ -92,10 +104,15 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    refiner_dir, cfg = refiner_run_config(args.refiner, args.config, args.overrides)
     seeds, prompts = parse_seeds(args.seeds), read_prompts(args.prompt, args.prompts_file)
     if args.batch_size < 1 or args.steps < 0:
         raise ValueError(f"--batch-size must be >= 1 and --steps >= 0, got {args.batch_size}, {args.steps}")
+    if len(prompts) * len(seeds) > MAX_IMAGES:
+        raise ValueError(f"{len(prompts)} prompts x {len(seeds)} seeds is {len(prompts) * len(seeds)} images; at "
+                         f"most {MAX_IMAGES} per command")
+    out = Path(args.out)
+    refuse_foreign_directory(out, SAMPLE_FILE, "an output folder of python -m noiserefine.sample (--out)")
+    refiner_dir, cfg = refiner_run_config(args.refiner, args.config, args.overrides)
 
     from .backends import load_backend
     from .noise import noise_from_seeds
@@ -106,15 +123,14 @@ def main(argv: list[str] | None = None) -> int:
     refiner = load_refiner(refiner_dir, backend)
     steps = args.steps or int(refiner.sampler["num_steps"])
     guidance = Guidance.from_teacher(cfg.teacher)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
-    write_text_atomic(out / "prompts.json", json.dumps(dict(enumerate(prompts)), indent=2, ensure_ascii=False) + "\n")
-    write_text_atomic(out / "sample.json", json.dumps({
+    # sample.json first: it marks the folder as this command's (see files.refuse_foreign_directory)
+    write_text_atomic(out / SAMPLE_FILE, json.dumps({
         "refiner": str(refiner_dir.resolve()), "seeds": seeds, "steps": steps, "compare": args.compare,
         "nfe_per_image": {"refined": steps + 2, "unguided": steps, "guided": guidance.num_branches * steps},
         "guidance": {"kind": guidance.kind, "scale": guidance.scale, "pag_scale": guidance.pag_scale,
                      "pag_layers": list(guidance.pag_layers)}}, indent=2) + "\n")
+    save_config(cfg, out / "config.yaml")
+    write_text_atomic(out / "prompts.json", json.dumps(dict(enumerate(prompts)), indent=2, ensure_ascii=False) + "\n")
 
     jobs = [(index, prompt, seed) for index, prompt in enumerate(prompts) for seed in seeds]
     bar = tqdm(total=len(jobs), desc="sample", unit="image", disable=args.no_progress, dynamic_ncols=True)

@@ -71,6 +71,9 @@ def read_sampler_record(directory: str | Path) -> dict | None:
                                              "scheduler_config", "num_steps"} <= set(record):
         raise ValueError(f"{path}: not a sampler record (needs denoiser_class, latent_shape, scheduler_class, "
                          "scheduler_config, num_steps)")
+    steps = record["num_steps"]
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:  # 2.7 must not run 2 steps
+        raise ValueError(f"{path}: num_steps {steps!r} is not a positive integer")
     return record
 
 

@@ -202,3 +202,10 @@ def test_the_storage_layer_imports_no_stage():
                                                      if n.startswith(stages))
                  for p in sorted((PACKAGE / "storage").rglob("*.py"))}
     assert offenders and not {k: v for k, v in offenders.items() if v}, offenders
+
+
+def test_the_evaluation_imports_no_training_stage():
+    """The generic evaluation (``evaluation/``) runs without the trainer: its helpers live in neutral modules."""
+    offenders = {str(p.relative_to(PACKAGE)): sorted(n for n in imports_of(p) if n.startswith("noiserefine.train"))
+                 for p in sorted((PACKAGE / "evaluation").glob("*.py"))}
+    assert not {k: v for k, v in offenders.items() if v}, offenders

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.gpu.cases import Case
+from noiserefine.files import refuse_foreign_directory  # torch-free
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_BUDGET_S = 270.0  # what the cases' cap_s are declared for
@@ -71,6 +72,8 @@ class Runner:
     def __init__(self, cases: list[Case], out: Path, work: Path, device: str, tiny: bool, budget_s: float,
                  started: float):
         self.cases, self.out, self.work = cases, out, work
+        refuse_foreign_directory(out, "cases.log", "an output folder of bench/gpu_check.py (--out)",
+                                 also_ours=("gpu_report.json",))  # a user's folder: nothing replaced
         self.out.mkdir(parents=True, exist_ok=True)
         self.work.mkdir(parents=True, exist_ok=True)
         self.device, self.tiny, self.budget_s, self.started = device, tiny, budget_s, started

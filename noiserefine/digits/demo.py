@@ -28,13 +28,14 @@ import torch
 from ..backends import load_backend
 from .teacher import ensure_digits_teacher
 from ..config import load_config, save_config
-from ..files import write_text_atomic
+from ..files import refuse_foreign_directory, write_text_atomic
 from ..targets.identity import model_identity
 from .classifier import digit_metrics
 from .report import evaluate, write_report
 from .sweep import ensure_sweep
 
 REPO = Path(__file__).resolve().parents[2]
+RUN_MARKER = "demo_run.json"  # marks a run directory of the demo and of multi_scale (see run_setup)
 
 # --quick: a smoke run of every stage on a tiny budget, isolated in the run directory.
 QUICK = ["model.digits.train_steps=30", "data.num_samples=64", "data.shard_size=16", "pipeline.batch_size=16",
@@ -110,7 +111,11 @@ def run_setup(args, quick: list[str] = QUICK) -> tuple[Path, list[str], list[str
     directory: a smoke run never pollutes the real ones.
     """
     run_dir = Path(args.run_dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    # a user's non-empty folder is refused; RUN_MARKER (written first) or an older run's outputs mark ours
+    refuse_foreign_directory(run_dir, RUN_MARKER, "a run directory of the digits demo (--run-dir)",
+                             also_ours=("refiner-msd", "sweep.json", "multi_scale_config.yaml"))
+    if not (run_dir / RUN_MARKER).is_file():
+        write_text_atomic(run_dir / RUN_MARKER, json.dumps({"run_dir": str(run_dir)}) + "\n")
     config_files = [str(REPO / "configs" / "digits.yaml"), *[str(Path(c).resolve()) for c in args.config]]
     overrides = list(args.overrides)
     if args.quick:

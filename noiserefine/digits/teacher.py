@@ -22,7 +22,7 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from tqdm.auto import tqdm
 
 from ..backends.digits import NULL_INDEX, SCHEDULER_CONFIG, DigitsBackend, build_unet
-from ..files import apply_default_modes
+from ..files import apply_default_modes, refuse_foreign_directory
 from .data import load_digit_images, thicken_strokes
 
 TRAINING_FILE = "training.json"
@@ -74,6 +74,8 @@ def train_digits_teacher(settings, out_dir: str | Path, *, progress: bool = True
     """
     settings = training_settings(settings)
     out_dir = Path(out_dir)
+    # a teacher there is replaced (rmtree) when done; a folder that is not a teacher of ours never is
+    refuse_foreign_directory(out_dir, TRAINING_FILE, "a digits teacher directory (model.path)")
     generator = torch.Generator().manual_seed(int(settings["seed"]))
     torch.manual_seed(int(settings["seed"]))
     images, labels = load_digit_images()

@@ -18,12 +18,12 @@ from ..noise import noise_from_seeds
 from ..sampling import rollout
 from .features import InceptionFeatures, TextImageScores, load_inception
 from .fid_reference import needs_reference_features, reference_statistics, reference_store, reference_windows
-from .paper_report import write_protocol, write_report
-from .protocols import Protocol, build_protocol, fid_image_rule, to_uint8
-from .run_identity import FORMAT_VERSION, assign_row_identities, claim_output, reference_identity
-from .settings import Setting, build_settings
-from .store import ShardStore, record_key, shard_windows
-from .worker_shards import missing_samples, worker_windows
+from .paper_report import row_metrics, write_protocol, write_report
+from .protocols import Protocol, build_protocol, fid_image_rule, load_statistics, to_uint8
+from .run_identity import FORMAT_VERSION, assign_row_identities, claim_output, reference_identity, write_finished
+from .settings import Setting, build_settings, guidance_record
+from .store import ShardStore, check_store_root, record_key, shard_windows
+from .worker_shards import missing_samples, set_aside_bad_shards, worker_windows
 
 
 def _sync(device: torch.device) -> None:
@@ -99,6 +99,9 @@ class Evaluation:
             self.notes.append("CLIPScore/PickScore not computed: eval.clip_path and eval.pickscore_path are not set")
         if self.inception is not None and not self.protocol.reference_path:
             self.notes.append("FID not computed: benchmark.reference is not set")
+        if self.inception is not None and self.protocol.reference_path and self.protocol.reference_files is None:
+            # a statistics file: checked now, not after hours of sampling
+            load_statistics(self.protocol.reference_path, self.inception.num_features)
 
         # the rows, their stores' keys and the run key
         sampler = scheduler_record(self.backend.scheduler_class, self.backend.scheduler_config)
@@ -114,8 +117,9 @@ class Evaluation:
         self.run_key = record_key(self.run_record)
         self.out = Path(out).expanduser() if out else \
             Path(self.bench.output_dir).expanduser() / f"{cfg.model.backend}-{self.run_key[:12]}"
-        claim_output(self.out, self.run_key, self.run_record)
         self.store_root = Path(store).expanduser() if store is not None else self.out / "store"
+        check_store_root(self.store_root)  # before --out is claimed: a refused run writes nothing
+        claim_output(self.out, self.run_key, self.run_record)
         self.stores: dict[str, ShardStore] = {row.slug: ShardStore(self.store_root, row.slug, row.identity)
                                               for row in self.rows}
 
@@ -205,11 +209,14 @@ class Evaluation:
         and the reference are complete; otherwise return ``{"complete": False, "missing": ...}``."""
         from tqdm.auto import tqdm
 
-        write_protocol(self)
-        stores = [(self.stores[row.slug], self.windows) for row in self.rows]
+        write_protocol(self.out, self.cfg, self.protocol, self._protocol_record())
+        stores = [(self.stores[row.slug], self.windows, self.protocol.seeds) for row in self.rows]
         if needs_reference_features(self.protocol, self.reference_identity, self.store_root):
             stores.append((reference_store(self.store_root, self.reference_identity),
-                           reference_windows(self.protocol, self.bench.shard_size)))
+                           reference_windows(self.protocol, self.bench.shard_size), None))
+        for store, windows, seeds in stores:  # a shard with a short array is sampled again, never averaged
+            set_aside_bad_shards(store, windows, seeds)
+        stores = [(store, windows) for store, windows, _ in stores]
         total = sum(b - a for _, windows in stores for a, b in self._mine(windows))
         remaining = sum(missing_samples(store, self._mine(windows)) for store, windows in stores)
         bar = tqdm(total=total, initial=total - remaining, unit="image", disable=not self.progress,
@@ -227,4 +234,28 @@ class Evaluation:
             return {"complete": False, "out": str(self.out), "run_key": self.run_key,
                     "missing": {**{k: v for k, v in missing.items() if v},
                                 **({"reference": True} if reference_pending else {})}}
-        return write_report(self, reference)
+        return self._report(reference)
+
+    # ------------------------------------------------------------------------------------------ outputs
+    def _protocol_record(self) -> dict:
+        """What ``protocol.json`` adds to the protocol's record: this run's rows, stores, networks and key."""
+        return {"resolution": self.resolution, "num_steps": self.steps,
+                "rows": {row.slug: {"label": row.label, "nfe": row.nfe, "guidance": guidance_record(row.guidance),
+                                    "model_path": str(row.model_cfg.path),
+                                    "store": str(self.stores[row.slug].directory)} for row in self.rows},
+                "refiner": str(self.refiner_dir.resolve()),
+                "inception": self.inception.record if self.inception else None,
+                "text_image": self.text_image.record if self.text_image else None, "run_key": self.run_key}
+
+    def _report(self, reference) -> dict:
+        """Write the report of the complete rows (``paper_report``), then mark ``--out`` finished."""
+        results, notes = row_metrics(self.rows, self.stores, self.windows, self.protocol, reference)
+        device = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else str(self.device)
+        report = {"complete": True, "run_key": self.run_key, "protocol": self.protocol.record,
+                  "resolution": self.resolution, "num_steps": self.steps, "device": device,
+                  "dtype": self.cfg.model.dtype, "rows": results, "notes": list(dict.fromkeys(self.notes + notes)),
+                  "out": str(self.out)}
+        write_report(self.out, report, [(row.label, self.stores[row.slug].images) for row in self.rows],
+                     min(self.bench.grid_columns, self.protocol.num_samples))
+        write_finished(self.out, self.run_key, self.run_record, self.stores)
+        return report

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+from ..files import append_csv
 from ..sampling import Guidance
 from .grids import save_rows_grid
 from .rows import MetricFn, eval_set, sample_row, score_rows
@@ -34,8 +35,6 @@ class Evaluator:
 
     def __call__(self, refiner, step: int) -> dict:
         """Sample, score and draw the rows at ``step``; returns ``{"text", "rows": {name: metrics}}``."""
-        from ..train.logs import append_csv
-
         cfg, backend = self.cfg, self.backend
         steps, batch = cfg.student.num_steps, cfg.eval.batch_size
         if self.fixed is None:

@@ -16,6 +16,7 @@ trainer's periodic metric (``eval.metrics=text_image``).
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import sys
@@ -103,6 +104,12 @@ class InceptionFeatures:
             pools.append(pool.float().cpu())
             logits.append(logit.float().cpu())
         return {"pool": torch.cat(pools).numpy(), "logits": torch.cat(logits).numpy()}
+
+    @functools.cached_property
+    def num_features(self) -> int:
+        """Width of the pool features (2048 for the FID Inception), from one black image: what a reference's
+        statistics must match."""
+        return int(self(torch.zeros((1, 3, 32, 32), dtype=torch.uint8))["pool"].shape[1])
 
 
 def load_inception(path: str, device: str | torch.device = "cpu", batch_size: int = 64,

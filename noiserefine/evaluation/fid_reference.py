@@ -40,11 +40,11 @@ def reference_statistics(protocol: Protocol, identity: dict | None, store_root: 
     if identity is None:
         return None, False
     if protocol.reference_files is None:
-        return load_statistics(protocol.reference_path), False
+        return load_statistics(protocol.reference_path, inception.num_features), False
     store = reference_store(store_root, identity)
     stats_path = store.directory / "stats.npz"
     if stats_path.is_file():
-        return load_statistics(stats_path), False
+        return load_statistics(stats_path, inception.num_features, key="the reference store"), False
     files = protocol.reference_files
     windows = reference_windows(protocol, shard_size)
     bar.set_description("reference")

@@ -1,6 +1,7 @@
 """The evaluation's written outputs (see ``noiserefine.evaluate``): ``config.yaml``, ``protocol.json`` and
-``samples.csv`` before sampling; once every row is complete, ``metrics.json``, ``table.md``
-(:func:`markdown_table`), ``grid.png`` and the finished ``evaluation.json``.
+``samples.csv`` before sampling; once every row is complete, the metrics (:func:`row_metrics`, from the rows'
+stores), ``metrics.json``, ``table.md`` (:func:`markdown_table`) and ``grid.png``. It gets the data it writes,
+never the run (``evaluation.benchmark``), which marks ``evaluation.json`` finished afterwards.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ import io
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,29 +18,18 @@ import torch
 from ..config import save_config
 from ..files import atomic_path, write_text_atomic
 from .metrics import fid_from_features, inception_score_splits
-from .run_identity import write_finished
+from .protocols import Protocol
 from .scores import gap_closed
-from .settings import GUIDED_ROW, UNGUIDED_ROW, guidance_record
-
-if TYPE_CHECKING:
-    from .benchmark import Evaluation
+from .settings import GUIDED_ROW, UNGUIDED_ROW, Setting
+from .store import ShardStore
 
 
-def write_protocol(evaluation: Evaluation) -> None:
-    """``config.yaml`` (resolved), ``protocol.json`` (protocol, rows, stores, networks, run key) and
-    ``samples.csv`` (sample, seed, prompt)."""
-    out, protocol = evaluation.out, evaluation.protocol
-    save_config(evaluation.cfg, out / "config.yaml")
-    record = {**protocol.record, "resolution": evaluation.resolution, "num_steps": evaluation.steps,
-              "rows": {row.slug: {"label": row.label, "nfe": row.nfe, "guidance": guidance_record(row.guidance),
-                                  "model_path": str(row.model_cfg.path),
-                                  "store": str(evaluation.stores[row.slug].directory)}
-                       for row in evaluation.rows},
-              "refiner": str(evaluation.refiner_dir.resolve()),
-              "inception": evaluation.inception.record if evaluation.inception else None,
-              "text_image": evaluation.text_image.record if evaluation.text_image else None,
-              "run_key": evaluation.run_key}
-    write_text_atomic(out / "protocol.json", json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+def write_protocol(out: Path, cfg, protocol: Protocol, record: dict) -> None:
+    """``config.yaml`` (resolved ``cfg``), ``protocol.json`` (the protocol's record plus ``record``: rows, stores,
+    networks, run key) and ``samples.csv`` (sample, seed, prompt)."""
+    save_config(cfg, out / "config.yaml")
+    write_text_atomic(out / "protocol.json", json.dumps({**protocol.record, **record}, indent=2,
+                                                        ensure_ascii=False) + "\n")
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["sample", "seed", "prompt"])
@@ -48,12 +37,13 @@ def write_protocol(evaluation: Evaluation) -> None:
     write_text_atomic(out / "samples.csv", buffer.getvalue())
 
 
-def row_metrics(evaluation: Evaluation, reference) -> dict[str, dict]:
+def row_metrics(rows: list[Setting], stores: dict[str, ShardStore], windows: list[tuple[int, int]],
+                protocol: Protocol, reference) -> tuple[dict[str, dict], list[str]]:
     """Each row's metrics from its complete store (FID against ``reference``'s (mu, sigma) when given), with
-    the gap closed of the non-Gaussian rows; a metric left out adds a note to ``evaluation.notes``."""
-    n, results = evaluation.protocol.num_samples, {}
-    for row in evaluation.rows:
-        arrays = evaluation.stores[row.slug].read_all(evaluation.windows, evaluation.protocol.seeds)
+    the gap closed of the non-Gaussian rows; and the notes on metrics left out."""
+    n, results, notes = protocol.num_samples, {}, []
+    for row in rows:
+        arrays = stores[row.slug].read_all(windows, protocol.seeds)
         metrics: dict = {"label": row.label, "num_samples": n, "nfe": row.nfe,
                          "seconds_per_image": float(arrays["sample_seconds"].sum() / n),
                          "decode_seconds_per_image": float(arrays["decode_seconds"].sum() / n),
@@ -65,7 +55,7 @@ def row_metrics(evaluation: Evaluation, reference) -> dict[str, dict]:
                 metrics["inception_score"], metrics["inception_score_std"] = \
                     inception_score_splits(arrays["inception_logits"])
             else:
-                evaluation.notes.append(f"IS not computed: {n} samples, fewer than its 10 splits")
+                notes.append(f"IS not computed: {n} samples, fewer than its 10 splits")
         for name in ("clip_score", "pick_score"):
             if name in arrays:
                 metrics[name] = float(arrays[name].mean())
@@ -74,42 +64,32 @@ def row_metrics(evaluation: Evaluation, reference) -> dict[str, dict]:
     for slug, metrics in results.items():
         if slug not in (UNGUIDED_ROW, GUIDED_ROW) and unguided is not None and "fid" in metrics:
             metrics["gap_closed"] = gap_closed(unguided, metrics["fid"], guided)
-    return results
+    return results, notes
 
 
-def write_report(evaluation: Evaluation, reference) -> dict:
-    """Write ``metrics.json``, ``table.md``, ``grid.png`` and the finished ``evaluation.json``; returns the
-    report (``metrics.json``'s content)."""
-    results = row_metrics(evaluation, reference)
-    notes = list(dict.fromkeys(evaluation.notes))
-    device = evaluation.device
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
-    report = {"complete": True, "run_key": evaluation.run_key, "protocol": evaluation.protocol.record,
-              "resolution": evaluation.resolution, "num_steps": evaluation.steps, "device": device_name,
-              "dtype": evaluation.cfg.model.dtype, "rows": results, "notes": notes, "out": str(evaluation.out)}
-    write_text_atomic(evaluation.out / "metrics.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    write_text_atomic(evaluation.out / "table.md", markdown_table(report) + "\n")
-    _save_grid(evaluation)
-    write_finished(evaluation.out, evaluation.run_key, evaluation.run_record, evaluation.stores)
-    return report
+def write_report(out: Path, report: dict, grid_rows: list[tuple[str, Path]], grid_columns: int) -> None:
+    """Write ``report`` as ``metrics.json`` and ``table.md``, and ``grid.png`` from ``grid_rows`` (label, folder
+    of ``<index:08d>.png``), the first ``grid_columns`` images of each."""
+    write_text_atomic(out / "metrics.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    write_text_atomic(out / "table.md", markdown_table(report) + "\n")
+    _save_grid(out / "grid.png", grid_rows, grid_columns)
 
 
-def _save_grid(evaluation: Evaluation) -> None:
-    """``grid.png``: rows = settings, columns = the first ``benchmark.grid_columns`` samples."""
+def _save_grid(path: Path, grid_rows: list[tuple[str, Path]], columns: int) -> None:
+    """Rows = settings, columns = the first ``columns`` samples."""
     from PIL import Image
 
     from .grids import save_image_grid
 
-    columns = min(evaluation.bench.grid_columns, evaluation.protocol.num_samples)
     images = []
-    for row in evaluation.rows:
+    for _, folder in grid_rows:
         for index in range(columns):
-            with Image.open(evaluation.stores[row.slug].images / f"{index:08d}.png") as image:
+            with Image.open(folder / f"{index:08d}.png") as image:
                 images.append(torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1))
     batch = torch.stack(images).float() / 255
     scale = max(1, 64 // batch.shape[-1])
-    with atomic_path(evaluation.out / "grid.png") as tmp:
-        save_image_grid(batch, tmp, nrow=columns, row_labels=[row.label for row in evaluation.rows], scale=scale)
+    with atomic_path(path) as tmp:
+        save_image_grid(batch, tmp, nrow=columns, row_labels=[label for label, _ in grid_rows], scale=scale)
 
 
 def _format(value, digits: int) -> str:

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import numpy as np
 import torch
@@ -32,6 +33,7 @@ import torch
 from ..noise import sample_seed
 from ..hashing import file_sha256
 
+MAX_SAMPLES = 10_000_000  # the paper's protocols use 30K (COCO) and 50K (ImageNet)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 FID_IMAGE_RULE = ("uint8 RGB (generated: round(255 * x) of the decoded image in [0, 1]); center crop to the "
                   "shorter side; PIL bicubic resize to resolution x resolution (skipped when already that size); "
@@ -101,6 +103,28 @@ def read_coco_selection(path: str | Path) -> list[dict]:
     return [first[image_id] for image_id in sorted(first)]
 
 
+def _files_inside(chosen: list[dict], captions: Path) -> list[dict]:
+    """The selection with each ``file_name`` normalised, refusing a name that leaves the reference folder (absolute
+    or through ``..``: a captions file must not make the evaluation read elsewhere) and two images sharing one file
+    (it would count twice in the reference)."""
+    owners: dict[str, int] = {}
+    out = []
+    for item in chosen:
+        name = item["file_name"]
+        if name:
+            normal = os.path.normpath(name)
+            if os.path.isabs(name) or PurePath(name).anchor or normal == ".." or normal.startswith(".." + os.sep):
+                raise ValueError(f"{str(captions)!r}: image id {item['image_id']} has file_name {name!r}, outside the "
+                                 "reference folder (benchmark.reference); names must be relative paths inside it")
+            if normal in owners:
+                raise ValueError(f"{str(captions)!r}: image ids {owners[normal]} and {item['image_id']} share the "
+                                 f"file {normal!r}; each selected image needs its own file")
+            owners[normal] = item["image_id"]
+            name = normal
+        out.append({**item, "file_name": name})
+    return out
+
+
 def list_images(folder: Path) -> list[Path]:
     """Image files under ``folder`` (recursive, hidden ones skipped), sorted by relative path."""
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
@@ -116,6 +140,8 @@ def build_protocol(bench, num_samples: int | None = None) -> Protocol:
     count = int(num_samples if num_samples is not None else bench.num_samples)
     if count < 1:
         raise ValueError(f"num_samples must be >= 1, got {count}")
+    if count > MAX_SAMPLES:  # before a seed or prompt is listed: a typo must not fill the memory
+        raise ValueError(f"num_samples={count} (benchmark.num_samples or --num-samples): at most {MAX_SAMPLES}")
     seeds = seeds_for(bench, count)
     reference = str(bench.reference or "")
     reference_path = Path(reference).expanduser() if reference else None
@@ -138,6 +164,7 @@ def build_protocol(bench, num_samples: int | None = None) -> Protocol:
                       image_ids_sha256=_sha256_json([item["image_id"] for item in chosen]))
         files = None
         if folder is not None:
+            chosen = _files_inside(chosen, captions)
             missing = [item["file_name"] or f"(image id {item['image_id']} has no file_name)" for item in chosen
                        if not item["file_name"] or not (folder / item["file_name"]).is_file()]
             if missing:
@@ -228,22 +255,41 @@ def load_reference_image(path: Path, resolution: int) -> torch.Tensor:
         return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
 
 
-def load_statistics(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """``mu`` (F,) and ``sigma`` (F, F) from an .npz (no pickle); errors name the file and what is wrong."""
+def load_statistics(path: str | Path, num_features: int | None = None,
+                    key: str = "benchmark.reference") -> tuple[np.ndarray, np.ndarray]:
+    """``mu`` (F,) and ``sigma`` (F, F) from an .npz (no pickle), checked before any sample is drawn: finite,
+    ``F == num_features`` (the Inception network's, when given), ``sigma`` symmetric positive semi-definite (as
+    every covariance is; anything else makes the FID meaningless or fails at the end in ``sqrtm``). Errors name
+    the file, ``key`` and the array."""
     path = Path(path)
+    where = f"{str(path)!r} ({key})"
     try:
         data = np.load(path, allow_pickle=False)
     except Exception as error:  # not .npy/.npz, truncated, or an object array (pickle refused)
-        raise ValueError(f"{str(path)!r} is not a readable .npz statistics file: {error}") from None
+        raise ValueError(f"{where} is not a readable .npz statistics file: {error}") from None
     if not isinstance(data, np.lib.npyio.NpzFile):
-        raise ValueError(f"{str(path)!r} is a single array, not an .npz with mu and sigma")
+        raise ValueError(f"{where} is a single array, not an .npz with mu and sigma")
     with data:
         if "mu" not in data.files or "sigma" not in data.files:
-            raise ValueError(f"{str(path)!r} holds {sorted(data.files)}, not mu and sigma")
+            raise ValueError(f"{where} holds {sorted(data.files)}, not mu and sigma")
         try:
             mu, sigma = np.asarray(data["mu"], np.float64), np.asarray(data["sigma"], np.float64)
         except Exception as error:
-            raise ValueError(f"{str(path)!r}: unreadable mu/sigma: {error}") from None
-    if mu.ndim != 1 or sigma.shape != (mu.size, mu.size) or not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-        raise ValueError(f"{str(path)!r}: mu {mu.shape} and sigma {sigma.shape} are not (F,) and (F, F) finite arrays")
+            raise ValueError(f"{where}: unreadable mu/sigma: {error}") from None
+    if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
+        raise ValueError(f"{where}: mu {mu.shape} and sigma {sigma.shape} are not (F,) and (F, F) arrays")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise ValueError(f"{where}: mu or sigma is not finite (holds inf or nan)")
+    if num_features is not None and mu.size != num_features:
+        raise ValueError(f"{where}: mu and sigma are of {mu.size} features; the Inception network gives "
+                         f"{num_features} (statistics of another network or layer)")
+    scale = max(float(np.abs(sigma).max()), 1e-30)
+    asymmetry = float(np.abs(sigma - sigma.T).max())
+    if asymmetry > 1e-5 * scale:
+        raise ValueError(f"{where}: sigma is not symmetric (max |sigma - sigma^T| = {asymmetry:.3g}, max |sigma| = "
+                         f"{scale:.3g}); not a covariance matrix")
+    eigenvalues = np.linalg.eigvalsh((sigma + sigma.T) / 2)
+    if eigenvalues[0] < -1e-5 * max(float(np.abs(eigenvalues).max()), 1e-30):
+        raise ValueError(f"{where}: sigma is not positive semi-definite (smallest eigenvalue {eigenvalues[0]:.3g}, "
+                         f"largest {eigenvalues[-1]:.3g}); not a covariance matrix")
     return mu, sigma

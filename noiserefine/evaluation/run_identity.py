@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..files import write_text_atomic
+from ..files import refuse_foreign_directory, write_text_atomic
 from .protocols import FID_IMAGE_RULE, Protocol
 from .settings import Setting, guidance_record
 from .store import record_key
@@ -54,7 +54,9 @@ def reference_identity(protocol: Protocol, inception, resolution: int) -> dict |
 
 
 def claim_output(out: Path, run_key: str, run_record: dict) -> None:
-    """Create ``out`` for this run, or refuse it when it holds another run key (naming what differs)."""
+    """Create ``out`` for this run, or refuse it when it holds another run key (naming what differs) or is
+    not an evaluation's folder at all (a user's non-empty folder: nothing in it is replaced)."""
+    refuse_foreign_directory(out, EVALUATION_FILE, "an output folder of python -m noiserefine.evaluate (--out)")
     path = out / EVALUATION_FILE
     if path.is_file():
         try:

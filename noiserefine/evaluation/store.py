@@ -11,9 +11,12 @@ so a killed run leaves complete shards and at most a stray temp file, which is i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +25,7 @@ from ..files import atomic_path, write_text_atomic
 
 RECORD_FILE = "store.json"
 _SHARD = re.compile(r"shard-(\d{8})-(\d{8})\.npz")
+_STORE_DIRECTORY = re.compile(r"[A-Za-z0-9_.-]+-[0-9a-f]{16}")
 
 
 def record_key(record: dict) -> str:
@@ -31,6 +35,25 @@ def record_key(record: dict) -> str:
 def shard_windows(num_samples: int, shard_size: int) -> list[tuple[int, int]]:
     """``[(0, S), (S, 2S), ..., (kS, N)]``: the windows of a run (a longer run shares its whole windows)."""
     return [(start, min(start + shard_size, num_samples)) for start in range(0, num_samples, shard_size)]
+
+
+def check_store_root(root: str | Path) -> None:
+    """Refuse a store root (``--store``) that is not positively ours: it must be new, empty, or hold only keyed
+    store directories (``<name>-<key[:16]>/`` with a ``store.json``, or still empty while another worker creates
+    it), so a user's folder given as ``--store`` gets nothing written into it."""
+    root = Path(root)
+    if not root.exists():
+        return
+    if not root.is_dir():
+        raise ValueError(f"--store {root} exists and is not a directory")
+    foreign = sorted(entry.name for entry in root.iterdir()
+                     if not (entry.is_dir() and _STORE_DIRECTORY.fullmatch(entry.name)
+                             and ((entry / RECORD_FILE).is_file() or not any(entry.iterdir()))))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ValueError(f"--store {root} is not an evaluation store folder (it holds {shown}, which are not "
+                         f"keyed store directories with a {RECORD_FILE}); refusing to write into it. Give a new or "
+                         "empty directory, or one an evaluation made")
 
 
 class ShardStore:
@@ -66,6 +89,7 @@ class ShardStore:
         ids = np.asarray(arrays["sample_ids"])
         if ids.tolist() != list(range(start, stop)):
             raise ValueError(f"shard {start}..{stop}: sample_ids {ids[:3].tolist()}... do not match the window")
+        _check_lengths(arrays, start, stop, self.shard_name(start, stop))
         bad = [k for k, v in arrays.items() if np.asarray(v).dtype == object]
         if bad:
             raise ValueError(f"shard arrays {bad} are object arrays (pickle); store numbers or strings")
@@ -87,7 +111,22 @@ class ShardStore:
         if arrays.get("sample_ids", np.array([])).tolist() != list(range(start, stop)) \
                 or (seeds is not None and arrays.get("seeds", np.array([])).tolist() != list(seeds)):
             raise ValueError(f"{path}: its sample ids or seeds are not the protocol's for samples {start}..{stop - 1}")
+        _check_lengths(arrays, start, stop, path)
         return arrays
+
+    def problem(self, start: int, stop: int, seeds: list[int] | None) -> str | None:
+        """What is wrong with a present shard (unreadable, ids, seeds or an array's length), or None."""
+        try:
+            self.read(start, stop, seeds)
+        except ValueError as error:
+            return str(error)
+        return None
+
+    def set_aside(self, start: int, stop: int) -> None:
+        """Rename a bad shard to ``<shard>.bad-<ns>`` (kept for inspection, no longer counted): re-sampled."""
+        path = self.directory / self.shard_name(start, stop)
+        with contextlib.suppress(FileNotFoundError):  # another worker set it aside first
+            os.replace(path, path.with_name(f"{path.name}.bad-{time.time_ns()}"))
 
     def read_all(self, windows: list[tuple[int, int]], seeds: list[int] | None) -> dict[str, np.ndarray]:
         """Every window's arrays concatenated in sample order (all must be present)."""
@@ -95,4 +134,22 @@ class ShardStore:
         if missing:
             raise FileNotFoundError(f"{self.directory}: missing shards {missing[:3]}{' ...' if len(missing) > 3 else ''}")
         parts = [self.read(a, b, None if seeds is None else seeds[a:b]) for a, b in windows]
+        first = {name: array.shape[1:] for name, array in parts[0].items()}
+        for (a, b), part in zip(windows, parts):
+            shapes = {name: array.shape[1:] for name, array in part.items()}
+            if shapes != first:
+                differing = sorted(k for k in set(first) | set(shapes) if first.get(k) != shapes.get(k))
+                raise ValueError(f"{self.directory / self.shard_name(a, b)}: its arrays {differing} have shapes "
+                                 f"{[part[k].shape if k in part else None for k in differing]}, the first shard's "
+                                 f"{[parts[0][k].shape if k in parts[0] else None for k in differing]}; delete it "
+                                 "to re-sample its window")
         return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
+
+def _check_lengths(arrays: dict[str, np.ndarray], start: int, stop: int, shard) -> None:
+    """Every array of a shard holds one row per sample of its window (a short one would skew the metrics)."""
+    for name, array in arrays.items():
+        rows = np.shape(array)[0] if np.ndim(array) else None
+        if rows != stop - start:
+            raise ValueError(f"{shard}: array {name!r} has {rows} rows for the window's {stop - start} samples "
+                             f"({start}..{stop - 1})")

@@ -11,7 +11,7 @@ import json
 import time
 from pathlib import Path
 
-from ..files import atomic_path, write_text_atomic
+from ..files import append_csv, atomic_path, write_text_atomic  # noqa: F401  (append_csv: loop.py's)
 
 LOG_FIELDS = ("step", "loss", "grad_norm", "samples_per_s", "seconds", "corrupt_skipped")
 
@@ -80,13 +80,3 @@ def trim_csv(path: Path, last_step: int) -> None:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-
-
-def append_csv(path: Path, fields: tuple[str, ...], row: dict) -> None:
-    """Append ``row`` (its ``fields``), writing the header first if the file is new or empty."""
-    new = not path.exists() or path.stat().st_size == 0
-    with open(path, "a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(fields))
-        if new:
-            writer.writeheader()
-        writer.writerow({f: row[f] for f in fields})
