@@ -59,3 +59,12 @@ def test_only_the_distributed_module_imports_deepspeed_and_none_imports_ray():
     users = {str(p.relative_to(PACKAGE)): sorted(n for n in imports_of(p) if n.split(".")[0] in ("ray", "deepspeed"))
              for p in modules()}
     assert {k for k, v in users.items() if v} == {"train/distributed.py"}, users
+
+
+def test_the_checkpointer_imports_nothing_about_caches_manifests_or_scales():
+    """It saves and restores the stateful objects it is given (the stream owns its shard rows)."""
+    about_data = ("noiserefine.targets", "noiserefine.shards", "noiserefine.storage", "noiserefine.train.stream",
+                  "noiserefine.train.reader", "noiserefine.train.multi_scale", "noiserefine.train.order.GlobalOrder")
+    for name in ("checkpoint.py", "checkpoint_files.py"):
+        bad = sorted(n for n in imports_of(PACKAGE / "train" / name) if n.startswith(about_data))
+        assert not bad, f"train/{name} imports {bad}"

@@ -43,9 +43,8 @@ from ..refiner import Refiner, save_refiner
 from . import distributed
 from .checkpoint import Checkpointer, finished_run
 from .logs import LOG_FIELDS, LogWindow, append_csv, trim_csv, trim_jsonl
-from .multi_scale import MultiScaleStream
 from .order import per_rank_batch
-from .stream import BatchStream, TeacherStream
+from .stream import BatchStream, open_stream
 
 
 def train_step(engine, refiner: Refiner, loss_fn: LossFn, backend, batch: dict) -> dict:
@@ -165,14 +164,6 @@ def merge_windows(windows: list[dict]) -> dict:
             "steps": sum(int(w.get("steps", 0)) for w in windows),
             "samples": sum(int(w.get("samples", 0)) for w in windows),
             "seconds": max([float(w.get("seconds", 0.0)) for w in windows] or [0.0])}
-
-
-def open_stream(cfg, rank: int, world_size: int) -> BatchStream:
-    """The data stream of ``cfg`` for this rank: one cache, or one per ``data.guidance_scales`` w. Its cache is
-    opened when first needed, or by ``load_state_dict`` on the rows a checkpoint recorded."""
-    if cfg.data.guidance_scales:
-        return MultiScaleStream.from_config(cfg, rank, world_size)
-    return TeacherStream.from_config(cfg, rank, world_size)
 
 
 def _start(cfg) -> _Run:

@@ -109,6 +109,16 @@ def elastic_state(states: list[dict], rank: int) -> dict:
     return state
 
 
+def open_stream(cfg, rank: int, world_size: int) -> BatchStream:
+    """The data stream of ``cfg`` for this rank: one cache, or one per ``data.guidance_scales`` w. Its caches
+    are opened when first needed, or by ``load_state_dict`` on the rows a checkpoint recorded."""
+    if cfg.data.guidance_scales:
+        from .multi_scale import MultiScaleStream  # per-scale TeacherStreams: it imports this module
+
+        return MultiScaleStream.from_config(cfg, rank, world_size)
+    return TeacherStream.from_config(cfg, rank, world_size)
+
+
 # ``opener(None)``: a cache and the rows a fresh run trains on; ``opener(rows)``: the same cache on exactly
 # ``rows``, each checked to be still there, unchanged (``targets.cache.open_cache`` with a config bound)
 CacheOpener = Callable[[list[ShardInfo] | None], tuple[Location, dict[str, ShardInfo]]]
