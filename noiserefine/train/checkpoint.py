@@ -143,7 +143,8 @@ class Checkpointer:
             shutil.rmtree(self.ckpt_dir / tag, ignore_errors=True)  # leftover of a save that was killed
         # one dict per rank (also: nobody writes before the removal)
         gathered = distributed.all_gather_object({name: obj.state_dict() for name, obj in states.items()})
-        client_state = {"step": step, "seconds": seconds, "states": {name: [g[name] for g in gathered] for name in states},
+        client_state = {"step": step, "seconds": seconds,
+                        "states": {name: [g[name] for g in gathered] for name in states},
                         "global_batch_size": int(self.cfg.train.global_batch_size),
                         "config": OmegaConf.to_container(self.cfg, resolve=True), "world_size": len(gathered),
                         "trainable_names": trainable_names(refiner), "checkpoint_format": CHECKPOINT_FORMAT}
