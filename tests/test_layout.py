@@ -209,3 +209,12 @@ def test_the_evaluation_imports_no_training_stage():
     offenders = {str(p.relative_to(PACKAGE)): sorted(n for n in imports_of(p) if n.startswith("noiserefine.train"))
                  for p in sorted((PACKAGE / "evaluation").glob("*.py"))}
     assert not {k: v for k, v in offenders.items() if v}, offenders
+
+
+def test_the_checkpointer_imports_nothing_about_caches_manifests_or_scales():
+    """It saves and restores the stateful objects it is given (the stream owns its shard rows)."""
+    about_data = ("noiserefine.targets", "noiserefine.shards", "noiserefine.storage", "noiserefine.train.stream",
+                  "noiserefine.train.reader", "noiserefine.train.multi_scale", "noiserefine.train.order.GlobalOrder")
+    for name in ("checkpoint.py", "checkpoint_files.py"):
+        bad = sorted(n for n in imports_of(PACKAGE / "train" / name) if n.startswith(about_data))
+        assert not bad, f"train/{name} imports {bad}"

@@ -173,7 +173,8 @@ def test_multi_stream_is_deterministic_rank_independent_and_resumes_exactly(mult
         first = _multi(multi_cfg)
         list(itertools.islice(iter(first), consumed))
         state = json.loads(json.dumps(first.state_dict()))  # as stored in a checkpoint
-        assert state == {"batches": consumed, "corrupt_skipped": 0}
+        assert {k: state[k] for k in ("batches", "corrupt_skipped")} == {"batches": consumed, "corrupt_skipped": 0}
+        assert sorted(state["shard_rows"]) == ["1.5", "3.0"]  # each scale's rows, by scale_label
         resumed = _multi(multi_cfg)
         tail = list(itertools.islice(resumed.batches(resumed.load_state_dict(state)), 12 - consumed))
         assert [(b["index"], b["sample_id"], b["guidance_scale"].tolist()) for b in tail] == \

@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 
 from noiserefine.train.checkpoint import resume_mismatch
-from noiserefine.train.logs import LOG_FIELDS, LogWindow, append_csv, trim_csv, trim_jsonl
+from noiserefine.files import append_csv
+from noiserefine.train.logs import LOG_FIELDS, LogWindow, trim_csv, trim_jsonl
 
 
 def read_log(path: Path) -> list[dict]:

@@ -204,7 +204,7 @@ def test_resume_refuses_foreign_pickles_and_tags_outside_the_checkpoint_dir(tmp_
 import sys
 from pathlib import Path
 import torch
-from noiserefine.train.checkpoint import latest_tag
+from noiserefine.train.checkpoint_files import latest_tag
 from noiserefine.train.distributed import read_client_state
 
 class NotAllowlisted:  # weights_only does not know it: a stand-in for any code a pickle could run

@@ -11,7 +11,7 @@ import json
 import time
 from pathlib import Path
 
-from ..files import append_csv, atomic_path, write_text_atomic  # noqa: F401  (append_csv: loop.py's)
+from ..files import atomic_path, write_text_atomic
 
 LOG_FIELDS = ("step", "loss", "grad_norm", "samples_per_s", "seconds", "corrupt_skipped")
 

@@ -40,13 +40,13 @@ from ..evaluation.rows import MetricFn
 from ..files import write_text_atomic
 from ..losses import LossFn, build_loss
 from ..refiner import Refiner, save_refiner
-from ..targets.cache import open_cache
 from . import distributed
 from .checkpoint import Checkpointer, finished_run
-from .logs import LOG_FIELDS, LogWindow, append_csv, trim_csv, trim_jsonl
-from .multi_scale import MultiScaleStream, open_scale_caches
+from ..files import append_csv
+from .logs import LOG_FIELDS, LogWindow, trim_csv, trim_jsonl
 from .order import per_rank_batch
-from .stream import TeacherStream
+from .stream import BatchStream
+from .streams import open_stream
 
 
 def train_step(engine, refiner: Refiner, loss_fn: LossFn, backend, batch: dict) -> dict:
@@ -123,9 +123,8 @@ def train(cfg, metric_factory: Callable[[], MetricFn] | None = None) -> dict:
             if evaluator is not None and step % cfg.train.eval_every == 0:
                 tqdm.write(evaluator(run.refiner, step)["text"])
             if run.checkpointer.due(step):
-                run.checkpointer.save(run.engine, run.refiner, step,
-                                      {**run.stream.state_dict(), "log_window": run.window.state_dict()},
-                                      time.perf_counter() - started, run.stream.shard_rows())
+                run.checkpointer.save(run.engine, run.refiner, step, time.perf_counter() - started,
+                                      checkpointed(run.stream, run.window))
             bar.update(1)
     bar.close()
     return _finish(cfg, run, last_row, started)
@@ -141,11 +140,32 @@ class _Run:
     backend: object
     refiner: Refiner
     engine: object
-    stream: TeacherStream | MultiScaleStream
+    stream: BatchStream
     window: LogWindow
     checkpointer: Checkpointer
     start: int  # the step this run continues from (0: a new run)
     elapsed: float  # training seconds before this run (a resumed run's clock goes on)
+
+
+def checkpointed(stream: BatchStream, window: LogWindow) -> dict:
+    """What a checkpoint saves and a resume restores besides the engine and the step, by name."""
+    return {"data": stream, "log_window": window}
+
+
+class CheckpointedWindow(LogWindow):
+    """The log window; resumed on another number of ranks, rank 0 takes the ranks' windows merged."""
+
+    @staticmethod
+    def elastic_state(states: list[dict], rank: int) -> dict:
+        return merge_windows(states) if rank == 0 else {}
+
+
+def merge_windows(windows: list[dict]) -> dict:
+    """The log windows of several ranks as one (sums; the longest elapsed time)."""
+    return {"loss": sum(float(w.get("loss", 0.0)) for w in windows),
+            "steps": sum(int(w.get("steps", 0)) for w in windows),
+            "samples": sum(int(w.get("samples", 0)) for w in windows),
+            "seconds": max([float(w.get("seconds", 0.0)) for w in windows] or [0.0])}
 
 
 def _start(cfg) -> _Run:
@@ -159,39 +179,30 @@ def _start(cfg) -> _Run:
     per_rank_batch(cfg.train.global_batch_size, launch_world)  # the global batch must split over the ranks
     checkpointer = Checkpointer(cfg)
     resume = checkpointer.find(launch_rank, launch_world)
-    recorded = resume.shard_rows if resume else None
-    if cfg.data.guidance_scales:  # one cache per guidance scale (train/multi_scale.py)
-        caches = open_scale_caches(cfg, recorded)
-        cache_dir = ", ".join(f"w={w:g}: {directory}" for w, (directory, _) in caches.items())
-    else:
-        cache_dir, rows = open_cache(cfg, rows=recorded)
+    stream, window = open_stream(cfg, launch_rank, launch_world), CheckpointedWindow()
+    if resume:  # the stream continues on exactly the shard rows it recorded (refusing any gone or changed)
+        checkpointer.restore(resume, checkpointed(stream, window), launch_rank, launch_world)
+    described = stream.describe()  # a new run's stream opens its cache here (an incomplete one is refused)
     info = distributed.init()
+    if (info.rank, info.world_size) != (launch_rank, launch_world):
+        raise RuntimeError(f"the process group has rank {info.rank} of {info.world_size}, the launcher said "
+                           f"{launch_rank} of {launch_world}")
     _set_threads(info.world_size)
     backend = load_backend(OmegaConf.merge(cfg.model, {"device": distributed.device_for(cfg.model.device)}))
+    stream.latent_shape = backend.latent_shape  # every target must have the backend's
     torch.manual_seed(cfg.train.seed)  # LoRA A is random: the same on every rank and in every resumed run
     refiner = Refiner(backend, cfg.refiner)
     engine = distributed.build_engine(refiner, cfg)
     if resume:
         checkpointer.load(engine, refiner, resume)
-    if cfg.data.guidance_scales:  # a resumed run: each scale's recorded rows, in the recorded order
-        stream = MultiScaleStream.from_config(cfg, info.rank, info.world_size, caches,
-                                              latent_shape=backend.latent_shape)
-    else:
-        shards = [row.name for row in resume.shard_rows] if resume else None  # a resumed run: the recorded order
-        stream = TeacherStream.from_config(cfg, info.rank, info.world_size, shards=shards, cache=(cache_dir, rows),
-                                           latent_shape=backend.latent_shape)
-    window = LogWindow()
-    if resume:
-        stream.load_state_dict(resume.data_state)
-        window.load_state_dict(resume.data_state.get("log_window", {}))
     run = _Run(info.rank, info.world_size, info.is_main, Path(cfg.train.output_dir), backend, refiner, engine,
                stream, window, checkpointer, resume.step if resume else 0, resume.seconds if resume else 0.0)
-    _prepare_outputs(cfg, run, resume, cache_dir)
+    _prepare_outputs(cfg, run, resume, described)
     distributed.barrier()
     return run
 
 
-def _prepare_outputs(cfg, run: _Run, resume, cache_dir) -> None:
+def _prepare_outputs(cfg, run: _Run, resume, described: str) -> None:
     """Cut the logs back to the step this run continues from; rank 0 saves the config and says what runs."""
     run.output_dir.mkdir(parents=True, exist_ok=True)
     trim_jsonl(run.output_dir / f"samples_rank{run.rank}.jsonl", run.start)
@@ -205,9 +216,7 @@ def _prepare_outputs(cfg, run: _Run, resume, cache_dir) -> None:
     save_config(cfg, run.output_dir / "config.yaml")
     trim_csv(run.output_dir / "train_log.csv", run.start)
     trim_csv(run.output_dir / EVAL_LOG, run.start)
-    print(f"teacher cache {cache_dir}: {len(run.stream.shard_names)} shards"
-          f"{' per guidance scale' if cfg.data.guidance_scales else ''}, {run.stream.samples_per_epoch} "
-          f"samples/epoch; {run.world} rank(s) x batch {run.stream.batch_size} (global batch "
+    print(f"{described}; {run.world} rank(s) x batch {run.stream.batch_size} (global batch "
           f"{cfg.train.global_batch_size}), loss {cfg.train.loss}, "
           f"steps {run.start}->{cfg.train.max_steps}", flush=True)
 

@@ -3,43 +3,35 @@
 Order: one global sequence of sample positions, independent of the number of ranks
 (``order.py``); rank ``r`` of ``W`` takes its contiguous slice of every global batch.
 
-Resume: a :class:`DataPosition` (global batches consumed) in the checkpoint; the stream
-starts at that batch's first shard (earlier shards are not read again).
+State: the stream owns where it stands and what it trains on: its ``state_dict()`` holds the
+position (global batches consumed), this rank's corrupt-sample counter and the manifest rows of
+its shards; ``load_state_dict()`` continues exactly there, on exactly those rows, refusing (by
+name) any shard that is gone or changed. The stream then starts at that batch's first shard
+(earlier shards are not read again). :class:`BatchStream` is the interface the loop and the
+checkpointer rely on.
 
 I/O: a rank reads (whole) every shard holding at least one position of its slices, and no
 other; DataLoader worker ``w`` of ``n`` reads shards ``w, w+n, ...`` of that list and the
 batches are assembled in order in the rank's process. With slices shorter than a shard each
-rank reads every shard (``W`` x the bytes of a per-rank split; see docs/scale.md).
-
-Integrity: each shard is read whole (``storage``: local file, or ranged GETs with retries on
-S3) and checked against the manifest (size, sha256), parsed by the one strict tar reader
-(``shards.iter_samples``: no pickle, no links, no odd names), and each of this rank's samples
-is checked: ``x_T`` regenerated from its seed must match the stored fingerprint, the target
-must have the backend's latent shape (given by the caller), dtype float16 or float32, and be
-finite; sample_id and seed must be integers in range (sample_id the one the key names) and the
-prompt a string. Damage (missing, truncated, modified, unreadable tar) raises naming the shard
-and the command that repairs it, or with ``train.skip_corrupt_shards`` this rank's samples of
-it are left out (its slice of those batches is shorter, or empty: a zero-gradient step) and counted;
-content errors
-(fingerprint, teacher, shape, dtype, metadata, refused members) name the sample and the shard
-and are never skipped.
+rank reads every shard (``W`` x the bytes of a per-rank split; see docs/scale.md). What is
+checked while reading, and what damage does: ``reader.py``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import sys
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+import dataclasses
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
-from ..noise import MAX_SEED, fingerprint, noise_from_seed
-from ..shards import ShardFormatError, ShardInfo, ShardSample, iter_samples, sample_key
-from ..storage import Location, StorageUnavailable, location, store_for
-from ..targets.cache import REPAIR_HINT, open_cache
+from ..shards import ShardInfo
+from ..storage import Location, location
+from ..targets.cache import open_cache
 from ..targets.identity import teacher_key
 from .order import GlobalOrder, per_rank_batch
+from .reader import ReadItem, ShardPart, ShardParts, ShardReader, SkipEvent, collate, empty_batch
 
 
 @dataclass(frozen=True)
@@ -63,213 +55,143 @@ class DataPosition:
         return cls(batches)
 
 
+class BatchStream(Protocol):
+    """One rank's infinite, deterministic batch stream: what the loop reads and the checkpointer saves.
+
+    ``TeacherStream`` (one cache) and ``MultiScaleStream`` (one cache per guidance scale, composed of
+    ``TeacherStream``s) implement it; a mixture of several caches in declared proportions is one more
+    class like ``MultiScaleStream``: per-cache ``TeacherStream``s, global batch ``b`` drawn by a rule of
+    ``b`` alone (so every sub-stream's position follows from ``b``: exact and elastic resume for free),
+    ``shard_rows`` keyed by cache.
+
+    - ``batches(start)``: this rank's batches from global batch ``start.batches`` on; each a dict of
+      ``sample_id``, ``seed``, ``prompt`` (lists), ``noise``, ``target`` (tensors), ``epoch``,
+      ``index`` (the global batch) and, where samples are conditioned on it, ``guidance_scale``.
+    - ``position`` (a :class:`DataPosition`), ``batch_size`` (per rank), ``samples_per_epoch``,
+      ``corrupt_skipped`` (this rank's), ``latent_shape`` (settable: the backend's, every target
+      must have it), ``describe()`` (one line for the log).
+    - ``state_dict()``: JSON-able; ``batches`` (the same on every rank), ``corrupt_skipped`` (this
+      rank's) and ``shard_rows`` (what it trains on).
+    - ``load_state_dict(state)``: continue at ``state``, on exactly its ``shard_rows`` (``ValueError``
+      naming any shard that is gone or changed); returns the position.
+    - ``elastic_state(states, rank)``: this rank's state from the states of all ranks of a run on
+      another number of ranks (see :func:`elastic_state`).
+    """
+
+    position: DataPosition
+    batch_size: int
+    latent_shape: tuple[int, ...] | None
+
+    @property
+    def samples_per_epoch(self) -> int: ...
+
+    @property
+    def corrupt_skipped(self) -> int: ...
+
+    def batches(self, start: DataPosition | None = None) -> Iterator[dict]: ...
+
+    def describe(self) -> str: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> DataPosition: ...
+
+    def elastic_state(self, states: list[dict], rank: int) -> dict: ...
+
+
+def elastic_state(states: list[dict], rank: int) -> dict:
+    """A stream's state for ``rank`` from those of every rank of a run on another number of ranks: the
+    position and the shard rows are the same on all of them; the corrupt-sample counters go to rank 0
+    (only their sum is logged)."""
+    state = {key: value for key, value in states[0].items() if key != "corrupt_skipped"}
+    if rank == 0:
+        state["corrupt_skipped"] = sum(int(s.get("corrupt_skipped", 0)) for s in states)
+    return state
+
+
+# ``opener(None)``: a cache and the rows a fresh run trains on; ``opener(rows)``: the same cache on exactly
+# ``rows``, each checked to be still there, unchanged (``targets.cache.open_cache`` with a config bound)
+CacheOpener = Callable[[list[ShardInfo] | None], tuple[Location, dict[str, ShardInfo]]]
+
+
 @dataclass(frozen=True)
-class SkipEvent:
-    """``num_samples`` samples of this rank in ``shard`` were not used because the shard is damaged."""
+class _Rows:
+    """The shards a stream trains on: the cache, their manifest rows (in training order) and their order."""
 
-    shard: str
-    num_samples: int
-    reason: str
+    cache_dir: Location
+    manifest: dict[str, ShardInfo]
+    order: GlobalOrder
 
-
-# --- reading shards (inside the DataLoader workers) --------------------------------------------------
-
-class _ShardDamaged(Exception):
-    pass
-
-
-@dataclass(frozen=True)
-class ReadItem:
-    """Read shard ``name`` (positions from ``start``) and keep the samples at ``indices`` (this rank's)."""
-
-    name: str
-    start: int
-    indices: tuple[int, ...]
-
-
-@dataclass
-class ShardPart:
-    """This rank's checked samples of one shard: ``(global position, sample dict)``, and a skip event if damaged."""
-
-    name: str
-    samples: list[tuple[int, dict]] = field(default_factory=list)
-    skip: SkipEvent | None = None
-
-
-class _ShardReader:
-    """Reads one shard whole (local or object store), checks it against the manifest, keeps this rank's samples."""
-
-    def __init__(self, cache_dir: Location, manifest: dict[str, ShardInfo], teacher_key: str, skip_corrupt: bool,
-                 latent_shape: tuple[int, ...] | None = None):
-        self.cache_dir = location(cache_dir)
-        self.manifest = manifest
-        self.teacher_key = teacher_key
-        self.skip_corrupt = skip_corrupt
-        self.latent_shape = tuple(latent_shape) if latent_shape is not None else None  # None: the first target's
-
-    def _read_verified(self, name: str) -> bytes:
-        info = self.manifest[name]
-        try:
-            data = store_for(self.cache_dir).read_bytes(name)
-        except StorageUnavailable:
-            raise  # the store is down (retries exhausted): not damage of this shard
-        except OSError as error:
-            raise _ShardDamaged(f"cannot read: {error}") from None
-        if len(data) != info.num_bytes:
-            raise _ShardDamaged(f"{len(data)} bytes stored but the manifest says {info.num_bytes} (truncated?)")
-        if hashlib.sha256(data).hexdigest() != info.sha256:
-            raise _ShardDamaged("sha256 differs from the manifest (modified or corrupt)")
-        return data
-
-    def _damaged(self, path, lost: int, reason: str) -> SkipEvent:
-        if not self.skip_corrupt:
-            raise ValueError(f"corrupt teacher shard {path}: {reason}. Repair the cache with `{REPAIR_HINT}` "
-                             "(it re-hashes every shard and rebuilds the damaged ones; without "
-                             "pipeline.verify=true it only checks sizes), or set train.skip_corrupt_shards=true "
-                             "to skip damaged shards")
-        print(f"warning: skipping {lost} samples of corrupt shard {path}: {reason}", file=sys.stderr, flush=True)
-        return SkipEvent(path.name, lost, reason)
-
-    def __call__(self, item: ReadItem) -> ShardPart:
-        path = self.cache_dir / item.name
-        info = self.manifest[item.name]
-        part = ShardPart(item.name)
-        wanted = set(item.indices)
-        try:
-            data = self._read_verified(item.name)
-        except _ShardDamaged as damage:
-            part.skip = self._damaged(path, len(wanted), str(damage))
-            return part
-        samples = iter_samples(data, str(path))
-        used = 0
-        while True:
-            try:
-                sample = next(samples)
-            except StopIteration:
-                break
-            except ShardFormatError as error:  # the bytes match the manifest, the tar does not
-                part.skip = self._damaged(path, len(wanted) - len(part.samples), f"unreadable tar: {error}")
-                return part
-            if used in wanted:
-                part.samples.append((item.start + used, self.check(sample, path)))  # never skipped
-            used += 1
-        if used != info.num_samples:
-            lost = len(wanted) - len(part.samples)
-            part.skip = self._damaged(path, lost, f"holds {used} samples but the manifest says {info.num_samples}")
-        return part
-
-    def check(self, sample: ShardSample, path) -> dict:
-        key, meta, arrays = sample.key, sample.meta, sample.arrays
-        where = f"sample {key!r} of shard {path}"
-        if "target" not in arrays:
-            raise ValueError(f"{where} has no target array (members: {sorted(arrays)})")
-        for name in ("sample_id", "seed", "prompt", "noise_fingerprint", "teacher_key"):
-            if name not in meta:
-                raise ValueError(f"{where}: metadata has no {name!r}")
-        if meta["teacher_key"] != self.teacher_key:
-            raise ValueError(f"{where} was made by teacher {meta['teacher_key']}, expected {self.teacher_key}")
-        sample_id, seed, prompt = meta["sample_id"], meta["seed"], meta["prompt"]
-        if not _is_int(sample_id) or sample_id < 0 or sample_key(sample_id) != key:
-            raise ValueError(f"{where}: sample_id {sample_id!r} is not the non-negative integer its key names")
-        if not _is_int(seed) or not 0 <= seed <= MAX_SEED:
-            raise ValueError(f"{where}: seed {seed!r} is not an integer in [0, 2**63-1]")
-        if not isinstance(prompt, str) or not isinstance(meta["noise_fingerprint"], str):
-            raise ValueError(f"{where}: prompt {prompt!r} and noise_fingerprint {meta['noise_fingerprint']!r} "
-                             "must be strings")
-        array = arrays["target"]
-        if array.dtype.kind != "f" or array.dtype.itemsize not in (2, 4):
-            raise ValueError(f"{where}: target dtype {array.dtype}, expected float16 or float32")
-        if self.latent_shape is None:
-            self.latent_shape = tuple(array.shape)
-        if tuple(array.shape) != self.latent_shape:
-            raise ValueError(f"{where}: target shape {tuple(array.shape)}, expected the backend's latent shape "
-                             f"{self.latent_shape}")
-        target = torch.from_numpy(array.astype("float32"))
-        if not bool(torch.isfinite(target).all()):
-            raise ValueError(f"{where}: target has non-finite values (NaN or inf)")
-        noise = noise_from_seed(seed, self.latent_shape)
-        actual = fingerprint(noise)
-        if actual != meta["noise_fingerprint"]:
-            raise ValueError(f"{where}: noise regenerated from seed {seed} has fingerprint {actual}, "
-                             f"the stored one is {meta['noise_fingerprint']} (target made from other noise)")
-        return {"sample_id": sample_id, "seed": seed, "prompt": prompt, "noise": noise, "target": target}
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def collate(samples: list[dict]) -> dict:
-    """Samples -> ``{"sample_id", "seed", "prompt": lists, "noise", "target": float32 tensors}``."""
-    return {"sample_id": [s["sample_id"] for s in samples], "seed": [s["seed"] for s in samples],
-            "prompt": [s["prompt"] for s in samples],
-            "noise": torch.stack([s["noise"] for s in samples]),
-            "target": torch.stack([s["target"] for s in samples])}
-
-
-def empty_batch(latent_shape: tuple[int, ...] | None) -> dict:
-    """A batch of no samples (see :meth:`TeacherStream._emit`)."""
-    shape = (0, *(latent_shape or ()))
-    return {"sample_id": [], "seed": [], "prompt": [], "noise": torch.zeros(shape), "target": torch.zeros(shape)}
-
-
-class _ShardParts(torch.utils.data.IterableDataset):
-    """The parts of ``items`` in order; DataLoader worker ``w`` of ``n`` reads items ``w, w+n, ...`` (the
-    DataLoader returns them round-robin, i.e. in order)."""
-
-    def __init__(self, reader: _ShardReader, items: list[ReadItem]):
-        self.reader, self.items = reader, items
-
-    def __iter__(self) -> Iterator[ShardPart]:
-        info = torch.utils.data.get_worker_info()
-        for k, item in enumerate(self.items):
-            if info is None or k % info.num_workers == info.id:
-                yield self.reader(item)
-
-
-# --- the stream ---------------------------------------------------------------------------------------
 
 class TeacherStream:
-    """The infinite, deterministic batch stream of one rank (see the module docstring)."""
+    """The infinite, deterministic batch stream of one rank over one cache (see the module docstring)."""
 
-    def __init__(self, cache_dir: str | Location, manifest: dict[str, ShardInfo], *, teacher_key: str, seed: int,
-                 rank: int, world_size: int, global_batch_size: int, num_workers: int = 0,
-                 skip_corrupt: bool = False, shards: list[str] | None = None,
-                 latent_shape: tuple[int, ...] | None = None):
-        """``latent_shape``: the backend's (every target must have it; None: the first target's)."""
+    def __init__(self, cache_dir: str | Location | None, manifest: dict[str, ShardInfo] | None, *,
+                 teacher_key: str, seed: int, rank: int, world_size: int, global_batch_size: int,
+                 num_workers: int = 0, skip_corrupt: bool = False, shards: list[str] | None = None,
+                 latent_shape: tuple[int, ...] | None = None, opener: CacheOpener | None = None):
+        """``latent_shape``: the backend's (every target must have it; None: the first target's).
+
+        ``manifest`` None: the cache is opened when first needed, by ``opener(None)``, unless
+        :meth:`load_state_dict` opens it first on the rows a checkpoint recorded (``opener(rows)``).
+        Without ``opener`` recorded rows are checked against ``manifest``.
+        """
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
-        self.cache_dir = location(cache_dir)
-        names = sorted(manifest) if shards is None else list(shards)
-        unknown = [name for name in names if name not in manifest]
-        if unknown:
-            raise ValueError(f"shards {unknown} are not in the manifest of {self.cache_dir}")
-        self.shard_names = names
-        self.manifest = {name: manifest[name] for name in names}
+        if manifest is None and opener is None:
+            raise ValueError("a TeacherStream needs a manifest or an opener of its cache")
         self.teacher_key = teacher_key
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
         self.global_batch_size = int(global_batch_size)
         self.batch_size = per_rank_batch(self.global_batch_size, self.world_size)
         self.num_workers = int(num_workers)
-        self.order = GlobalOrder(names, {n: self.manifest[n].num_samples for n in names}, self.seed,
-                                 self.global_batch_size)
         self.skip_corrupt = bool(skip_corrupt)
         self.latent_shape = tuple(latent_shape) if latent_shape is not None else None
         self.position = DataPosition()
         self.corrupt_skipped = 0
         self.skip_events: list[SkipEvent] = []
+        self._opener = opener
+        self._rows: _Rows | None = None
+        if manifest is not None:
+            self._use(cache_dir, manifest, shards)
 
     @classmethod
     def from_config(cls, cfg, rank: int = 0, world_size: int = 1, *, shards: list[str] | None = None,
                     cache: tuple[Location, dict[str, ShardInfo]] | None = None,
-                    latent_shape: tuple[int, ...] | None = None) -> "TeacherStream":
-        cache_dir, manifest = cache if cache is not None else open_cache(cfg)
+                    latent_shape: tuple[int, ...] | None = None, opener: CacheOpener | None = None
+                    ) -> "TeacherStream":
+        """The stream of ``cfg``'s cache, opened by ``opener`` (default: ``open_cache(cfg, rows)``): now with
+        ``cache`` or ``shards`` (a subset of the cache's rows), else when first needed."""
+        opener = opener or (lambda rows: open_cache(cfg, rows=rows))
+        if cache is None and shards is not None:
+            cache = opener(None)
+        cache_dir, manifest = cache if cache is not None else (None, None)
         return cls(cache_dir, manifest, teacher_key=teacher_key(cfg), seed=cfg.train.seed, rank=rank,
                    world_size=world_size, global_batch_size=cfg.train.global_batch_size,
                    num_workers=cfg.train.num_loader_workers, skip_corrupt=cfg.train.skip_corrupt_shards,
-                   shards=shards, latent_shape=latent_shape)
+                   shards=shards, latent_shape=latent_shape, opener=opener)
+
+    def _use(self, cache_dir, manifest: dict[str, ShardInfo], shards: list[str] | None) -> None:
+        cache_dir = location(cache_dir)
+        names = sorted(manifest) if shards is None else list(shards)
+        unknown = [name for name in names if name not in manifest]
+        if unknown:
+            raise ValueError(f"shards {unknown} are not in the manifest of {cache_dir}")
+        rows = {name: manifest[name] for name in names}
+        order = GlobalOrder(names, {n: row.num_samples for n, row in rows.items()}, self.seed, self.global_batch_size)
+        self._rows = _Rows(cache_dir, rows, order)
+
+    def _opened(self) -> _Rows:
+        if self._rows is None:  # a fresh run: the cache's rows now (a resumed run's come from load_state_dict)
+            self._use(*self._opener(None), None)
+        return self._rows
+
+    cache_dir = property(lambda self: self._opened().cache_dir)
+    manifest = property(lambda self: self._opened().manifest, doc="The rows it trains on, by name, in its order.")
+    order = property(lambda self: self._opened().order)
+    shard_names = property(lambda self: list(self._opened().manifest))
 
     @property
     def samples_per_epoch(self) -> int:
@@ -278,18 +200,21 @@ class TeacherStream:
 
     def shard_rows(self) -> list[ShardInfo]:
         """The manifest rows this stream trains on, in its order (recorded in checkpoints)."""
-        return [self.manifest[name] for name in self.shard_names]
+        return list(self.manifest.values())
+
+    def describe(self) -> str:
+        return f"teacher cache {self.cache_dir}: {len(self.manifest)} shards, {self.samples_per_epoch} samples/epoch"
 
     def epoch_shards(self, epoch: int) -> list[str]:
         """The shards this rank reads in ``epoch`` (those holding a position of its slices), in order."""
         return [span.name for span in self.order.epoch_spans(epoch)
                 if self.order.wanted(span, self.rank, self.world_size, span.start)]
 
-    def _reader(self) -> _ShardReader:
-        return _ShardReader(self.cache_dir, self.manifest, self.teacher_key, self.skip_corrupt, self.latent_shape)
+    def _reader(self) -> ShardReader:
+        return ShardReader(self.cache_dir, self.manifest, self.teacher_key, self.skip_corrupt, self.latent_shape)
 
     def _parts(self, items: list[ReadItem]) -> Iterable[ShardPart]:
-        dataset = _ShardParts(self._reader(), items)
+        dataset = ShardParts(self._reader(), items)
         if self.num_workers == 0 or not items:
             return dataset
         return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=min(self.num_workers, len(items)),
@@ -354,10 +279,30 @@ class TeacherStream:
         return self.batches()
 
     def state_dict(self) -> dict:
-        """The resumable state of this rank: position and the corrupt-sample counter."""
-        return {**self.position.to_dict(), "corrupt_skipped": self.corrupt_skipped}
+        """Position, this rank's corrupt-sample counter and the shard rows it trains on (JSON-able)."""
+        return {**self.position.to_dict(), "corrupt_skipped": self.corrupt_skipped,
+                "shard_rows": [dataclasses.asdict(row) for row in self.shard_rows()]}
 
     def load_state_dict(self, state: dict) -> DataPosition:
+        """Continue at ``state``: on exactly its shard rows (each still there, unchanged, else ``ValueError``
+        naming it), at its position, with its counter."""
+        position = DataPosition.from_dict(state)
+        if not isinstance(state.get("shard_rows"), list):
+            raise ValueError(f"data state with keys {sorted(state)} records no list of shard_rows (what the run "
+                             "trained on); train in a new train.output_dir")
+        rows = [ShardInfo(**row) for row in state["shard_rows"]]
+        if self._opener is not None:
+            cache_dir, manifest = self._opener(rows)
+        else:
+            cache_dir, manifest = self.cache_dir, self.manifest
+            changed = [f"{row.name} ({'changed' if row.name in manifest else 'gone'})"
+                       for row in rows if manifest.get(row.name) != row]
+            if changed:
+                raise ValueError(f"shards this run trains on are gone or changed in {cache_dir}: "
+                                 f"{', '.join(changed)}; train in a new train.output_dir")
+        self._use(cache_dir, manifest, [row.name for row in rows])
         self.corrupt_skipped = int(state.get("corrupt_skipped", 0))
-        self.position = DataPosition.from_dict(state)
-        return self.position
+        self.position = position
+        return position
+
+    elastic_state = staticmethod(elastic_state)

@@ -295,7 +295,7 @@ SELECT = """
 import json, shutil, sys
 from pathlib import Path
 import torch
-from noiserefine.train.checkpoint import select_checkpoint
+from noiserefine.train.checkpoint_files import select_checkpoint
 
 class NotAllowlisted:
     pass
