@@ -70,15 +70,16 @@ def retry_policy() -> RetryPolicy:
     return _policy
 
 
+# ConditionalRequestConflict (409): conditional writes raced; S3 documents it as retryable.
 _TRANSIENT_CODES = {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "RequestTimeTooSkewed",
-                    "Throttling", "ThrottlingException"}
+                    "Throttling", "ThrottlingException", "ConditionalRequestConflict"}
 _TRANSIENT_CLASSES = {"HTTPClientError", "EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutError",
                       "ConnectTimeoutError", "ResponseStreamingError", "IncompleteReadError", "ClientPayloadError",
                       "ServerDisconnectedError", "ClientConnectionError", "FSTimeoutError", "TimeoutError",
                       "ConnectionError", "IncompleteRead", "ProtocolError"}
 
 
-def _s3_status(error: BaseException) -> tuple[str | None, int | None]:
+def s3_status(error: BaseException) -> tuple[str | None, int | None]:
     """The S3 error code and HTTP status of a botocore ClientError (s3fs keeps it as ``__cause__``)."""
     for e in (error, error.__cause__):
         response = getattr(e, "response", None)
@@ -90,13 +91,14 @@ def _s3_status(error: BaseException) -> tuple[str | None, int | None]:
 
 
 def is_transient(error: BaseException) -> bool:
-    """Connection refused/reset/closed, timeouts, a body cut short, 5xx and throttling: worth retrying.
+    """Connection refused/reset/closed, timeouts, a body cut short, 5xx, throttling, a conditional-write conflict:
+    worth retrying.
     Not: missing objects, permissions, failed preconditions, other 4xx."""
     if {cls.__name__ for cls in type(error).__mro__} & _TRANSIENT_CLASSES:
         return True
     if isinstance(error, (FileNotFoundError, PermissionError, FileExistsError, IsADirectoryError)):
         return False
-    code, status = _s3_status(error)
+    code, status = s3_status(error)
     if code in _TRANSIENT_CODES or (status is not None and status >= 500):
         return True
     return isinstance(error, OSError) and error.errno in {errno.EREMOTEIO, errno.ETIMEDOUT, errno.ECONNRESET,

@@ -7,6 +7,7 @@ See ``storage.py`` for the interface and the semantics it shares with a local di
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import random
 import shutil
@@ -17,7 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
-from .retries import read_chunk_bytes, retry_policy
+from .retries import StorageUnavailable, read_chunk_bytes, retry_policy, s3_status
 from .storage import ObjectPath, Store
 
 T = TypeVar("T")
@@ -37,22 +38,63 @@ def _precondition_failed(error: BaseException) -> bool:
                for e in chain)
 
 
+class BucketNotFoundError(ValueError):
+    """The location's bucket does not exist (or these credentials cannot see it): a configuration error, never
+    an empty cache."""
+
+
+def _missing_bucket(error: BaseException) -> bool:
+    return s3_status(error)[0] == "NoSuchBucket"
+
+
+def _named(what: str, location: ObjectPath, error: BaseException) -> BaseException:
+    """``error`` (s3fs's, often naming neither the object nor the bucket) as the same kind of error naming the
+    operation, the object and the cause."""
+    code, status = s3_status(error)
+    cause = f"{code or type(error).__name__}{f' (HTTP {status})' if status else ''}: {error}"
+    if code == "NoSuchBucket":
+        return BucketNotFoundError(f"{what}: bucket {location.bucket!r} does not exist (or is not visible to these "
+                                   "credentials); create it or correct the location (data.cache_root / "
+                                   "data.cache_dir)")
+    if isinstance(error, PermissionError):
+        return PermissionError(errno.EACCES, f"{what}: access denied ({cause}); check the credentials (AWS_PROFILE, "
+                                             "AWS_ACCESS_KEY_ID, the instance profile) and the bucket's policy")
+    if isinstance(error, FileNotFoundError):
+        return FileNotFoundError(errno.ENOENT, f"{what}: no such object ({cause})")
+    if isinstance(error, OSError):
+        return OSError(error.errno, f"{what}: {cause}")
+    return error
+
+
 _filesystems: dict[int, object] = {}  # pid -> s3fs filesystem (a forked DataLoader worker makes its own)
 _fs_guard = threading.Lock()
+# One attempt of a call is one request, ended by the server's answer or by these timeouts: a call costs at most
+# attempts * (CONNECT_TIMEOUT_S + READ_TIMEOUT_S) plus the backoff sleeps (RetryPolicy.delays); with the
+# defaults (data.io_retries=5, data.io_backoff_s=1) 6 * 65 s + 31 s, about 7 minutes for a server that never answers.
+CONNECT_TIMEOUT_S = 5.0
+READ_TIMEOUT_S = 60.0
 
 
 def s3_filesystem():
-    """This process's s3fs filesystem: one client, no retries of its own (s3fs's and botocore's would add an
-    unbounded-looking second layer): every retry is :class:`RetryPolicy`'s, bounded and logged."""
+    """This process's s3fs filesystem: one client, no retries of its own (botocore's ``total_max_attempts=1``:
+    its ``max_attempts`` counts *retries*, so 1 there meant two requests per attempt; s3fs's loop: one pass):
+    every retry is :class:`RetryPolicy`'s, bounded and logged."""
     pid = os.getpid()
     with _fs_guard:
         fs = _filesystems.get(pid)
         if fs is None:
             import s3fs
+            from aiobotocore.session import AioSession
+            from botocore.handlers import add_expect_header
 
-            fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False,
-                                   config_kwargs={"retries": {"max_attempts": 1, "mode": "standard"},
-                                                  "connect_timeout": 5, "read_timeout": 60})
+            session = AioSession()
+            # No "Expect: 100-continue" on PUTs: aiohttp waits for the 100 without any timeout, so a server that
+            # never answers held a PUT forever (and aiohttp then sent it again), past READ_TIMEOUT_S.
+            session.unregister("before-call.s3", add_expect_header)
+            fs = s3fs.S3FileSystem(session=session, skip_instance_cache=True, use_listings_cache=False,
+                                   config_kwargs={"retries": {"total_max_attempts": 1, "mode": "standard"},
+                                                  "connect_timeout": CONNECT_TIMEOUT_S,
+                                                  "read_timeout": READ_TIMEOUT_S})
             fs.retries = 1  # s3fs's own retry loop: one attempt
             _filesystems.clear()
             _filesystems[pid] = fs
@@ -71,13 +113,24 @@ class S3Store(Store):
         return (self.location / name).fs_path
 
     def _retry(self, what: str, call: Callable[[], T]) -> T:
-        return retry_policy().run(what, call)
+        """``call`` under the retry policy; an error that is not transient names ``what`` (operation and object)."""
+        try:
+            return retry_policy().run(what, call)
+        except (StorageUnavailable, PreconditionFailed):
+            raise
+        except Exception as error:  # noqa: BLE001 - re-raised, same kind, naming the object
+            named = _named(what, self.location, error)
+            if named is error:
+                raise
+            raise named from error
 
     def info(self, name: str) -> dict | None:
         def call():
             try:
                 return self.fs.info(self._key(name))
-            except FileNotFoundError:
+            except FileNotFoundError as error:
+                if _missing_bucket(error):  # HEAD 404 could mean either: s3fs's LIST fallback tells them apart
+                    raise
                 return None
         info = self._retry(f"HEAD {self.path(name)}", call)
         return info if info is None or info.get("type") == "file" else None
@@ -86,14 +139,22 @@ class S3Store(Store):
         info = self.info(name)
         return None if info is None else int(info["size"])
 
-    def sizes(self) -> dict[str, int]:
+    def _entries(self) -> list[dict]:
         def call():
             try:
                 return self.fs.ls(self.location.fs_path, detail=True, refresh=True)
-            except FileNotFoundError:
+            except FileNotFoundError as error:
+                if _missing_bucket(error):  # not an empty prefix: an error
+                    raise
                 return []
-        entries = self._retry(f"LIST {self.location}", call)
-        return {e["name"].rsplit("/", 1)[-1]: int(e["size"]) for e in entries if e.get("type") == "file"}
+        return self._retry(f"LIST {self.location}", call)
+
+    def names(self) -> list[str]:
+        """Objects and sub-prefixes directly under the location (a sub-prefix is content, as a subdirectory is)."""
+        return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in self._entries())
+
+    def sizes(self) -> dict[str, int]:
+        return {e["name"].rsplit("/", 1)[-1]: int(e["size"]) for e in self._entries() if e.get("type") == "file"}
 
     def read_range(self, name: str, start: int, end: int) -> bytes:
         return self._retry(f"GET {self.path(name)} bytes {start}-{end - 1}",
@@ -149,6 +210,9 @@ class S3Store(Store):
             except Exception as error:  # noqa: BLE001
                 if _precondition_failed(error):
                     raise PreconditionFailed(str(error)) from None
+                if etag is not None and isinstance(error, FileNotFoundError) and not _missing_bucket(error):
+                    # If-Match on an object that is gone (S3: 404 NoSuchKey): the version we held no longer exists
+                    raise PreconditionFailed(f"{self.path(name)} no longer exists") from None
                 raise
         response = self._retry(f"conditional PUT {self.path(name)}", call)
         return (response or {}).get("ETag") or self.info(name)["ETag"]
@@ -157,8 +221,9 @@ class S3Store(Store):
         def call():
             try:
                 self.fs.rm_file(self._key(name))
-            except FileNotFoundError:
-                pass
+            except FileNotFoundError as error:
+                if _missing_bucket(error):
+                    raise
         self._retry(f"DELETE {self.path(name)}", call)
 
     def move(self, name: str, new_name: str) -> None:

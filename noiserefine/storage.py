@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Union
@@ -42,6 +43,8 @@ __all__ = ["Location", "LocalStore", "ObjectPath", "Store", "StorageUnavailable"
            "location", "store_for"]  # StorageUnavailable and configure: retries.py's, for the callers
 
 S3_SCHEME = "s3://"
+# Something that looks like a URL: ``scheme:`` followed by ``/`` (``gs://b``, ``S3:/b``), or any ``s3:`` form.
+_URL_LIKE = re.compile(r"^(?:[A-Za-z][A-Za-z0-9+.-]*:/|[sS]3:)")
 
 
 class ObjectPath:
@@ -87,17 +90,28 @@ class ObjectPath:
 Location = Union[Path, ObjectPath]
 
 
+def _parse(where) -> "Path | ObjectPath":
+    """``s3://bucket/prefix`` (exactly so) -> :class:`ObjectPath`; a local path -> ``Path``; anything else that looks
+    like a URL (``S3://b/x``, ``s3:/b/x``, ``gs://b/x``) -> ValueError naming it, never a local folder ``S3:``."""
+    if isinstance(where, ObjectPath):
+        return where
+    text = str(where)
+    if text.startswith(S3_SCHEME):
+        return ObjectPath(text)
+    if _URL_LIKE.match(text):
+        raise ValueError(f"storage location {text!r} is not a local path and not an object-store URL we serve: "
+                         f"write s3://bucket/prefix exactly (lower-case s3, two slashes), or a local directory")
+    return Path(where).expanduser()
+
+
 def is_remote(where) -> bool:
-    return isinstance(where, ObjectPath) or str(where).startswith(S3_SCHEME)
+    return isinstance(_parse(where), ObjectPath)
 
 
 def location(where: str | Path | ObjectPath) -> Location:
-    """A configured location: ``s3://...`` -> :class:`ObjectPath`, anything else -> an expanded ``Path``."""
-    if isinstance(where, ObjectPath):
-        return where
-    if str(where).startswith(S3_SCHEME):
-        return ObjectPath(str(where))
-    return Path(where).expanduser()
+    """A configured location: ``s3://...`` -> :class:`ObjectPath`, a local path -> an expanded ``Path``; a URL of
+    another form or scheme -> ValueError naming it."""
+    return _parse(where)
 
 
 class Store:

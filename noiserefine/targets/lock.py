@@ -155,6 +155,7 @@ class _Lease:
         self.started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self.etag: str | None = None
         self.lost: str | None = None
+        self.renewed_at = time.monotonic()  # of the last write of the lease that the store confirmed
         self.depth = 1
         self._stop = threading.Event()
         self._guard = threading.Lock()
@@ -171,6 +172,7 @@ class _Lease:
         for _ in range(20):
             try:
                 self.etag = self.store.put_if(LOCK_FILE, self.record(), etag=None)
+                self.renewed_at = time.monotonic()
                 return
             except PreconditionFailed:
                 pass
@@ -183,7 +185,7 @@ class _Lease:
             except (ValueError, KeyError, TypeError, UnicodeDecodeError):
                 holder, expired = {}, True  # not a lease of ours: treated as expired
             if holder.get("token") == self.token:  # our retried PUT had landed
-                self.etag = etag
+                self.etag, self.renewed_at = etag, time.monotonic()
                 return
             if not expired:
                 raise CacheLockedError(f"another job ({_describe(holder, time.time())}) is writing this cache {where}; "
@@ -191,6 +193,7 @@ class _Lease:
                                        "or use another data.cache_root")
             try:
                 self.etag = self.store.put_if(LOCK_FILE, self.record(), etag=etag)
+                self.renewed_at = time.monotonic()
             except PreconditionFailed:
                 continue  # another job took it over first, or it was renewed: look again
             print(f"warning: {where}: took over the expired lease of {_describe(holder, time.time())} "
@@ -205,14 +208,36 @@ class _Lease:
             try:
                 with self._guard:
                     self.etag = self.store.put_if(LOCK_FILE, self.record(), etag=self.etag)
+                    self.renewed_at = time.monotonic()
             except PreconditionFailed:
-                self.lost = "another job took over the lease (this one stalled past pipeline.lock_ttl_s)"
+                # The lease object changed or is gone (404 on If-Match: a job that took over finished and
+                # deleted it). Ours still only if it holds our token (a retried renewal that had landed).
+                if self._still_ours():
+                    continue
+                self.lost = ("another job took over the lease, or took it and released it (this one stalled "
+                             "past pipeline.lock_ttl_s)")
                 print(f"ERROR: {self.store.location}: {self.lost}; this job stops writing", file=sys.stderr,
                       flush=True)
                 return
             except Exception as error:  # noqa: BLE001 - the store is down: keep trying while the lease lasts
-                print(f"warning: {self.store.location}: lease renewal failed ({error}); retrying", file=sys.stderr,
-                      flush=True)
+                print(f"warning: {self.store.location}: lease renewal failed ({error}); retrying until the lease "
+                      "expires", file=sys.stderr, flush=True)
+
+    def _still_ours(self) -> bool:
+        """Re-read the lease: if it carries our token, adopt its current ETag (our own write) and keep it."""
+        try:
+            data, etag = self.store.read_with_etag(LOCK_FILE)
+            ours = data is not None and json.loads(data.decode()).get("token") == self.token
+        except Exception:  # noqa: BLE001 - unreadable or unreachable: not known to be ours
+            return False
+        if ours:
+            with self._guard:
+                self.etag, self.renewed_at = etag, time.monotonic()
+        return ours
+
+    def expired(self) -> bool:
+        """No confirmed renewal for a whole TTL: another job may have taken the lease over by now."""
+        return time.monotonic() - self.renewed_at > self.ttl_s
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._heartbeat, name="noiserefine-lease", daemon=True)
@@ -232,8 +257,12 @@ class _Lease:
 def check_lease(where) -> None:
     """Raise :class:`LeaseLostError` if this thread held a lease on ``where`` and lost it (no-op otherwise)."""
     lease = _leases.get((str(where), threading.get_ident()))
-    if lease is not None and lease.lost:
-        raise LeaseLostError(f"{where}: {lease.lost}; nothing more is written by this job. Re-run the same "
+    if lease is None:
+        return
+    lost = lease.lost or (f"its lease could not be renewed for pipeline.lock_ttl_s={lease.ttl_s:g} s (another job "
+                          "may have taken it over)" if lease.expired() else None)
+    if lost:
+        raise LeaseLostError(f"{where}: {lost}; nothing more is written by this job. Re-run the same "
                              "command: it skips every complete shard")
 
 
@@ -264,9 +293,3 @@ def lease_lock(store, ttl_s: float | None = None) -> Iterator[None]:
             _leases.pop(key, None)
         lease.release()
 
-
-def held_anywhere_here(where) -> bool:
-    """Whether the calling thread holds the job lock of ``where`` (a local directory or an object store)."""
-    if str(where).startswith("s3://"):
-        return (str(where), threading.get_ident()) in _leases
-    return held_here(where)

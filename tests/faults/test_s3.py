@@ -217,3 +217,119 @@ def test_a_job_that_lost_its_lease_stops_writing(s3_server, tiny_root, tiny_teac
             record_shards(cache, [row])
     assert read_manifest(cache) == {}  # nothing was recorded by the job that lost its lease
     assert json.loads(store.read_bytes(".lock"))["token"] == "other"  # and it did not delete the taker's lease
+
+
+# --- issue 21: conditional-write conflicts, a deleted lease, foreign prefixes, errors that are not transient ----
+
+CONFLICT = ('<?xml version="1.0" encoding="UTF-8"?><Error><Code>ConditionalRequestConflict</Code><Message>A '
+            'conflicting conditional operation is currently in progress against this resource.</Message></Error>')
+
+
+@pytest.fixture
+def conflict_once(monkeypatch):
+    """The server answers the first conditional PUT of each key whose name is in the returned set with
+    409 ConditionalRequestConflict (what S3 answers when conditional writes race), then serves normally."""
+    from moto.s3.responses import S3Response
+
+    original, names, answered = S3Response.put_object, set(), []
+
+    def put_object(self):
+        conditional = self.headers.get("If-Match") or self.headers.get("If-None-Match")
+        name = self.path.rsplit("/", 1)[-1].split("?")[0]
+        if conditional and name in names and name not in answered:
+            answered.append(name)
+            return 409, {"Content-Type": "application/xml"}, CONFLICT
+        return original(self)
+
+    monkeypatch.setattr(S3Response, "put_object", put_object)
+    yield names
+    assert sorted(answered) == sorted(names)  # the conflict was served
+
+
+def test_a_409_conflict_on_the_lease_or_the_manifest_is_retried_not_an_error(s3_server, conflict_once):
+    from noiserefine.shards import ShardInfo
+
+    cache = s3_url("conflict")
+    conflict_once.update({".lock", "manifest.parquet"})
+    store = store_for(cache)
+    row = ShardInfo("shard-000000.tar", 1, 10, "0" * 64)
+    with store.job_lock(60.0):
+        assert json.loads(store.read_bytes(".lock"))["pid"] == os.getpid()
+        record_shards(cache, [row])
+    assert read_manifest(cache) == {row.name: row} and ".lock" not in store.names()
+
+
+def test_a_lease_deleted_by_the_job_that_took_over_is_lost_not_renewed_forever(s3_server, capsys):
+    """Job A stalled past its TTL, job B took over, finished and deleted the lock: A's renewal meets a 404
+    (If-Match on a missing object). A has lost its lease: its next manifest update raises, nothing is written,
+    and it creates no lock of its own."""
+    from noiserefine.shards import ShardInfo
+
+    cache = s3_url("lease-deleted")
+    store = store_for(cache)
+    with pytest.raises(LeaseLostError, match="lease"):
+        with store.job_lock(0.8):
+            store.delete(".lock")  # B's takeover and its release at the end, as A sees them
+            time.sleep(0.6)  # A's heartbeat (every ttl/4) renews against the missing object
+            record_shards(cache, [ShardInfo("shard-000000.tar", 1, 10, "0" * 64)])
+    assert store.names() == []  # no manifest written, no lock re-created
+    assert "retrying" not in capsys.readouterr().err
+
+
+def test_a_renewal_whose_put_landed_but_whose_answer_was_lost_keeps_the_lease(s3_server, monkeypatch):
+    """The renewal's PUT reached the server, the connection broke before the answer; the retried PUT meets
+    412 (the ETag changed: by our own write). The lease is still ours (its token): not lost."""
+    from noiserefine.shards import ShardInfo
+
+    cache = s3_url("lease-landed")
+    store = store_for(cache)
+    original, dropped = s3_store.S3Store.put_if, []
+
+    def put_if(self, name, data, *, etag):
+        result = original(self, name, data, etag=etag)
+        if name == ".lock" and etag is not None and not dropped:
+            dropped.append(etag)
+            raise s3_store.PreconditionFailed("the retried PUT found its own write")
+        return result
+
+    monkeypatch.setattr(s3_store.S3Store, "put_if", put_if)
+    with store.job_lock(0.8):
+        time.sleep(0.6)
+        record_shards(cache, [ShardInfo("shard-000000.tar", 1, 10, "0" * 64)])
+    assert dropped and list(read_manifest(cache)) == ["shard-000000.tar"]
+
+
+def test_a_prefix_holding_only_a_sub_prefix_is_foreign(s3_server, tiny_root, tiny_teacher):
+    """``sub/nested.csv`` under the prefix is content (a local directory with a subdirectory is refused too)."""
+    prefix = s3_url("foreign-nested")
+    store_for(prefix + "/sub").write_bytes("nested.csv", b"a,b\n")
+    cfg = tiny_config(tiny_root, tiny_teacher, [f"data.cache_dir={prefix}"])
+    with pytest.raises(ValueError, match=r"not a teacher cache of ours.*holds sub"):
+        with hold_cache(cfg):
+            pass
+    assert store_for(prefix).names() == ["sub"]  # nothing written beside it
+
+
+def test_a_missing_bucket_is_an_error_naming_it_not_an_empty_cache(s3_server, tiny_root, tiny_teacher):
+    url = "s3://no-such-bucket-21/cache"
+    store = store_for(url)
+    for call in (store.names, lambda: store.size("teacher.yaml"), lambda: store.read_bytes("teacher.yaml")):
+        with pytest.raises(ValueError, match=r"bucket 'no-such-bucket-21' does not exist"):
+            call()
+    cfg = tiny_config(tiny_root, tiny_teacher, [f"data.cache_root={url}"])
+    with pytest.raises(ValueError, match=r"s3://no-such-bucket-21/cache.*bucket 'no-such-bucket-21' does not exist"):
+        with hold_cache(cfg):
+            pass
+
+
+def test_access_denied_names_the_operation_and_the_object(s3_server, monkeypatch):
+    from moto.s3.responses import S3Response
+
+    denied = ('<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied</Code><Message>Access Denied'
+              '</Message></Error>')
+    monkeypatch.setattr(S3Response, "put_object", lambda self: (403, {"Content-Type": "application/xml"}, denied))
+    url = s3_url("denied")
+    with pytest.raises(PermissionError) as caught:
+        store_for(url).write_bytes("teacher.yaml", b"x")
+    message = str(caught.value)
+    assert f"PUT {url}/teacher.yaml" in message and "AccessDenied" in message and "credentials" in message
