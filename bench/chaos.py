@@ -27,7 +27,8 @@ with its own ``AWS_SDK_UA_APP_ID``, which botocore puts in every request's User-
 2xx single-object PUT of ``shard-*.tar``; a shard is "PUT twice" if two such requests hit its key.
 
 The clean reference (teacher, in-process cache, uninterrupted 2-rank training) is built once into
-``<work>/reference`` and reused by later seeds and runs. Exit status 1 if any seed fails a check.
+``<work>/reference`` and reused by later seeds and runs; each seed's job logs, trainer logs and the server's
+request log for its cache (``requests.jsonl``) stay in ``<work>/seed-<S>``. Exit status 1 if any seed fails a check.
 """
 
 from __future__ import annotations
@@ -251,6 +252,10 @@ def run_seed(seed: int, ref: dict, work: Path, server) -> tuple[bool, str, list[
     clock = Clock()
     phase = cache_phase(schedule, ref, seed_dir, server, clock)
     log = server.log.snapshot()
+    with open(seed_dir / "requests.jsonl", "w") as handle:  # for a post-mortem: every request on this cache
+        for request in log:
+            if request.key.startswith(phase["prefix"] + "/"):
+                handle.write(json.dumps({**request.__dict__, "t": round(request.t - clock.t0, 3)}) + "\n")
     results = {"shards": check_shards(phase["store"], ref["cache"]),
                "single PUT": check_single_puts(log, phase["prefix"], clock.t0),
                "lease": check_lease_respected(log, phase["prefix"], clock.t0, APP_A, APP_B, phase["t_cont"])}
