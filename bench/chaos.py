@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     server.log = LoggingMotoServer.log
     server.start()
     os.environ.update(s3_env(server.endpoint))
-    from noiserefine.s3_store import s3_filesystem
+    from noiserefine.storage.s3 import s3_filesystem
 
     s3_filesystem().mkdir(BUCKET)
     started = time.monotonic()

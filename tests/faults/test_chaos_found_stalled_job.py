@@ -14,9 +14,9 @@ import pytest
 from helpers_s3 import s3_url
 from noiserefine.shards import ShardInfo, read_manifest
 from noiserefine.storage import store_for
-from noiserefine.targets import lock
+from noiserefine.storage import locks as lock
 from noiserefine.targets.cache import record_shards
-from noiserefine.targets.lock import LeaseLostError, lease_lock
+from noiserefine.storage.locks import LeaseLostError, lease_lock
 
 
 def test_a_job_waking_from_a_stall_past_its_lease_writes_nothing_before_its_heartbeat_runs(s3_server, monkeypatch):
@@ -26,9 +26,9 @@ def test_a_job_waking_from_a_stall_past_its_lease_writes_nothing_before_its_hear
     with pytest.raises(LeaseLostError):
         with lease_lock(store, ttl_s=0.5):
             time.sleep(0.7)  # the stall: nothing of this job ran for longer than its TTL
-            _, etag = store.read_with_etag(lock.LOCK_FILE)
+            _, version = store.read_versioned(lock.LOCK_FILE)
             taker = {"pid": 1, "host": "other", "started": "x", "token": "job-b", "ttl_s": 60, "renewed": time.time()}
-            store.put_if(lock.LOCK_FILE, json.dumps(taker).encode(), etag=etag)  # job B takes the lease over
+            store.replace(lock.LOCK_FILE, json.dumps(taker).encode(), version)  # job B takes the lease over
             record_shards(store.location, [row])  # job A wakes up: its main thread records a finished shard
     assert read_manifest(store.location) == {}  # nothing recorded by the job that lost its lease
     assert json.loads(store.read_bytes(lock.LOCK_FILE))["token"] == "job-b"  # and B's lease is untouched
