@@ -51,7 +51,9 @@ def main(argv: list[str] | None = None) -> None:
 
     from noiserefine.backends import load_backend
     from noiserefine.backends.random_init import RandomWeightsWarning, count_parameters, read_architecture
-    from noiserefine.sampling import Guidance, rollout
+    from diffusers.guiders import ClassifierFreeGuidance
+
+    from noiserefine.sampling import rollout
 
     arch = read_architecture(args.arch)
     cfg = SimpleNamespace(backend=arch.backend, init="random", architecture=args.arch, device=args.device,
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     null = backend.null_conditioning(args.batch)
     noise = torch.randn(args.batch, *backend.latent_shape, generator=torch.Generator().manual_seed(0))
     noise = noise.to(backend.device)
-    guidance = Guidance("cfg", args.guidance_scale)
+    guidance = ClassifierFreeGuidance(guidance_scale=args.guidance_scale)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     times = []

@@ -274,13 +274,14 @@ class Context:
 
 def case_generation(ctx: Context) -> dict:
     from noiserefine.backends.base import cat_conditioning
-    from noiserefine.sampling import Guidance, make_scheduler
+    from noiserefine.guidance import PipelinePAG
+    from noiserefine.sampling import make_scheduler
     from noiserefine.targets.generate import shard_samples
     from noiserefine.targets.plan import PlannedSample
 
     spec, backend = ctx.spec, ctx.backend
     batch, steps = spec.gen_batch, spec.gen_steps
-    guidance = Guidance("cfg_pag", 7.5, pag_scale=3.0, pag_layers=("mid",))
+    guidance = PipelinePAG(guidance_scale=7.5, perturbed_guidance_scale=3.0, pag_layers=["mid"])
     samples = [PlannedSample(i, 1000 + i, PROMPTS[i % len(PROMPTS)], "bench") for i in range(batch)]
 
     def generation():
@@ -325,14 +326,16 @@ def case_generation(ctx: Context) -> dict:
 # --- (c) refined unguided sampling vs CFG ------------------------------------------------------------------
 
 def case_sampling(ctx: Context) -> dict:
-    from noiserefine.sampling import Guidance, rollout
+    from diffusers.guiders import ClassifierFreeGuidance
+
+    from noiserefine.sampling import rollout
 
     spec, backend = ctx.spec, ctx.backend
     batch, steps = spec.sample_batch, spec.sample_steps
     refiner = ctx.refiner()
     cond, null = ctx.conditioning(batch)
     noise = ctx.noise(batch, seed=100)
-    cfg = Guidance("cfg", 7.5)
+    cfg = ClassifierFreeGuidance(guidance_scale=7.5)
 
     def refined(n):
         with torch.no_grad():
