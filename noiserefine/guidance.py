@@ -16,6 +16,7 @@ rows only (what the PAG pipelines' own processors do for their third chunk).
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import json
 import logging
@@ -146,8 +147,7 @@ def network_calls(guider: BaseGuidance | None, num_steps: int) -> int:
     """Denoiser evaluations per sample for a ``num_steps`` rollout (the guider may vary them per step)."""
     if guider is None:
         return num_steps
-    with _quiet_guider_init():
-        probe = guider.new()  # a copy: the caller's guider keeps its state
+    probe = copy.copy(guider)  # set_state on a copy: the caller's guider keeps its state
     total = 0
     for step in range(num_steps):
         probe.set_state(step=step, num_inference_steps=num_steps, timestep=torch.tensor(0))
