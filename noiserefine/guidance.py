@@ -197,6 +197,11 @@ def _cat(parts: list):
     raise TypeError(f"cannot split a batched call per branch through a module returning {type(parts[0]).__name__}")
 
 
+# The branches [first, last) whose rows the innermost running per-branch call holds: a hooked module
+# nested in another (SLG hooks a block and its feed-forward) sees only its enclosing group's rows.
+_ACTIVE_BRANCHES: list[tuple[int, int]] = []
+
+
 class _PerBranchForward:
     """A module forward that runs each branch's rows through that branch's forward (plain or hooked).
 
@@ -208,15 +213,22 @@ class _PerBranchForward:
         self.forwards, self.rows = forwards, rows_per_branch
 
     def __call__(self, *args, **kwargs):
-        total = self.rows * len(self.forwards)
-        groups: list[list] = []
-        for index, forward in enumerate(self.forwards):
-            if groups and groups[-1][0] is forward:
-                groups[-1][2] = (index + 1) * self.rows
+        first, last = _ACTIVE_BRANCHES[-1] if _ACTIVE_BRANCHES else (0, len(self.forwards))
+        total = self.rows * (last - first)
+        groups: list[list] = []  # [forward, first branch, end branch]
+        for branch in range(first, last):
+            if groups and groups[-1][0] is self.forwards[branch]:
+                groups[-1][2] = branch + 1
             else:
-                groups.append([forward, index * self.rows, (index + 1) * self.rows])
-        outputs = [forward(*_rows(args, start, stop, total), **_rows(kwargs, start, stop, total))
-                   for forward, start, stop in groups]
+                groups.append([self.forwards[branch], branch, branch + 1])
+        outputs = []
+        for forward, start, stop in groups:
+            rows = ((start - first) * self.rows, (stop - first) * self.rows, total)
+            _ACTIVE_BRANCHES.append((start, stop))
+            try:
+                outputs.append(forward(*_rows(args, *rows), **_rows(kwargs, *rows)))
+            finally:
+                _ACTIVE_BRANCHES.pop()
         return outputs[0] if len(outputs) == 1 else _cat(outputs)
 
 

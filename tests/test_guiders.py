@@ -19,7 +19,7 @@ from noiserefine.backends import load_backend
 from noiserefine.config import load_config
 from noiserefine.guidance import PipelinePAG, guider_identity, make_guider, network_calls
 from noiserefine.noise import noise_from_seeds
-from noiserefine.sampling import bind, make_scheduler, rollout, scale_model_input
+from noiserefine.sampling import bind, initial_sigma, make_scheduler, rollout, scale_model_input
 from noiserefine.targets.generate import shard_samples
 from noiserefine.targets.plan import Plan
 from tiny_models import build_tiny_dit
@@ -50,7 +50,7 @@ def reference_rollout(backend, noise, cond, num_steps, guider):
     bind(guider, backend)
     null = backend.null_conditioning(noise.shape[0])
     scheduler = make_scheduler(backend, num_steps)
-    latents, calls = noise * scheduler.init_noise_sigma, 0
+    latents, calls = noise * initial_sigma(scheduler), 0
     channels = backend.guided_channels  # SiT: the guider sees the first channels, the rest is the conditional's
     for step, t in enumerate(scheduler.timesteps):
         guider.set_state(step=step, num_inference_steps=num_steps, timestep=t)
@@ -126,7 +126,8 @@ def test_sit_guides_first_channels_with_any_guider(name, tmp_path, monkeypatch):
     assert backend.guided_channels == 3
     make = GUIDERS[name] if name == "APG" else lambda: SkipLayerGuidance(
         guidance_scale=3.0, skip_layer_guidance_scale=2.0, skip_layer_guidance_start=0.0,
-        skip_layer_guidance_stop=1.0, skip_layer_guidance_layers=[0])  # fqn "auto": transformer_blocks
+        skip_layer_guidance_stop=1.0, skip_layer_config={"indices": [0], "fqn": "transformer_blocks"})
+    # (diffusers 0.42.1: skip_layer_guidance_layers=[0] builds LayerSkipConfig(0), whose int indices fail)
     check_against_reference(backend, backend.encode_prompts(["3", "7", "1"]), make, monkeypatch, steps=3)
 
 
