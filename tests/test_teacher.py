@@ -1,7 +1,9 @@
 """The embedded default teacher's recipe (at 200 of its 800 steps: see conftest) shows a clear guidance effect."""
 
 
+import pytest
 import torch
+from diffusers.guiders import ClassifierFreeGuidance
 
 from conftest import REPO
 from noiserefine.backends.digits import DigitsBackend, parse_digit
@@ -9,8 +11,6 @@ from noiserefine.digits.teacher import train_digits_teacher
 from noiserefine.config import load_config
 from noiserefine.evaluation.rows import eval_set, sample_row, score_rows
 from noiserefine.digits.classifier import DigitMetrics, load_or_train_classifier
-from diffusers.guiders import ClassifierFreeGuidance
-import pytest
 
 pytestmark = pytest.mark.slow  # subprocesses, Ray, DeepSpeed or teacher training: `make test` only
 
