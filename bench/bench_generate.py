@@ -65,7 +65,8 @@ def main() -> None:
     from noiserefine.targets.generate import generate_shard, shard_samples
     from noiserefine.noise import noise_from_seed
     from noiserefine.targets.plan import Plan
-    from noiserefine.sampling import Guidance, rollout
+    from noiserefine.guidance import guider_label, make_guider, network_calls
+    from noiserefine.sampling import rollout
 
     with tempfile.TemporaryDirectory(prefix="bench-generate-") as tmp:
         tmp = Path(tmp)
@@ -81,14 +82,15 @@ def main() -> None:
                      f"teacher.num_steps={args.num_steps}", f"data.cache_root={tmp / 'cache'}"]
         cfg = load_config(REPO / "configs" / "digits.yaml", overrides)
         backend = load_backend(cfg.model)
-        guidance = Guidance.from_teacher(cfg.teacher)
+        guidance = make_guider(cfg.teacher)
+        branches = network_calls(guidance, args.num_steps) // args.num_steps  # per step (constant for CFG)
         key = teacher_key(cfg)
         samples = Plan.from_config(cfg.data).shard(0)
         batch_sizes = [len(samples[i:i + args.batch_size]) for i in range(0, len(samples), args.batch_size)]
         num_forwards = len(batch_sizes) * args.num_steps
         dim = backend.embedding.shape[-1]
         print(f"teacher {teacher}; torch threads {torch.get_num_threads()}; {args.samples} samples, "
-              f"batch {args.batch_size}, {args.num_steps} steps, CFG x{guidance.num_branches}; "
+              f"batch {args.batch_size}, {args.num_steps} steps, {guider_label(guidance)} x{branches}; "
               f"{args.repeats} repeats (median)")
 
         def run_shard_samples(warmup: bool = False) -> None:
@@ -99,8 +101,8 @@ def main() -> None:
                 pass
 
         generator = torch.Generator().manual_seed(0)
-        bare_inputs = [(torch.randn(guidance.num_branches * b, *backend.latent_shape, generator=generator),
-                        torch.randn(guidance.num_branches * b, 1, dim, generator=generator)) for b in batch_sizes]
+        bare_inputs = [(torch.randn(branches * b, *backend.latent_shape, generator=generator),
+                        torch.randn(branches * b, 1, dim, generator=generator)) for b in batch_sizes]
         timesteps = torch.linspace(999, 0, args.num_steps).round().long()
 
         def run_bare_forwards(warmup: bool = False) -> None:
@@ -131,9 +133,9 @@ def main() -> None:
         ratio_a = statistics.median(b / s for b, s in zip(times["bare_forwards"], times["shard_samples"]))
         ratio_b = statistics.median(n / s for n, s in zip(times["naive"], times["shard_samples"]))
 
-        forwards = {"shard_samples": f"{num_forwards} x [{guidance.num_branches}B]",
-                    "bare_forwards": f"{num_forwards} x [{guidance.num_branches}B]",
-                    "naive": f"{len(samples) * args.num_steps} x [{guidance.num_branches}]"}
+        forwards = {"shard_samples": f"{num_forwards} x [{branches}B]",
+                    "bare_forwards": f"{num_forwards} x [{branches}B]",
+                    "naive": f"{len(samples) * args.num_steps} x [{branches}]"}
         print(f"\n{'variant':<16} | {'median s':>8} | {'samples/s':>9} | forwards")
         for name in variants:
             median = statistics.median(times[name])

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     from noiserefine.backends import load_backend
     from noiserefine.config import load_config
     from noiserefine.digits.teacher import ensure_digits_teacher
-    from noiserefine.sampling import Guidance
+    from noiserefine.guidance import make_guider
     from noiserefine.targets.generate import shard_samples
     from noiserefine.targets.identity import teacher_key
     from noiserefine.targets.plan import Plan
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     # pure compute: this process, 1 thread, no IO
     torch.set_num_threads(1)
     backend = load_backend(cfg.model)
-    guidance = Guidance.from_teacher(cfg.teacher)
+    guidance = make_guider(cfg.teacher)
     compute = []
     for _ in range(args.repeats):
         started = time.perf_counter()

@@ -63,7 +63,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
 
     from noiserefine.backends.random_init import count_parameters, read_architecture
-    from noiserefine.sampling import Guidance, rollout
+    from diffusers.guiders import ClassifierFreeGuidance
+
+    from noiserefine.sampling import rollout
 
     arch = read_architecture(args.arch)
     dtype = getattr(torch, args.dtype)
@@ -93,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     null = backend.null_conditioning(args.batch)
     noise = torch.randn(args.batch, *backend.latent_shape, generator=torch.Generator().manual_seed(0))
     noise = noise.to(backend.device)
-    guidance = Guidance("cfg", args.guidance_scale)
+    guidance = ClassifierFreeGuidance(guidance_scale=args.guidance_scale)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     times = []

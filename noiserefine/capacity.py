@@ -27,7 +27,7 @@ TAR_RECORD = 20 * TAR_BLOCK  # tarfile pads an archive to whole records of 10240
 NPY_HEADER = 128  # np.save's header for a plain float array (version 1.0, padded to 64-byte alignment)
 JSON_FIXED = 200  # the sample metadata without its prompt: ids, seed, source, teacher key, fingerprint (< 200)
 DTYPE_BYTES = {"float16": 2, "float32": 4}
-# sample-forwards per teacher step: CFG batches [uncond, cond]; CFG+PAG [uncond, cond, cond (perturbed)]
+# sample-forwards per teacher step of the measured runs (bench results name cfg or cfg_pag)
 FORWARDS_PER_STEP = {"cfg": 2, "cfg_pag": 3}
 
 
@@ -133,13 +133,15 @@ def measured_for(architecture: str | None, figures: dict[str, dict]) -> dict | N
     return next((figures[arch] for arch in sorted(figures) if arch in siblings), None)
 
 
-def teacher_seconds_per_sample(per_forward: float, num_steps: int, guidance: str, latent: tuple[int, ...],
+def teacher_seconds_per_sample(per_forward: float, num_steps: int, guider, latent: tuple[int, ...],
                                measured_latent: tuple[int, ...]) -> float:
-    """ESTIMATE: steps x sample-forwards per step x the measured per-forward cost, scaled linearly by latent
+    """ESTIMATE: the guider's sample-forwards over ``num_steps`` x the measured per-forward cost, scaled linearly by latent
     pixels (attention grows faster: a lower bound off the measured size). The measured batch was small
     (4 / 2): larger batches fill the GPU better, so at the measured size this is an upper bound."""
     scale = math.prod(latent[1:]) / math.prod(measured_latent[1:])
-    return num_steps * FORWARDS_PER_STEP[guidance] * per_forward * scale
+    from .guidance import network_calls
+
+    return network_calls(guider, num_steps) * per_forward * scale
 
 
 def train_samples_per_second(s_per_step: dict[int, float], batch: int, student_steps: int) -> float:
@@ -184,7 +186,10 @@ def plan(cfg, num_samples: int, *, wall_hours: float = 24.0, gpus_per_node: int 
     else:
         per_forward = None
     if per_forward is not None:
-        per = teacher_seconds_per_sample(per_forward, cfg.teacher.num_steps, cfg.teacher.guidance, latent, ref_latent)
+        from .guidance import make_guider
+
+        per = teacher_seconds_per_sample(per_forward, cfg.teacher.num_steps, make_guider(cfg.teacher), latent,
+                                         ref_latent)
         gpu_hours = num_samples * per / 3600
         out.update({"teacher_source": source, "teacher_seconds_per_sample": per, "teacher_gpu_hours": gpu_hours,
                     "teacher_gpus_for_wall_hours": math.ceil(gpu_hours / wall_hours),

@@ -55,9 +55,10 @@ class ModelConfig:
 
 @dataclass
 class TeacherConfig:
-    """The guided sampler whose outputs are the training targets."""
+    """The guided sampler whose outputs are the training targets (README: "Teacher guidance")."""
 
-    guidance: str = "cfg"  # cfg | cfg_pag
+    guidance: str = "cfg"  # cfg | cfg_pag | a diffusers.guiders class name (its arguments: guider_args)
+    guider_args: dict[str, Any] = field(default_factory=dict)
     guidance_scale: float = 3.0
     pag_scale: float = 3.0
     pag_layers: list[str] = field(default_factory=lambda: ["mid"])
@@ -201,8 +202,7 @@ class DemoConfig:
     distill_steps: int = 150  # guidance-distillation baseline fine-tuning
     transfer_steps: int = 150  # fine-tuning the teacher to thick strokes
     transfer_thicken: int = 1
-    # guidance sweep of the teacher alone (w = 1: unguided); with pick_guidance the teacher's
-    # guidance_scale is set by its rule (noiserefine.digits.sweep.RULE) before targets are generated
+    # guidance sweep of the teacher alone (w = 1: unguided); pick_guidance: sets teacher.guidance_scale (sweep.RULE)
     sweep_scales: list[float] = field(default_factory=lambda: [1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0])
     pick_guidance: bool = True
     # python -m noiserefine.digits.multi_scale (not in `make demo`): per-w refiners vs one for all (README)

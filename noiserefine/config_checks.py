@@ -20,7 +20,6 @@ _CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.init": ("pretrained", "random"),
     "model.architecture": ("", *architecture_names()),
-    "teacher.guidance": ("cfg", "cfg_pag"),
     "data.target_dtype": ("float16", "float32"),
     "train.loss": ("msd", "full_gradient", "noise_space"),
     "eval.metrics": ("none", "digit_classifier", "text_image"),
@@ -95,6 +94,7 @@ def validate(cfg: DictConfig) -> None:
     for key, (low, high, low_inclusive) in _RANGES.items():
         _check_range(key, float(OmegaConf.select(cfg, key)), low, high, low_inclusive)
     _check_guidance_scales(cfg)
+    _check_guider(cfg)
     if len(cfg.data.sources) == 0:
         raise ConfigValueError("config key 'data.sources' is empty; list at least one prompt source", "data.sources")
     for index, source in enumerate(cfg.data.sources):
@@ -116,6 +116,17 @@ def validate(cfg: DictConfig) -> None:
     if cfg.eval.metrics == "text_image" and not (cfg.eval.clip_path or cfg.eval.pickscore_path):
         raise ConfigValueError("config key 'eval.metrics' is 'text_image' but neither eval.clip_path nor "
                                "eval.pickscore_path is set (local CLIP / PickScore weight directories)", "eval.metrics")
+
+
+def _check_guider(cfg: DictConfig) -> None:
+    """``teacher.guidance`` (+ ``teacher.guider_args``) must build a diffusers guider (see ``guidance.py``)."""
+    from .guidance import make_guider  # imports diffusers: only when a config is validated
+
+    try:
+        make_guider(cfg.teacher)
+    except (TypeError, ValueError) as error:
+        key = "teacher.guidance" if "teacher.guider_args" not in str(error) else "teacher.guider_args"
+        raise ConfigValueError(f"config key '{key}': {error}", key) from None
 
 
 def _check_guidance_scales(cfg: DictConfig) -> None:

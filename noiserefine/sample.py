@@ -117,18 +117,18 @@ def main(argv: list[str] | None = None) -> int:
     from .backends import load_backend
     from .noise import noise_from_seeds
     from .refiner import load_refiner
-    from .sampling import Guidance, rollout
+    from .guidance import guider_identity, make_guider, network_calls
+    from .sampling import rollout
 
     backend = load_backend(cfg.model)
     refiner = load_refiner(refiner_dir, backend)
     steps = args.steps or int(refiner.sampler["num_steps"])
-    guidance = Guidance.from_teacher(cfg.teacher)
+    guidance = make_guider(cfg.teacher)
     # sample.json first: it marks the folder as this command's (see files.refuse_foreign_directory)
     write_text_atomic(out / SAMPLE_FILE, json.dumps({
         "refiner": str(refiner_dir.resolve()), "seeds": seeds, "steps": steps, "compare": args.compare,
-        "nfe_per_image": {"refined": steps + 2, "unguided": steps, "guided": guidance.num_branches * steps},
-        "guidance": {"kind": guidance.kind, "scale": guidance.scale, "pag_scale": guidance.pag_scale,
-                     "pag_layers": list(guidance.pag_layers)}}, indent=2) + "\n")
+        "nfe_per_image": {"refined": steps + 2, "unguided": steps, "guided": network_calls(guidance, steps)},
+        "guidance": guider_identity(guidance)}, indent=2) + "\n")
     save_config(cfg, out / "config.yaml")
     write_text_atomic(out / "prompts.json", json.dumps(dict(enumerate(prompts)), indent=2, ensure_ascii=False) + "\n")
 

@@ -1,4 +1,4 @@
-"""Deterministic rollouts (DDIM eta=0, Euler, Euler flow matching), guidance, affine coefficients.
+"""Deterministic rollouts (DDIM eta=0, Euler, Euler flow matching), guided by a diffusers guider; affine coefficients.
 
 A sampler step is affine in the sample once the network output is held fixed:
 ``x_prev = a_t * x_t + b_t * model_out``. ``a_t`` is read off the scheduler
@@ -9,48 +9,18 @@ noise when every network output is frozen (the MSD gradient).
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-from dataclasses import dataclass
-
 import torch
 import torch.utils.checkpoint
 from diffusers import DDIMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
-from diffusers.models.attention_processor import PAGCFGIdentitySelfAttnProcessor2_0
+from diffusers.guiders import BaseGuidance
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from .backends.base import Backend, Conditioning, cat_conditioning
+from .guidance import _ID, PipelinePAG, capture_branch, per_branch_forwards, perturbs_model
 
 # Single-step schedulers whose step is affine in (sample, model output). Multistep
 # solvers (DPM++, UniPC, ...) mix earlier outputs and break the MSD Jacobian.
 AFFINE_SCHEDULERS = (DDIMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler)
-
-
-@dataclass(frozen=True)
-class Guidance:
-    """``none``; ``cfg``: eps_u + w (eps_c - eps_u); ``cfg_pag``: adds s (eps_c - eps_perturbed)."""
-
-    kind: str = "none"
-    scale: float = 1.0
-    pag_scale: float = 0.0
-    pag_layers: tuple[str, ...] = ("mid",)
-
-    def __post_init__(self) -> None:
-        if self.kind not in ("none", "cfg", "cfg_pag"):
-            raise ValueError(f"guidance kind must be none, cfg or cfg_pag, got {self.kind!r}")
-
-    @classmethod
-    def from_teacher(cls, teacher) -> "Guidance":
-        return cls(kind=teacher.guidance, scale=float(teacher.guidance_scale),
-                   pag_scale=float(teacher.pag_scale), pag_layers=tuple(teacher.pag_layers))
-
-    @property
-    def num_branches(self) -> int:
-        """Network evaluations per sample per step."""
-        return {"none": 1, "cfg": 2, "cfg_pag": 3}[self.kind]
-
-
-UNGUIDED = Guidance()
 
 
 def make_scheduler(backend: Backend, num_steps: int) -> SchedulerMixin:
@@ -71,67 +41,80 @@ def make_scheduler(backend: Backend, num_steps: int) -> SchedulerMixin:
     return scheduler
 
 
-@contextlib.contextmanager
-def pag_processors(backend: Backend, layers: tuple[str, ...]) -> Iterator[None]:
-    """Install diffusers' PAG+CFG identity-attention processors; always restore the originals."""
-    modules = backend.pag_attention_modules(layers)
-    originals = {name: module.processor for name, module in modules.items()}
-    processor = PAGCFGIdentitySelfAttnProcessor2_0()
-    try:
-        for module in modules.values():
-            module.set_processor(processor)
-        yield
-    finally:
-        for name, module in modules.items():
-            module.set_processor(originals[name])
+def bind(guider: BaseGuidance | None, backend: Backend) -> None:
+    """Resolve what a guider needs from the backend (PipelinePAG: the PAG layers, matched exactly)."""
+    if isinstance(guider, PipelinePAG):
+        guider.bind(list(backend.pag_attention_modules(guider.pag_layers)), backend.denoiser)
 
 
-def guided_output(backend: Backend, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning,
-                  null_cond: Conditioning | None, guidance: Guidance) -> torch.Tensor:
-    """One guided network output from one batched forward ([uncond, cond] or [uncond, cond, cond]).
-
-    For ``cfg_pag`` the caller must hold :func:`pag_processors` around this call.
-    """
-    if guidance.kind == "none":
+def _denoise_branches(backend: Backend, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning,
+                      branch_hooks: list[dict]) -> torch.Tensor:
+    """One denoiser call over all branches, each perturbed module running its branch's hooked forward."""
+    with per_branch_forwards(branch_hooks, x_t.shape[0] // len(branch_hooks)):
         return backend.denoise(x_t, t, cond)
-    branches = guidance.num_branches
-    batch = torch.cat([x_t] * branches)
-    conds = cat_conditioning([null_cond] + [cond] * (branches - 1))
-    outputs = backend.denoise(batch, t, conds).chunk(branches)
-    uncond, conditional = outputs[0], outputs[1]
-    guided = uncond + guidance.scale * (conditional - uncond)
-    if guidance.kind == "cfg_pag":
-        guided = guided + guidance.pag_scale * (conditional - outputs[2])
-    channels = backend.guided_channels
-    if channels is not None:  # SiT guides only the first channels
-        guided = torch.cat([guided[:, :channels], conditional[:, channels:]], dim=1)
+
+
+def guided_output(backend: Backend, guider: BaseGuidance, x_t: torch.Tensor, t: torch.Tensor,
+                  cond: Conditioning, null_cond: Conditioning, checkpoint: bool = False) -> torch.Tensor:
+    """One guided network output: the guider's branches in ONE batched denoiser call, combined by the guider.
+
+    The caller has called ``guider.set_state`` for this step. Branches are laid out unconditional
+    first ([uncond, cond] as the stock pipelines batch them; [uncond, cond, cond_skip] for PAG).
+    ``checkpoint`` recomputes the denoiser call in backward; the guider's combination (which may
+    update its state, as APG's momentum) runs once.
+    """
+    branches = guider.prepare_inputs({key: (cond[key], null_cond[key]) for key in cond})
+    perturbing = perturbs_model(guider)
+    hooks = [capture_branch(guider, backend.denoiser, perturbing) for _ in branches]  # the guider's order
+    order = sorted(range(len(branches)), key=lambda i: getattr(branches[i], _ID) != "pred_uncond")
+    if len(branches) == 1:
+        batch, conds = x_t, {key: getattr(branches[0], key) for key in cond}
+    else:
+        batch = torch.cat([x_t] * len(branches))
+        conds = cat_conditioning([{key: getattr(branches[i], key) for key in cond} for i in order])
+    arguments = (backend, batch, t, conds, [hooks[i] for i in order])
+    if checkpoint and torch.is_grad_enabled():
+        outputs = torch.utils.checkpoint.checkpoint(_denoise_branches, *arguments, use_reentrant=False)
+    else:
+        outputs = _denoise_branches(*arguments)
+    outputs = outputs.chunk(len(branches))
+    channels = backend.guided_channels  # SiT guides only its first channels; the rest is the conditional output
+    for position, i in enumerate(order):
+        branches[i].noise_pred = outputs[position] if channels is None else outputs[position][:, :channels]
+    guided = guider(branches).pred
+    if channels is not None:
+        conditional = outputs[next(p for p, i in enumerate(order) if getattr(branches[i], _ID) == "pred_cond")]
+        guided = torch.cat([guided, conditional[:, channels:]], dim=1)
     return guided
 
 
 def rollout(backend: Backend, noise: torch.Tensor, cond: Conditioning, num_steps: int,
-            guidance: Guidance = UNGUIDED, null_cond: Conditioning | None = None,
+            guider: BaseGuidance | None = None, null_cond: Conditioning | None = None,
             checkpoint_steps: bool = False) -> torch.Tensor:
     """Sample ``x_0`` from ``noise`` (``x_T``, unit variance) in ``num_steps`` deterministic steps.
 
-    Gradients flow if the caller has them enabled (the full-gradient loss);
-    ``checkpoint_steps`` recomputes each network call in backward to save memory.
-    The scheduler's ``init_noise_sigma`` is applied here exactly once.
+    ``guider``: a ``diffusers.guiders`` guider (None: unguided); it is told every step
+    (``set_state``) and keeps its own per-rollout state. Gradients flow if the caller has them
+    enabled (the full-gradient loss); ``checkpoint_steps`` recomputes each network call in backward
+    to save memory. The scheduler's ``init_noise_sigma`` is applied here exactly once.
     """
-    if guidance.kind != "none" and null_cond is None:
-        null_cond = backend.null_conditioning(noise.shape[0])
+    if guider is not None:
+        bind(guider, backend)
+        if null_cond is None:
+            null_cond = backend.null_conditioning(noise.shape[0])
     scheduler = make_scheduler(backend, num_steps)
     latents = noise * initial_sigma(scheduler)
-    pag = pag_processors(backend, guidance.pag_layers) if guidance.kind == "cfg_pag" \
-        else contextlib.nullcontext()
-    with pag:
-        for t in scheduler.timesteps:
-            model_in = scale_model_input(scheduler, latents, t)
-            if checkpoint_steps and torch.is_grad_enabled():
-                out = torch.utils.checkpoint.checkpoint(
-                    guided_output, backend, model_in, t, cond, null_cond, guidance, use_reentrant=False)
-            else:
-                out = guided_output(backend, model_in, t, cond, null_cond, guidance)
-            latents = scheduler.step(out, t, latents, return_dict=False)[0]
+    checkpoint = checkpoint_steps and torch.is_grad_enabled()
+    for step, t in enumerate(scheduler.timesteps):
+        model_in = scale_model_input(scheduler, latents, t)
+        if guider is not None:
+            guider.set_state(step=step, num_inference_steps=num_steps, timestep=t)
+            out = guided_output(backend, guider, model_in, t, cond, null_cond, checkpoint)
+        elif checkpoint:
+            out = torch.utils.checkpoint.checkpoint(backend.denoise, model_in, t, cond, use_reentrant=False)
+        else:
+            out = backend.denoise(model_in, t, cond)
+        latents = scheduler.step(out, t, latents, return_dict=False)[0]
     return latents
 
 

@@ -12,6 +12,7 @@ import socket
 import pytest
 import torch
 from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+from diffusers.guiders import ClassifierFreeGuidance
 from diffusers.models.attention_processor import Attention
 
 from noiserefine.backends import load_backend
@@ -19,11 +20,12 @@ from noiserefine.backends.sdxl import SDXLBackend
 from noiserefine.backends.sit import SiTBackend, prompt_label
 from noiserefine.backends.stable_diffusion import StableDiffusionBackend
 from noiserefine.config import load_config
-from noiserefine.sampling import Guidance, guided_output, make_scheduler, rollout
+from noiserefine.guidance import PipelinePAG
+from noiserefine.sampling import guided_output, make_scheduler, rollout
 from tiny_models import IMAGE_SIZE, LATENT_SIZE, build_tiny_dit, build_tiny_sd, build_tiny_sdxl
 
-CFG = Guidance("cfg", 3.0)
-PAG = Guidance("cfg_pag", 3.0, 3.0, ("mid",))
+CFG = ClassifierFreeGuidance(guidance_scale=3.0)
+PAG = PipelinePAG(guidance_scale=3.0, perturbed_guidance_scale=3.0, pag_layers=["mid"])
 NUM_STEPS = 3
 _network_attempts: list[str] = []
 
@@ -292,7 +294,8 @@ def test_dit_passes_timesteps_and_keeps_sign(dit, monkeypatch):
 def test_sit_guides_first_three_channels(sit):
     cond, null = sit.encode_prompts(["3", "7"]), sit.null_conditioning(2)
     x_t, t = noise(sit), torch.tensor(600.0)
-    guided = guided_output(sit, x_t, t, cond, null, CFG)
+    CFG.set_state(step=0, num_inference_steps=1, timestep=t)
+    guided = guided_output(sit, CFG, x_t, t, cond, null)
     conditional, unconditional = sit.denoise(x_t, t, cond), sit.denoise(x_t, t, null)
     torch.testing.assert_close(guided[:, 3:], conditional[:, 3:])
     torch.testing.assert_close(guided[:, :3], unconditional[:, :3] + 3.0 * (conditional - unconditional)[:, :3])

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from diffusers.guiders import ClassifierFreeGuidance
 
 from noiserefine import capacity
 from noiserefine.config import load_config
+from noiserefine.guidance import PipelinePAG
 from noiserefine.shards import ShardSample, sample_key, write_shard
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,8 +56,9 @@ def test_known_sizes():
 
 def test_time_formulas():
     # 10 steps x 3 forwards (CFG+PAG) x 10 ms; a latent with 4x the pixels costs 4x
-    assert capacity.teacher_seconds_per_sample(0.01, 10, "cfg_pag", (4, 64, 64), (4, 64, 64)) == pytest.approx(0.3)
-    assert capacity.teacher_seconds_per_sample(0.01, 10, "cfg", (4, 128, 128), (4, 64, 64)) == pytest.approx(0.8)
+    pag, cfg = PipelinePAG(guidance_scale=7.5, perturbed_guidance_scale=3.0), ClassifierFreeGuidance(7.5)
+    assert capacity.teacher_seconds_per_sample(0.01, 10, pag, (4, 64, 64), (4, 64, 64)) == pytest.approx(0.3)
+    assert capacity.teacher_seconds_per_sample(0.01, 10, cfg, (4, 128, 128), (4, 64, 64)) == pytest.approx(0.8)
     # measured 1 s at N=10 and 3 s at N=50 (batch 4): N=30 takes 2 s -> 2 samples/s
     assert capacity.train_samples_per_second({10: 1.0, 50: 3.0}, 4, 30) == pytest.approx(2.0)
     assert capacity.train_samples_per_second({10: 1.0}, 4, 20) == pytest.approx(2.0)

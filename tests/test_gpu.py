@@ -3,11 +3,12 @@
 import numpy as np
 import pytest
 import torch
+from diffusers.guiders import ClassifierFreeGuidance
 
 from conftest import tiny_digits_backend
 from noiserefine.backends.digits import DigitsBackend
 from noiserefine.noise import fingerprint, noise_from_seeds
-from noiserefine.sampling import Guidance, rollout
+from noiserefine.sampling import rollout
 
 pytestmark = pytest.mark.gpu
 
@@ -35,8 +36,8 @@ def test_bf16_guided_rollout_close_to_fp32(cuda):
     noise = noise_from_seeds(range(4), fp32.latent_shape)
     prompts = ["seven", "three", "a cat", "one"]
     with torch.no_grad():
-        a = rollout(fp32, noise.to(cuda), fp32.encode_prompts(prompts), 5, Guidance("cfg", 3.0))
-        b = rollout(bf16, noise.to(cuda, torch.bfloat16), bf16.encode_prompts(prompts), 5, Guidance("cfg", 3.0))
+        a = rollout(fp32, noise.to(cuda), fp32.encode_prompts(prompts), 5, ClassifierFreeGuidance(guidance_scale=3.0))
+        b = rollout(bf16, noise.to(cuda, torch.bfloat16), bf16.encode_prompts(prompts), 5, ClassifierFreeGuidance(guidance_scale=3.0))
     # relative: the tiny random model's outputs are large (mean |x0| ~14); bf16 carries ~3 significant
     # digits per op, compounded over 5 CFG steps (measured on CPU: 2.1-2.3%, on an H200: mean abs 0.33)
     assert (a - b.float()).norm() / a.norm() < 0.05
@@ -73,7 +74,7 @@ def test_refiner_identity_at_init_and_msd_step_on_cuda_bf16(cuda):
 def test_cfg_pag_shard_samples_deterministic_on_cuda(cuda):
     """Stage 1 on CUDA: a re-generated shard has the same bytes; fingerprints are the CPU noise's; PAG is undone."""
     from noiserefine.noise import noise_from_seeds as cpu_noise
-    from noiserefine.sampling import Guidance
+    from noiserefine.guidance import PipelinePAG
     from noiserefine.targets.generate import shard_samples
     from noiserefine.targets.plan import PlannedSample
 
@@ -82,7 +83,8 @@ def test_cfg_pag_shard_samples_deterministic_on_cuda(cuda):
     samples = [PlannedSample(i, 100 + i, p, "test") for i, p in enumerate(["seven", "two", "a dog", "nine", "0"])]
 
     def generate():
-        return list(shard_samples(backend, samples, guidance=Guidance("cfg_pag", 3.0, 3.0, ("mid",)), num_steps=4,
+        pag = PipelinePAG(guidance_scale=3.0, perturbed_guidance_scale=3.0, pag_layers=["mid"])
+        return list(shard_samples(backend, samples, guidance=pag, num_steps=4,
                                   teacher_key="k", batch_size=2, target_dtype="float16"))
 
     one, two = generate(), generate()

@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from conftest import tiny_digits_backend
 from noiserefine.config import load_config
@@ -41,6 +42,26 @@ def key(model: Path, *overrides: str) -> str:
                                       "model.dtype=bfloat16", "data.max_prompt_chars=5"])
 def test_key_changes_with_what_determines_targets(model_dir, override):
     assert key(model_dir, override) != key(model_dir)
+
+
+def test_key_of_a_guider_named_by_class_is_its_class_and_saved_config(model_dir):
+    apg = ["teacher.guidance=AdaptiveProjectedGuidance", "teacher.guider_args={eta: 0.0}"]
+    assert key(model_dir, *apg) != key(model_dir, "teacher.guidance=AdaptiveProjectedGuidance")  # an argument
+    assert key(model_dir, *apg) != key(model_dir, "teacher.guidance=TangentialClassifierFreeGuidance")  # the class
+    assert key(model_dir, *apg, "teacher.guidance_scale=4") != key(model_dir, *apg)
+    assert key(model_dir, *apg, "teacher.pag_scale=1") == key(model_dir, *apg)  # not an argument of APG
+    guider = identity.teacher_record(load_config(DIGITS, [f"model.path={model_dir}", *apg]))["teacher"]["guider"]
+    assert guider["class"] == "AdaptiveProjectedGuidance" and guider["config"]["eta"] == 0.0
+
+
+@pytest.mark.parametrize("form", ["cfg", "cfg_pag"])
+def test_short_forms_keep_the_record_and_key_of_before_guiders(model_dir, form):
+    """Existing caches keep their key: the record's teacher part is the teacher section as it was
+    before ``teacher.guider_args`` existed."""
+    cfg = load_config(DIGITS, [f"model.path={model_dir}", f"teacher.guidance={form}"])
+    teacher = OmegaConf.to_container(cfg.teacher, resolve=True)
+    assert teacher.pop("guider_args") == {}
+    assert identity.teacher_record(cfg)["teacher"] == teacher
 
 
 @pytest.mark.parametrize("override", ["train.max_steps=5", "train.learning_rate=0.1", "student.num_steps=3",

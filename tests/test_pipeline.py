@@ -36,7 +36,8 @@ from noiserefine.targets.scan import scan_cache
 from noiserefine.config import load_config
 from noiserefine.noise import fingerprint, noise_from_seed
 from noiserefine.targets.plan import Plan
-from noiserefine.sampling import UNGUIDED, Guidance, rollout
+from noiserefine.guidance import guider_label, make_guider
+from noiserefine.sampling import rollout
 from noiserefine.hashing import file_sha256
 from noiserefine.shards import (MANIFEST_NAME, decode_sample, read_manifest, read_shard,
                                 sample_key, shard_name, write_manifest)
@@ -313,8 +314,8 @@ def test_shard_reads_back_with_plain_webdataset_and_matches_the_teacher(clean_1w
     assert read_teacher_record(cache_dir)["teacher_key"] == cache_dir.name
     plan = Plan.from_config(cfg.data)
     backend = load_backend(cfg.model)
-    guidance = Guidance.from_teacher(cfg.teacher)
-    assert guidance.kind == "cfg" and guidance.scale == 3.0
+    guidance = make_guider(cfg.teacher)
+    assert guider_label(guidance) == "CFG 3"
     assert cfg.data.target_dtype == "float16"  # the default
     urls = [str(cache_dir / name) for name in visible_shards(cache_dir)]
     decoded = [decode_sample(raw) for raw in wds.WebDataset(urls, shardshuffle=False)]
@@ -337,7 +338,7 @@ def test_shard_reads_back_with_plain_webdataset_and_matches_the_teacher(clean_1w
         cond = backend.encode_prompts([meta["prompt"]])
         with torch.no_grad():
             guided = rollout(backend, noise, cond, cfg.teacher.num_steps, guidance)[0]
-            unguided = rollout(backend, noise, cond, cfg.teacher.num_steps, UNGUIDED)[0]
+            unguided = rollout(backend, noise, cond, cfg.teacher.num_steps)[0]
         torch.testing.assert_close(stored, guided.to(torch.float16))
         # guarded: the comparison above would also pass for a job that ignored guidance
         assert (unguided.to(torch.float16) - stored).abs().max() > 1e-2

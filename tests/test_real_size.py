@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from diffusers.guiders import ClassifierFreeGuidance
 from transformers import CLIPTextConfig
 
 from noiserefine.backends import load_backend
@@ -24,7 +25,7 @@ from noiserefine.backends.random_init import (ARCHITECTURES_DIR, RANDOM_WEIGHTS,
                                               read_architecture)
 from noiserefine.config import load_config
 from noiserefine.config_checks import _CHOICES
-from noiserefine.sampling import Guidance, guided_output
+from noiserefine.sampling import guided_output
 
 ARCH_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -230,7 +231,9 @@ def test_load_backend_random_at_full_size_on_meta(backend, architecture, prompts
     assert {key: value.shape for key, value in null.items()} == {key: value.shape for key, value in cond.items()}
     x_t = torch.zeros(len(prompts), *model.latent_shape, device="meta")
     t = torch.tensor(500, device="meta")
-    out = guided_output(model, x_t, t, cond, null, Guidance("cfg", 7.5))
+    guider = ClassifierFreeGuidance(guidance_scale=7.5)
+    guider.set_state(step=0, num_inference_steps=1, timestep=t)
+    out = guided_output(model, guider, x_t, t, cond, null)
     assert out.shape == x_t.shape
     if architecture == "sdxl":
         assert model.vae.dtype == torch.float32 and model.force_zeros_for_empty_prompt

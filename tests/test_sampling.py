@@ -5,12 +5,29 @@ import torch
 from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
                        FlowMatchEulerDiscreteScheduler)
 
+from diffusers.guiders import ClassifierFreeGuidance
+
 from conftest import tiny_digits_backend
 from noiserefine.backends.base import _layer_prefix
+from noiserefine.guidance import PipelinePAG
 from noiserefine.noise import noise_from_seeds
-from noiserefine.sampling import (Guidance, affine_coefficients, guided_output, initial_sigma,
-                                  make_scheduler, pag_processors, rollout, rollout_gain,
-                                  scale_model_input)
+from noiserefine.sampling import (affine_coefficients, guided_output, initial_sigma, make_scheduler, rollout,
+                                  rollout_gain, scale_model_input)
+
+
+def CFG(scale):
+    return ClassifierFreeGuidance(guidance_scale=scale)
+
+
+def PAG(scale, pag_scale, layers=("mid",)):
+    return PipelinePAG(guidance_scale=scale, perturbed_guidance_scale=pag_scale, pag_layers=list(layers))
+
+
+def plain_forwards(denoiser) -> bool:
+    """No guider hook left and every module's forward is its class's own (hooks and per-branch forwards gone)."""
+    return all(not getattr(m, "_diffusers_hook", None) or not m._diffusers_hook._hook_order
+               for m in denoiser.modules()) and \
+        all(getattr(m.forward, "__func__", None) is type(m).forward for m in denoiser.modules())
 
 PROMPTS = ["a handwritten seven", "a handwritten digit 3", "a cat", "nine"]
 
@@ -25,7 +42,9 @@ def test_cfg_batched_forward_equals_two_forwards(tiny_backend):
     t = torch.tensor(500)
     null = tiny_backend.null_conditioning(len(noise))
     with torch.no_grad():
-        guided = guided_output(tiny_backend, noise, t, cond, null, Guidance("cfg", 3.0))
+        guider = CFG(3.0)
+        guider.set_state(step=0, num_inference_steps=1, timestep=t)
+        guided = guided_output(tiny_backend, guider, noise, t, cond, null)
         uncond = tiny_backend.denoise(noise, t, null)
         conditional = tiny_backend.denoise(noise, t, cond)
     torch.testing.assert_close(guided, uncond + 3.0 * (conditional - uncond), rtol=1e-5, atol=1e-5)
@@ -36,8 +55,8 @@ def test_guidance_scale_one_equals_unguided(tiny_backend):
     noise, cond = _inputs(tiny_backend)
     with torch.no_grad():
         unguided = rollout(tiny_backend, noise, cond, 5)
-        scale_one = rollout(tiny_backend, noise, cond, 5, Guidance("cfg", 1.0))
-        scale_three = rollout(tiny_backend, noise, cond, 5, Guidance("cfg", 3.0))
+        scale_one = rollout(tiny_backend, noise, cond, 5, CFG(1.0))
+        scale_three = rollout(tiny_backend, noise, cond, 5, CFG(3.0))
     torch.testing.assert_close(scale_one, unguided, rtol=1e-5, atol=1e-5)
     assert (scale_three - unguided).abs().max() > 1e-2
 
@@ -45,31 +64,39 @@ def test_guidance_scale_one_equals_unguided(tiny_backend):
 def test_pag_changes_output_and_restores_processors(tiny_backend):
     noise, cond = _inputs(tiny_backend)
     processors = dict(tiny_backend.denoiser.attn_processors)
-    pag = Guidance("cfg_pag", 2.0, pag_scale=3.0, pag_layers=("mid",))
+    pag = PAG(2.0, 3.0)
     with torch.no_grad():
         before = rollout(tiny_backend, noise, cond, 4)
-        cfg_only = rollout(tiny_backend, noise, cond, 4, Guidance("cfg", 2.0))
+        cfg_only = rollout(tiny_backend, noise, cond, 4, CFG(2.0))
         with_pag = rollout(tiny_backend, noise, cond, 4, pag)
         after = rollout(tiny_backend, noise, cond, 4)
     assert (with_pag - cfg_only).abs().max() > 1e-3, "PAG term had no effect"
     assert torch.equal(before, after)
     restored = tiny_backend.denoiser.attn_processors
     assert all(restored[name] is proc for name, proc in processors.items())
+    assert plain_forwards(tiny_backend.denoiser)
 
 
-def test_pag_processors_restored_on_error(tiny_backend):
-    processors = dict(tiny_backend.denoiser.attn_processors)
-    with pytest.raises(RuntimeError):
-        with pag_processors(tiny_backend, ("mid",)):
-            raise RuntimeError("boom")
-    assert all(tiny_backend.denoiser.attn_processors[n] is p for n, p in processors.items())
+def test_pag_hooks_and_forwards_restored_on_error(tiny_backend, monkeypatch):
+    noise, cond = _inputs(tiny_backend)
+    calls = []
+
+    def failing_step(*args, **kwargs):  # fails inside the batched call, perturbed forwards installed
+        calls.append(1)
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(tiny_backend.denoiser.mid_block, "forward", failing_step)
+    with pytest.raises(RuntimeError, match="boom"):
+        rollout(tiny_backend, noise, cond, 2, PAG(2.0, 3.0))
+    monkeypatch.undo()
+    assert calls and plain_forwards(tiny_backend.denoiser)
 
 
 def test_pag_zero_scale_equals_cfg(tiny_backend):
     noise, cond = _inputs(tiny_backend)
     with torch.no_grad():
-        cfg_only = rollout(tiny_backend, noise, cond, 3, Guidance("cfg", 2.0))
-        pag0 = rollout(tiny_backend, noise, cond, 3, Guidance("cfg_pag", 2.0, pag_scale=0.0))
+        cfg_only = rollout(tiny_backend, noise, cond, 3, CFG(2.0))
+        pag0 = rollout(tiny_backend, noise, cond, 3, PAG(2.0, 0.0))
     torch.testing.assert_close(pag0, cfg_only, rtol=1e-4, atol=1e-5)
 
 

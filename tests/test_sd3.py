@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+from diffusers.guiders import ClassifierFreeGuidance
 
 from noiserefine.backends import load_backend
 from noiserefine.backends.sd3 import SD3Backend
@@ -19,7 +20,8 @@ from noiserefine.config import load_config
 from noiserefine.noise import noise_from_seeds
 from noiserefine.pipelines import refined_latents, unguided_call_kwargs
 from noiserefine.refiner import Refiner, adapters_enabled, save_refiner
-from noiserefine.sampling import Guidance, affine_coefficients, rollout, rollout_gain
+from noiserefine.guidance import PipelinePAG
+from noiserefine.sampling import affine_coefficients, rollout, rollout_gain
 from tiny_models import IMAGE_SIZE, build_tiny_dit, build_tiny_sd3
 
 PROMPTS = ["a red cat", "the blue dog"]
@@ -66,7 +68,7 @@ def test_backend_loads_conditioning_and_decodes(dirs):
 def test_rollouts_equal_stable_diffusion_3_pipeline(dirs, variant, guidance_scale):
     backend = backend_of(dirs[variant])
     x_t = noise_from_seeds(SEEDS, backend.latent_shape)
-    guidance = Guidance("cfg", guidance_scale) if guidance_scale > 1 else Guidance()
+    guidance = ClassifierFreeGuidance(guidance_scale=guidance_scale) if guidance_scale > 1 else None
     ours = rollout(backend, x_t, backend.encode_prompts(PROMPTS), 4, guidance)
     pipe = stock(dirs[variant], with_t5=variant == "t5")
     theirs = pipe(PROMPTS, latents=x_t.clone(), num_inference_steps=4, guidance_scale=guidance_scale,
@@ -124,7 +126,7 @@ def test_pag_is_refused_and_paths_are_checked(dirs, tmp_path):
     backend = backend_of(dirs["no_t5"])
     with pytest.raises(ValueError, match="PAG is not implemented for SD3"):
         rollout(backend, noise_from_seeds(SEEDS, backend.latent_shape), backend.encode_prompts(PROMPTS), 1,
-                Guidance("cfg_pag", 7.0, 3.0, ("mid",)))
+                PipelinePAG(guidance_scale=7.0, perturbed_guidance_scale=3.0, pag_layers=["mid"]))
     with pytest.raises(FileNotFoundError, match=r"no-such-model.*Stable Diffusion 3 pipeline"):
         backend_of(tmp_path / "no-such-model")
     with pytest.raises(FileNotFoundError, match=r"Stable Diffusion 3 pipeline.*missing.*holds a DiTPipeline"):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from diffusers.guiders import ClassifierFreeGuidance
 from diffusers import (DDIMScheduler, DiTPipeline, StableDiffusionPAGPipeline, StableDiffusionPipeline,
                        StableDiffusionXLPAGPipeline, StableDiffusionXLPipeline)
 
@@ -28,7 +29,8 @@ from noiserefine.config import load_config
 from noiserefine.noise import noise_from_seeds
 from noiserefine.pipelines import dit_latents, refined_latents, unguided_call_kwargs
 from noiserefine.refiner import Refiner, adapters_enabled, save_refiner
-from noiserefine.sampling import Guidance, rollout
+from noiserefine.guidance import PipelinePAG, guider_label
+from noiserefine.sampling import rollout
 from tiny_models import build_tiny_dit, build_tiny_sd, build_tiny_sdxl
 
 TOLERANCE = 1e-5
@@ -97,39 +99,52 @@ def pipe_latents(pipe, prompts, latents, steps, **kwargs):
     return pipe(prompts, latents=latents.clone(), num_inference_steps=steps, output_type="latent", **kwargs).images
 
 
-TEXT_CASES = [  # (model, steps, guidance)
-    ("sd15_pndm_eps", 4, Guidance()),
-    ("sd15_pndm_eps", 4, Guidance("cfg", 7.5)),
-    ("sd15_pndm_eps", 4, Guidance("cfg_pag", 7.5, 3.0, ("mid",))),
-    ("sd15_pndm_eps", 3, Guidance("cfg_pag", 5.0, 2.0, ("mid", "up_blocks.0"))),
-    ("sd_ddim_v", 4, Guidance()),
-    ("sd_ddim_v", 4, Guidance("cfg", 7.5)),
-    ("sd_ddim_v", 3, Guidance("cfg_pag", 7.5, 3.0, ("mid",))),
-    ("sd_turbo_euler_trailing", 1, Guidance()),
-    ("sd_turbo_euler_trailing", 4, Guidance()),
-    ("sd_turbo_euler_trailing", 2, Guidance("cfg", 3.0)),
-    ("sdxl_euler_leading", 4, Guidance()),
-    ("sdxl_euler_leading", 4, Guidance("cfg", 5.0)),
-    ("sdxl_euler_leading", 3, Guidance("cfg_pag", 5.0, 3.0, ("mid",))),
+def CFG(scale):
+    return ClassifierFreeGuidance(guidance_scale=scale)
+
+
+def PAG(scale, pag_scale, layers):
+    return PipelinePAG(guidance_scale=scale, perturbed_guidance_scale=pag_scale, pag_layers=list(layers))
+
+
+TEXT_CASES = [  # (model, steps, guider; None: unguided)
+    ("sd15_pndm_eps", 4, None),
+    ("sd15_pndm_eps", 4, CFG(7.5)),
+    ("sd15_pndm_eps", 4, PAG(7.5, 3.0, ("mid",))),
+    ("sd15_pndm_eps", 3, PAG(5.0, 2.0, ("mid", "up_blocks.0"))),
+    ("sd_ddim_v", 4, None),
+    ("sd_ddim_v", 4, CFG(7.5)),
+    ("sd_ddim_v", 3, PAG(7.5, 3.0, ("mid",))),
+    ("sd_turbo_euler_trailing", 1, None),
+    ("sd_turbo_euler_trailing", 4, None),
+    ("sd_turbo_euler_trailing", 2, CFG(3.0)),
+    ("sdxl_euler_leading", 4, None),
+    ("sdxl_euler_leading", 4, CFG(5.0)),
+    ("sdxl_euler_leading", 3, PAG(5.0, 3.0, ("mid",))),
 ]
 
 
-@pytest.mark.parametrize("name,steps,guidance", TEXT_CASES,
-                         ids=[f"{n}-{s}steps-{g.kind}-{'+'.join(g.pag_layers) if g.kind == 'cfg_pag' else ''}"
-                              for n, s, g in TEXT_CASES])
-def test_text_to_image_rollouts_equal_the_stock_pipelines(dirs, name, steps, guidance):
+def case_id(name, steps, guider):
+    layers = "+".join(guider.pag_layers) if isinstance(guider, PipelinePAG) else ""
+    return f"{name}-{steps}steps-{guider_label(guider).replace(' ', '')}-{layers}"
+
+
+@pytest.mark.parametrize("name,steps,guider", TEXT_CASES, ids=[case_id(*case) for case in TEXT_CASES])
+def test_text_to_image_rollouts_equal_the_stock_pipelines(dirs, name, steps, guider):
     backend = backend_of(name, dirs)
     _, _, pipe_class, pag_class = MODELS[name]
     x_t = noise_from_seeds(SEEDS, backend.latent_shape)
-    ours = rollout(backend, x_t, backend.encode_prompts(PROMPTS), steps, guidance)
-    if guidance.kind == "cfg_pag":
-        pipe = ddim(stock(pag_class, dirs[name], pag_applied_layers=list(guidance.pag_layers)))
-        theirs = pipe_latents(pipe, PROMPTS, x_t, steps, guidance_scale=guidance.scale, pag_scale=guidance.pag_scale)
+    ours = rollout(backend, x_t, backend.encode_prompts(PROMPTS), steps, guider)
+    scale = 1.0 if guider is None else guider.guidance_scale
+    if isinstance(guider, PipelinePAG):
+        pipe = ddim(stock(pag_class, dirs[name], pag_applied_layers=list(guider.pag_layers)))
+        theirs = pipe_latents(pipe, PROMPTS, x_t, steps, guidance_scale=scale,
+                              pag_scale=guider.skip_layer_guidance_scale)
     else:
         pipe = ddim(stock(pipe_class, dirs[name]))
-        theirs = pipe_latents(pipe, PROMPTS, x_t, steps, guidance_scale=guidance.scale)
-    case = f"{pipe_class.__name__ if guidance.kind != 'cfg_pag' else pag_class.__name__} {name} {steps} steps " \
-           f"{guidance.kind}{' ' + '+'.join(guidance.pag_layers) if guidance.kind == 'cfg_pag' else ''}"
+        theirs = pipe_latents(pipe, PROMPTS, x_t, steps, guidance_scale=scale)
+    stock_class = pag_class if isinstance(guider, PipelinePAG) else pipe_class
+    case = f"{stock_class.__name__} {case_id(name, steps, guider)}"
     assert record(case, ours, theirs) <= TOLERANCE
     assert (ours - x_t).abs().max() > 1e-2  # the comparison is not vacuous
 
@@ -137,7 +152,7 @@ def test_text_to_image_rollouts_equal_the_stock_pipelines(dirs, name, steps, gui
 def test_unfrozen_sdxl_pipeline_differs_by_float32_roundoff_only(dirs):
     backend = backend_of("sdxl_euler_leading", dirs)
     x_t = noise_from_seeds(SEEDS, backend.latent_shape)
-    ours = rollout(backend, x_t, backend.encode_prompts(PROMPTS), 4, Guidance("cfg", 5.0))
+    ours = rollout(backend, x_t, backend.encode_prompts(PROMPTS), 4, CFG(5.0))
     pipe = ddim(stock(StableDiffusionXLPipeline, dirs["sdxl_euler_leading"], freeze=False))
     theirs = pipe_latents(pipe, PROMPTS, x_t, 4, guidance_scale=5.0)
     difference = record("StableDiffusionXLPipeline sdxl 4 steps cfg, modules NOT frozen (info)", ours, theirs)
@@ -200,8 +215,8 @@ def test_dit_rollout_equals_dit_pipeline_from_the_same_noise(dirs, guidance_scal
     backend = backend_of("dit", dirs)
     labels = [207, 3]
     x_t = noise_from_seeds(SEEDS, backend.latent_shape)
-    guidance = Guidance("cfg", guidance_scale) if guidance_scale > 1 else Guidance()
-    ours = rollout(backend, x_t, backend.encode_prompts([str(label) for label in labels]), 4, guidance)
+    guider = CFG(guidance_scale) if guidance_scale > 1 else None
+    ours = rollout(backend, x_t, backend.encode_prompts([str(label) for label in labels]), 4, guider)
     pipe = ddim(stock(DiTPipeline, dirs["dit"]))
     theirs = run_dit(pipe, x_t, labels, guidance_scale=guidance_scale, num_inference_steps=4)
     assert record(f"DiTPipeline (own loop, same noise) 4 steps guidance {guidance_scale}", ours, theirs) <= TOLERANCE

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from diffusers.guiders import ClassifierFreeGuidance
 from PIL import Image
 
 from conftest import tiny_digits_backend
@@ -15,6 +16,7 @@ from noiserefine.digits import sweep as sweep_module
 from noiserefine.digits.sweep import ensure_sweep, pick_scale, plot_sweep, sweep_guidance
 from noiserefine.evaluation.comparison import save_comparison_grid
 from noiserefine.evaluation.rows import Row, metrics_markdown
+from noiserefine.guidance import network_calls
 
 
 def test_pick_scale_takes_the_lowest_class_conditional_fid_ties_to_the_smaller_w():
@@ -36,9 +38,10 @@ def test_pick_scale_chooses_a_guidance_scale_even_where_unguided_is_best():
 
 def test_sweep_guidance_w1_is_the_unguided_sampler():
     cfg = load_config()
-    assert sweep_guidance(cfg, 1.0).kind == "none"
+    assert sweep_guidance(cfg, 1.0) is None
     guided = sweep_guidance(cfg, 2.5)
-    assert guided.kind == cfg.teacher.guidance and guided.scale == 2.5 and guided.num_branches == 2
+    assert cfg.teacher.guidance == "cfg" and type(guided) is ClassifierFreeGuidance
+    assert guided.guidance_scale == 2.5 and network_calls(guided, 4) == 8
 
 
 def test_ensure_sweep_reuses_its_record_only_for_the_same_identity(tmp_path, monkeypatch):
@@ -52,16 +55,20 @@ def test_ensure_sweep_reuses_its_record_only_for_the_same_identity(tmp_path, mon
         return {"fid": float(images.mean()), "fid_class": float(len(calls)), "accuracy": 0.5}
 
     record = ensure_sweep(cfg, backend, metric_fn, [1.0, 2.0, 3.0], tmp_path, {"weights": "a"})
-    assert calls == [6, 6, 6] and record["chosen_scale"] == 2.0  # fid_class 1, 2, 3; w = 1 is never chosen
+    # fid_class 1, 2, 3; w = 1 is never chosen; then the APG row at the chosen w (not used to choose)
+    assert calls == [6, 6, 6, 6] and record["chosen_scale"] == 2.0
     assert [row["scale"] for row in record["rows"]] == [1.0, 2.0, 3.0]
+    (apg,) = record["guider_rows"]
+    assert apg["guider"] == "APG" and apg["class"] == "AdaptiveProjectedGuidance" and apg["scale"] == 2.0
+    assert apg["fid_class"] == 4.0 and apg["nfe"] == 2 * 2  # 2 steps x [uncond, cond]
     assert json.loads((tmp_path / "sweep.json").read_text())["chosen_scale"] == 2.0
     again = ensure_sweep(cfg, backend, metric_fn, [1.0, 2.0, 3.0], tmp_path, {"weights": "a"})
-    assert calls == [6, 6, 6] and again == record  # reused, nothing sampled
+    assert calls == [6, 6, 6, 6] and again == record  # reused, nothing sampled
     ensure_sweep(cfg, backend, metric_fn, [1.0, 2.0, 3.0], tmp_path, {"weights": "retrained"})
-    assert len(calls) == 6  # another teacher: recomputed
+    assert len(calls) == 8  # another teacher: recomputed
     (tmp_path / "sweep.json").write_text("{not json")
     ensure_sweep(cfg, backend, metric_fn, [1.0, 2.0], tmp_path, {"weights": "a"})
-    assert len(calls) == 8  # a damaged record is recomputed
+    assert len(calls) == 11  # a damaged record is recomputed (2 scales + APG)
     with pytest.raises(ValueError):
         ensure_sweep(cfg, backend, metric_fn, [], tmp_path, {"weights": "a"})
 

@@ -1,7 +1,9 @@
 """The embedded default teacher's recipe (at 200 of its 800 steps: see conftest) shows a clear guidance effect."""
 
 
+import pytest
 import torch
+from diffusers.guiders import ClassifierFreeGuidance
 
 from conftest import REPO
 from noiserefine.backends.digits import DigitsBackend, parse_digit
@@ -9,8 +11,6 @@ from noiserefine.digits.teacher import train_digits_teacher
 from noiserefine.config import load_config
 from noiserefine.evaluation.rows import eval_set, sample_row, score_rows
 from noiserefine.digits.classifier import DigitMetrics, load_or_train_classifier
-from noiserefine.sampling import Guidance
-import pytest
 
 pytestmark = pytest.mark.slow  # subprocesses, Ray, DeepSpeed or teacher training: `make test` only
 
@@ -48,8 +48,8 @@ def test_teacher_shows_clear_guidance_effect(trained_teacher_dir, tmp_path_facto
     metrics = DigitMetrics(load_or_train_classifier(tmp_path_factory.mktemp("classifier")))
     evals = eval_set(cfg)
     rows = [sample_row("unguided", backend, evals, cfg.student.num_steps),
-            sample_row("cfg1.25", backend, evals, cfg.student.num_steps, guidance=Guidance("cfg", 1.25)),
-            sample_row("cfg3", backend, evals, cfg.student.num_steps, guidance=Guidance("cfg", 3.0))]
+            sample_row("cfg1.25", backend, evals, cfg.student.num_steps, guidance=ClassifierFreeGuidance(guidance_scale=1.25)),
+            sample_row("cfg3", backend, evals, cfg.student.num_steps, guidance=ClassifierFreeGuidance(guidance_scale=3.0))]
     score_rows(rows, backend, evals, metrics)
     unguided, mild, guided = rows[0].metrics, rows[1].metrics, rows[2].metrics
     print(f"unguided {unguided}\nmild {mild}\nguided {guided}")

@@ -61,12 +61,13 @@ def counted(ctx: Context, count) -> dict:
 
 def generation(ctx: Context, case: Case) -> dict:
     from noiserefine.backends.base import cat_conditioning
-    from noiserefine.sampling import Guidance, make_scheduler
+    from noiserefine.guidance import PipelinePAG
+    from noiserefine.sampling import make_scheduler
     from noiserefine.targets.generate import shard_samples
     from noiserefine.targets.plan import PlannedSample
 
     backend, batch, steps = ctx.backend, case.batch, case.steps[0]
-    guidance = Guidance("cfg_pag", 7.5, pag_scale=3.0, pag_layers=("mid",))
+    guidance = PipelinePAG(guidance_scale=7.5, perturbed_guidance_scale=3.0, pag_layers=["mid"])
 
     def generate(size: int = batch, n: int = steps):
         samples = [PlannedSample(i, 1000 + i, PROMPTS[i % len(PROMPTS)], "bench") for i in range(size)]
@@ -122,13 +123,15 @@ def generation(ctx: Context, case: Case) -> dict:
 # --- refined unguided sampling vs CFG ------------------------------------------------------------------------
 
 def sampling(ctx: Context, case: Case) -> dict:
-    from noiserefine.sampling import Guidance, rollout
+    from diffusers.guiders import ClassifierFreeGuidance
+
+    from noiserefine.sampling import rollout
 
     backend, batch, steps = ctx.backend, case.batch, case.steps[0]
     refiner = ctx.refiner()
     cond, null = ctx.conditioning(batch)
     noise = ctx.noise(batch, seed=100)
-    cfg = Guidance("cfg", 7.5)
+    cfg = ClassifierFreeGuidance(guidance_scale=7.5)
 
     def refined(n, size=batch):
         with torch.no_grad():

@@ -24,7 +24,7 @@ from ..evaluation.scores import gap_closed
 from ..files import write_text_atomic
 from ..noise import noise_from_seeds, sample_seed
 from ..refiner import load_refiner
-from ..sampling import Guidance
+from ..guidance import make_guider
 from .sweep import plot_sweep
 
 UNGUIDED, GUIDED = "Gaussian noise, unguided", "Gaussian noise, guided (CFG)"
@@ -68,7 +68,7 @@ def refined_row(name, sampler_backend, refiner, evals, cfg, guidance_scale: floa
 
 def _gaussian_rows(backend, evals, cfg, label: str = "") -> list[Row]:
     steps, batch = cfg.student.num_steps, cfg.eval.batch_size
-    guidance = Guidance.from_teacher(cfg.teacher)
+    guidance = make_guider(cfg.teacher)
     return [sample_row(UNGUIDED + label, backend, evals, steps, batch_size=batch),
             sample_row(GUIDED + label, backend, evals, steps, guidance=guidance, batch_size=batch)]
 
@@ -119,7 +119,8 @@ def evaluate(cfg, backend, digit_metrics, run_dir: Path, *, sweep: dict, refiner
     plot_sweep(sweep, {"unguided": main[UNGUIDED], "refined, unguided (ours)": main[REFINED],
                        "guidance distillation": main[DISTILLED]}, run_dir / "sweep.png")
     results["sweep"] = {"rule": sweep["rule"], "metric": sweep["metric"], "chosen_scale": sweep["chosen_scale"],
-                        "teacher_guidance_scale": w, "rows": sweep["rows"]}
+                        "teacher_guidance_scale": w, "rows": sweep["rows"],
+                        "guider_rows": sweep.get("guider_rows", [])}
 
     # ablation 1: image-space (MSD, the main refiner) vs noise-space loss, same budget
     noise_space = refiner_on_fresh_backend(cfg, noise_space_dir / "refiner")
@@ -263,6 +264,8 @@ def _sweep_table(results: dict) -> str:
     main, sweep = results["main"], results["sweep"]
     named = [(f"teacher, {'unguided' if row['scale'] == 1 else 'CFG'} w={row['scale']:g}"
               + (" (chosen)" if row["scale"] == sweep["chosen_scale"] else ""), row) for row in sweep["rows"]]
+    named += [(f"teacher, {row['guider']} w={row['scale']:g} (not used to choose w)", row)
+              for row in sweep.get("guider_rows", [])]
     named += [(f"{REFINED} [trained on w={sweep['teacher_guidance_scale']:g}]", main[REFINED]),
               (f"{DISTILLED} [w={sweep['teacher_guidance_scale']:g}]", main[DISTILLED])]
     return metrics_markdown(named, COLUMNS)

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import replace
 from pathlib import Path
 
+from diffusers.guiders import BaseGuidance
 from omegaconf import OmegaConf
 
 from ..evaluation.rows import MetricFn, eval_set, sample_row, score_rows
 from ..files import write_text_atomic
-from ..sampling import UNGUIDED, Guidance
+from ..guidance import make_guider
 
 SWEEP_FILE = "sweep.json"
 RULE_METRIC = "fid_class"
@@ -28,9 +28,22 @@ RULE = ("the guidance scale w > 1 whose guided samples from the teacher alone ha
         "FID (w = 1 is the unguided baseline, never chosen; ties go to the smaller w)")
 
 
-def sweep_guidance(cfg, scale: float) -> Guidance:
-    """The teacher's guidance (``cfg.teacher``) at scale ``scale``; w = 1 is the plain conditional sampler."""
-    return UNGUIDED if scale == 1 else replace(Guidance.from_teacher(cfg.teacher), scale=float(scale))
+def sweep_guidance(cfg, scale: float) -> BaseGuidance | None:
+    """The teacher's guider (``cfg.teacher``) at scale ``scale``; w = 1 is the plain conditional sampler (None)."""
+    return None if scale == 1 else make_guider(cfg.teacher, guidance_scale=scale)
+
+
+# Another guider on the same seeds at the chosen w, for comparison only (never used to choose w):
+# APG with the APG paper's settings (eta 0: the update's component parallel to the conditional
+# output dropped; momentum -0.5; diffusers' rescale threshold 15).
+COMPARED_GUIDERS = {"APG": ("AdaptiveProjectedGuidance", {"eta": 0.0, "adaptive_projected_guidance_momentum": -0.5,
+                                                           "adaptive_projected_guidance_rescale": 15.0})}
+
+
+def compared_guider(name: str, scale: float) -> BaseGuidance:
+    guider_class, args = COMPARED_GUIDERS[name]
+    teacher = OmegaConf.create({"guidance": guider_class, "guidance_scale": scale, "guider_args": args})
+    return make_guider(teacher)
 
 
 def pick_scale(rows: dict[float, dict], metric: str = RULE_METRIC) -> float:
@@ -55,29 +68,32 @@ def sweep_identity(cfg, model_identity: dict, scales: list[float]) -> dict:
     teacher.pop("num_steps")  # the sweep samples at the student's step count
     return {"model": model_identity, "teacher": teacher, "num_steps": int(cfg.student.num_steps),
             "scales": [float(w) for w in scales], "seeds": evals.seeds, "prompts": evals.prompts,
-            "metrics": cfg.eval.metrics, "classifier_dir": str(cfg.eval.classifier_dir)}
+            "metrics": cfg.eval.metrics, "classifier_dir": str(cfg.eval.classifier_dir),
+            "compared_guiders": {name: list(spec) for name, spec in COMPARED_GUIDERS.items()}}
+
+
+def _scored_row(cfg, backend, metric_fn: MetricFn, name: str, guider: BaseGuidance | None) -> dict:
+    """Sample the held-out seeds and prompts with ``guider`` and score them; returns the metrics."""
+    evals = eval_set(cfg)
+    row = sample_row(name, backend, evals, cfg.student.num_steps, guidance=guider, batch_size=cfg.eval.batch_size)
+    score_rows([row], backend, evals, metric_fn)
+    print(f"sweep {name}: " + ", ".join(
+        f"{k} {row.metrics[k]:.3f}" for k in ("fid", RULE_METRIC, "accuracy") if k in row.metrics), flush=True)
+    return row.metrics
 
 
 def run_sweep(cfg, backend, metric_fn: MetricFn, scales: list[float]) -> dict:
     """Sample and score the teacher at every scale (each row on the same held-out seeds and prompts)."""
-    evals = eval_set(cfg)
-    rows = []
-    for scale in scales:
-        rows.append(sample_row(f"w={scale:g}", backend, evals, cfg.student.num_steps,
-                               guidance=sweep_guidance(cfg, scale), batch_size=cfg.eval.batch_size))
-        score_rows(rows[-1:], backend, evals, metric_fn)
-        rows[-1].latents = rows[-1].latents[:0]  # keep the scores only
-        print(f"sweep {rows[-1].name}: " + ", ".join(
-            f"{k} {rows[-1].metrics[k]:.3f}" for k in ("fid", RULE_METRIC, "accuracy") if k in rows[-1].metrics),
-            flush=True)
-    return {float(w): row.metrics for w, row in zip(scales, rows)}
+    return {float(w): _scored_row(cfg, backend, metric_fn, f"w={w:g}", sweep_guidance(cfg, w)) for w in scales}
 
 
 def ensure_sweep(cfg, backend, metric_fn: MetricFn, scales: list[float], run_dir: Path,
                  model_identity: dict) -> dict:
     """The sweep record (``run_dir/sweep.json``): reused if its identity matches, else computed and written.
 
-    Returns ``{"identity", "rule", "metric", "rows": [{"scale", **metrics}], "chosen_scale"}``.
+    Returns ``{"identity", "rule", "metric", "rows": [{"scale", **metrics}], "chosen_scale",
+    "guider_rows": [{"guider", "class", "args", "scale", **metrics}]}`` (the :data:`COMPARED_GUIDERS`
+    at the chosen scale).
     """
     if not scales:
         raise ValueError("demo.sweep_scales is empty: the sweep needs at least one guidance scale")
@@ -92,9 +108,13 @@ def ensure_sweep(cfg, backend, metric_fn: MetricFn, scales: list[float], run_dir
         except (OSError, ValueError, KeyError):
             pass  # damaged: recompute
     rows = run_sweep(cfg, backend, metric_fn, scales)
+    chosen = pick_scale(rows)
     record = {"identity": identity, "rule": RULE, "metric": RULE_METRIC,
-              "rows": [{"scale": w, **metrics} for w, metrics in rows.items()],
-              "chosen_scale": pick_scale(rows)}
+              "rows": [{"scale": w, **metrics} for w, metrics in rows.items()], "chosen_scale": chosen,
+              "guider_rows": [{"guider": name, "class": COMPARED_GUIDERS[name][0], "args": COMPARED_GUIDERS[name][1],
+                               "scale": chosen, **_scored_row(cfg, backend, metric_fn, f"{name} w={chosen:g}",
+                                                              compared_guider(name, chosen))}
+                              for name in COMPARED_GUIDERS]}
     write_text_atomic(path, json.dumps(record, indent=2))
     print(f"sweep: chose w = {record['chosen_scale']:g} by the rule: {RULE}", flush=True)
     return record

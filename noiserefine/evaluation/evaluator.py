@@ -10,7 +10,7 @@ import functools
 from pathlib import Path
 
 from ..files import append_csv
-from ..sampling import Guidance
+from ..guidance import make_guider
 from .grids import save_rows_grid
 from .rows import MetricFn, eval_set, sample_row, score_rows
 
@@ -39,7 +39,7 @@ class Evaluator:
         steps, batch = cfg.student.num_steps, cfg.eval.batch_size
         if self.fixed is None:
             self.fixed = [sample_row("guided teacher", backend, self.evals, steps,
-                                     guidance=Guidance.from_teacher(cfg.teacher), batch_size=batch),
+                                     guidance=make_guider(cfg.teacher), batch_size=batch),
                           sample_row("unguided", backend, self.evals, steps, batch_size=batch)]
             self._score(self.fixed)
         # a refiner of several guidance scales is evaluated at the guided row's scale, teacher.guidance_scale

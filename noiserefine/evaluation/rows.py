@@ -13,10 +13,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from diffusers.guiders import BaseGuidance
 
 from ..backends.base import Backend
+from ..guidance import network_calls
 from ..noise import noise_from_seeds, sample_seed
-from ..sampling import UNGUIDED, Guidance, rollout
+from ..sampling import rollout
 
 # (images in [0, 1], their prompts) -> {"metric name": value, ...}
 MetricFn = Callable[[torch.Tensor, Sequence[str]], dict]
@@ -52,7 +54,7 @@ class Row:
 
 
 def sample_row(name: str, backend: Backend, evals: EvalSet, num_steps: int, *,
-               guidance: Guidance = UNGUIDED, batch_size: int = 250,
+               guidance: BaseGuidance | None = None, batch_size: int = 250,
                prepare_noise: Callable[[torch.Tensor, list[str]], torch.Tensor] | None = None,
                extra_nfe: int = 0) -> Row:
     """Roll out every eval seed; ``prepare_noise(noise, prompts)`` refines the noise first (timed too)."""
@@ -68,7 +70,7 @@ def sample_row(name: str, backend: Backend, evals: EvalSet, num_steps: int, *,
                 noise = prepare_noise(noise, prompts).to(device=backend.device, dtype=backend.dtype)
             outputs.append(rollout(backend, noise, cond, num_steps, guidance).float().cpu())
     seconds = (time.perf_counter() - started) / len(evals.seeds)
-    return Row(name, guidance.num_branches * num_steps + extra_nfe, torch.cat(outputs), seconds)
+    return Row(name, network_calls(guidance, num_steps) + extra_nfe, torch.cat(outputs), seconds)
 
 
 def score_rows(rows: list[Row], backend: Backend, evals: EvalSet, metric_fn: MetricFn) -> None:

@@ -13,7 +13,9 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from ..config import load_config
-from ..sampling import UNGUIDED, Guidance
+from diffusers.guiders import BaseGuidance
+
+from ..guidance import guider_identity, guider_label, make_guider, network_calls
 
 UNGUIDED_ROW, GUIDED_ROW, DISTILLED_ROW, REFINED_ROW = "gaussian-unguided", "gaussian-guided", "distilled", "refined"
 
@@ -25,24 +27,15 @@ class Setting:
     slug: str
     label: str
     nfe: int
-    guidance: Guidance
+    guidance: BaseGuidance | None  # None: unguided
     backend: Callable[[], object]
     model_cfg: object
     refine: bool = False
     identity: dict = field(default_factory=dict)
 
 
-def guidance_label(guidance: Guidance) -> str:
-    if guidance.kind == "cfg":
-        return f"CFG {guidance.scale:g}"
-    if guidance.kind == "cfg_pag":
-        return f"CFG {guidance.scale:g} + PAG {guidance.pag_scale:g}"
-    return "none"
-
-
-def guidance_record(guidance: Guidance) -> dict:
-    return {"kind": guidance.kind, "scale": guidance.scale, "pag_scale": guidance.pag_scale,
-            "pag_layers": list(guidance.pag_layers)} if guidance.kind != "none" else {"kind": "none"}
+def guidance_record(guidance: BaseGuidance | None) -> dict:
+    return {"kind": "none"} if guidance is None else guider_identity(guidance)
 
 
 def model_cfg_with_path(model_cfg, path: str):
@@ -60,19 +53,19 @@ def build_settings(cfg, backend, steps: int, refiner_dir: Path, distilled_path: 
     from ..hashing import file_sha256
     from ..targets.identity import model_identity
 
-    teacher = Guidance.from_teacher(cfg.teacher)
+    teacher = make_guider(cfg.teacher)
     rows = [
-        Setting(UNGUIDED_ROW, "Gaussian, unguided", steps, UNGUIDED, lambda: backend, cfg.model),
-        Setting(GUIDED_ROW, f"Gaussian, guided ({guidance_label(teacher)})", teacher.num_branches * steps,
+        Setting(UNGUIDED_ROW, "Gaussian, unguided", steps, None, lambda: backend, cfg.model),
+        Setting(GUIDED_ROW, f"Gaussian, guided ({guider_label(teacher)})", network_calls(teacher, steps),
                 teacher, lambda: backend, cfg.model),
     ]
     if distilled_path:
         distilled_cfg = model_cfg_with_path(cfg.model, distilled_path)
-        rows.append(Setting(DISTILLED_ROW, "guidance-distilled, unguided", steps, UNGUIDED,
+        rows.append(Setting(DISTILLED_ROW, "guidance-distilled, unguided", steps, None,
                             lambda: load_backend(distilled_cfg), distilled_cfg,
                             identity={"model": model_identity(distilled_cfg)}))
     refiner = {"weights_sha256": file_sha256(refiner_dir / "refiner.safetensors"),
                "config": OmegaConf.to_container(load_config(refiner_dir / "config.yaml").refiner, resolve=True)}
-    rows.append(Setting(REFINED_ROW, "refined, unguided", steps + 2, UNGUIDED, lambda: backend, cfg.model,
+    rows.append(Setting(REFINED_ROW, "refined, unguided", steps + 2, None, lambda: backend, cfg.model,
                         refine=True, identity={"refiner": refiner}))
     return rows

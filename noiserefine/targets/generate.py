@@ -14,17 +14,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers.guiders import BaseGuidance
 from tqdm.auto import tqdm
 
 from ..backends.base import Backend
+from ..guidance import make_guider
 from ..noise import fingerprint, noise_from_seeds
-from ..sampling import Guidance, rollout
+from ..sampling import rollout
 from ..shards import ShardInfo, ShardSample, planned_shard_name, sample_key, write_shard
 from ..storage import location
 from .plan import PlannedSample
 
 
-def shard_samples(backend: Backend, samples: Sequence[PlannedSample], *, guidance: Guidance,
+def shard_samples(backend: Backend, samples: Sequence[PlannedSample], *, guidance: BaseGuidance | None,
                   num_steps: int, teacher_key: str, batch_size: int, target_dtype: str,
                   progress: bool = False, where: str = "shard") -> Iterator[ShardSample]:
     """Yield the shard's samples batch by batch (guided rollout of each batch).
@@ -77,7 +79,7 @@ def generate_shard(backend: Backend, cfg, samples: Sequence[PlannedSample], shar
     for it: ``Plan.shard_name``) and return its manifest row. ``cache_dir`` may be ``s3://...``: the shard
     is written to a local temp file and uploaded in one PUT once complete."""
     name = name or planned_shard_name(shard_index, len(samples), cfg.data.shard_size)
-    stream = shard_samples(backend, samples, guidance=Guidance.from_teacher(cfg.teacher),
+    stream = shard_samples(backend, samples, guidance=make_guider(cfg.teacher),
                            num_steps=cfg.teacher.num_steps, teacher_key=teacher_key,
                            batch_size=cfg.pipeline.batch_size, target_dtype=cfg.data.target_dtype,
                            progress=progress, where=str(location(cache_dir) / name))

@@ -6,7 +6,10 @@ differences between devices):
 - the model by content: the sha256 of every file under ``model.path`` that a loader
   may read (all regular files except hidden ones, ``*.md`` and ``*.yaml``/``*.yml``
   records), its dtype and backend; a random-weights model by its architecture;
-- the teacher's sampler and guidance (the whole ``teacher`` section);
+- the teacher's sampler and guidance: the ``teacher`` section; for a guider named by its
+  diffusers class, that class and its saved config (``guidance.guider_identity``) instead of
+  the short forms' fields. The short forms ``cfg``/``cfg_pag`` hash their fields exactly as
+  before guiders were configurable (they fix the class and every argument), so their caches keep their key;
 - each prompt source by the sha256 of the prompts it yields after normalisation
   (kind, weight and content, not its path), and the plan (``shard_size``,
   ``base_seed``, ``dedup``, ``max_prompt_chars``, ``target_dtype``).
@@ -77,6 +80,20 @@ def _inputs_signature(cfg) -> list[str] | None:
         return None
 
 
+def teacher_section(cfg) -> dict:
+    """The teacher part of the record (see the module docstring)."""
+    from omegaconf import OmegaConf
+
+    from ..guidance import SHORT_FORMS, guider_identity, make_guider
+
+    teacher = OmegaConf.to_container(cfg.teacher, resolve=True)
+    teacher.pop("guider_args", None)  # empty for the short forms (make_guider refuses it there)
+    if teacher["guidance"] in SHORT_FORMS:
+        return teacher
+    return {"guidance": teacher["guidance"], "num_steps": teacher["num_steps"],
+            "guider": guider_identity(make_guider(cfg.teacher))}
+
+
 def teacher_record(cfg) -> dict:
     """The identity of ``cfg``'s teacher cache (stored as ``teacher.yaml``), with its key."""
     from omegaconf import OmegaConf
@@ -91,7 +108,7 @@ def teacher_record(cfg) -> dict:
         data = cfg.data
         sources = [{"kind": s.kind, "weight": s.weight, "prompts_sha256": prompts_sha256(s.prompts)}
                    for s in load_sources(data)]
-        record = {"model": model_identity(cfg.model), "teacher": container["teacher"],
+        record = {"model": model_identity(cfg.model), "teacher": teacher_section(cfg),
                   "data": {"sources": sources, "shard_size": data.shard_size, "base_seed": data.base_seed,
                            "dedup": data.dedup, "max_prompt_chars": data.max_prompt_chars,
                            "target_dtype": data.target_dtype}}
