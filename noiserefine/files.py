@@ -48,10 +48,13 @@ def apply_default_modes(root: str | Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | Path, *, durable: bool = False) -> Iterator[Path]:
+def atomic_path(path: str | Path, *, durable: bool = False, exclusive: bool = False) -> Iterator[Path]:
     """Yield a temp path ``.<name>.<pid>-<random>.tmp`` next to ``path``; on success it replaces
     ``path``, on error it is removed. ``durable``: fsync the file before the rename and the
     directory after it, so the new file also survives a machine crash (shards, manifests).
+    ``exclusive``: never replace an existing ``path`` (a link, which fails if it exists, instead of a
+    rename): one already there must hold the same bytes (a deterministic file written by another job or
+    an earlier attempt), else ``FileExistsError`` naming it.
     The new file gets the umask's default mode whatever wrote it (safetensors writes 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -64,12 +67,28 @@ def atomic_path(path: str | Path, *, durable: bool = False) -> Iterator[Path]:
             os.chmod(tmp, default_mode())
         if durable:
             _fsync(tmp)
-        os.replace(tmp, path)
+        if exclusive:
+            _link_unless_present(tmp, path)
+        else:
+            os.replace(tmp, path)
         if durable:
             with contextlib.suppress(OSError):  # best effort: not every filesystem syncs directories
                 _fsync(path.parent)
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def _link_unless_present(tmp: Path, path: Path) -> None:
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        if not same_bytes(tmp, path.read_bytes()):
+            raise FileExistsError(f"{path} exists with other bytes; a published file is never replaced") from None
+
+
+def same_bytes(path: Path, data: bytes) -> bool:
+    """Whether the file ``path`` holds exactly ``data``."""
+    return path.stat().st_size == len(data) and path.read_bytes() == data
 
 
 def _fsync(path: Path) -> None:

@@ -129,7 +129,8 @@ def write_shard(path: str | Path | Location, samples: Iterable[ShardSample]) -> 
 
     path = location(path)
     seen: set[str] = set()
-    with store_for(path.parent).publish(path.name) as tmp:
+    # exclusive: a recorded shard is never rewritten, not even with its own bytes by a job that lost its lease
+    with store_for(path.parent).publish(path.name, exclusive=True) as tmp:
         with open(tmp, "wb") as f:
             writer = wds.TarWriter(f, **_TAR_KW)
             try:

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from noiserefine import storage  # noqa: E402
 from noiserefine.backends import load_backend  # noqa: E402
 from noiserefine.config import config_from_container, parse_cli, to_yaml  # noqa: E402
+from noiserefine.storage.locks import check_lease  # noqa: E402
 from noiserefine.targets.cache import hold_cache, record_shards  # noqa: E402
 from noiserefine.targets.generate import generate_shard  # noqa: E402
 from noiserefine.targets.identity import teacher_key  # noqa: E402
@@ -95,6 +96,7 @@ def generate_with_ray(cfg, cache_dir, key: str, plan: Plan, missing: dict[int, s
             start_actor()
         while queue or running:
             while queue and idle:
+                check_lease(cache_dir)  # a job that lost its lease (stalled past it) hands out no more shards
                 worker, index = idle.pop(), queue.popleft()
                 attempts[index] += 1
                 running[worker.generate.remote(index, plan.shard(index), missing[index])] = (worker, index)

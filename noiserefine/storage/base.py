@@ -98,8 +98,10 @@ class Store:
         raise NotImplementedError
 
     @contextlib.contextmanager
-    def publish(self, name: str) -> Iterator[Path]:
-        """Yield a local temp path to write; on success it becomes ``name`` complete, in one step."""
+    def publish(self, name: str, exclusive: bool = False) -> Iterator[Path]:
+        """Yield a local temp path to write; on success it becomes ``name`` complete, in one step.
+        ``exclusive``: never replace an existing ``name``; one already there must hold the same bytes (written
+        by another job or an earlier attempt: nothing is written), else ``FileExistsError`` naming it."""
         raise NotImplementedError
         yield  # pragma: no cover
 

@@ -43,8 +43,8 @@ class LocalStore(Store):
             return handle.read(end - start)
 
     @contextlib.contextmanager
-    def publish(self, name: str) -> Iterator[Path]:
-        with atomic_path(self.location / name, durable=True) as tmp:
+    def publish(self, name: str, exclusive: bool = False) -> Iterator[Path]:
+        with atomic_path(self.location / name, durable=True, exclusive=exclusive) as tmp:
             yield tmp
 
     def delete(self, name: str) -> None:

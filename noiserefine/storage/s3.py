@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
+from ..files import same_bytes
 from .base import ObjectPath, Store
 from .errors import BucketNotFoundError, VersionConflict
 from .retries import StorageUnavailable, read_chunk_bytes, retry_policy, s3_status
@@ -186,12 +187,23 @@ class S3Store(Store):
         raise OSError(f"{self.path(name)} kept changing while it was read")
 
     @contextlib.contextmanager
-    def publish(self, name: str) -> Iterator[Path]:
+    def publish(self, name: str, exclusive: bool = False) -> Iterator[Path]:
         spool = Path(tempfile.mkdtemp(prefix="noiserefine-upload-"))
         try:
             tmp = spool / name
             yield tmp
-            self._retry(f"PUT {self.path(name)}", lambda: self.fs.put_file(str(tmp), self._key(name)))
+            if not exclusive:
+                self._retry(f"PUT {self.path(name)}", lambda: self.fs.put_file(str(tmp), self._key(name)))
+                return
+            try:  # If-None-Match: * (a retried PUT that had landed answers 412 as well: same bytes)
+                self._retry(f"PUT {self.path(name)}",
+                            lambda: self.fs.put_file(str(tmp), self._key(name), mode="create"))
+            except Exception as error:  # noqa: BLE001
+                if not _precondition_failed(error):
+                    raise
+                if not same_bytes(tmp, self.read_bytes(name)):
+                    raise FileExistsError(f"{self.path(name)} exists with other bytes; a published object is "
+                                          "never replaced") from None
         finally:
             shutil.rmtree(spool, ignore_errors=True)
 

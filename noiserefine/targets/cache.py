@@ -246,6 +246,7 @@ def record_shards(cache_dir, infos: list[ShardInfo]) -> None:
     store = store_for(cache_dir)
 
     def merge(old: bytes | None) -> bytes:
+        check_lease(cache_dir)  # again on every compare-and-swap attempt: the last moment before the write
         manifest = parse_manifest(old, store.path(MANIFEST_NAME))
         for info in infos:
             parsed = parse_shard_name(info.name)
