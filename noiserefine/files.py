@@ -80,10 +80,16 @@ def atomic_path(path: str | Path, *, durable: bool = False, exclusive: bool = Fa
 
 def _link_unless_present(tmp: Path, path: Path) -> None:
     try:
-        os.link(tmp, path)
+        os.link(tmp, path)  # fails if ``path`` exists: never replaces it
+        return
     except FileExistsError:
-        if not same_bytes(tmp, path.read_bytes()):
-            raise FileExistsError(f"{path} exists with other bytes; a published file is never replaced") from None
+        pass
+    except OSError:  # a filesystem without hard links: a rename (a local directory has one writer, its flock)
+        if not path.exists():
+            os.replace(tmp, path)
+            return
+    if not same_bytes(tmp, path.read_bytes()):
+        raise FileExistsError(f"{path} exists with other bytes; a published file is never replaced")
 
 
 def same_bytes(path: Path, data: bytes) -> bool:
