@@ -167,6 +167,7 @@ def test_fingerprint_mismatch_names_sample_and_shard(make_cfg, tiny_cache, tmp_p
     samples = list(read_shard(cache / name))
     bad = samples[5]
     samples[5] = ShardSample(bad.key, {**bad.meta, "noise_fingerprint": "0123456789abcdef"}, bad.arrays)
+    (cache / name).unlink()  # a published shard is never replaced: the tampering removes it first
     record_shards(cache, [write_shard(cache / name, samples)])
     cfg = make_cfg(f"data.cache_dir={cache}")
     with pytest.raises(ValueError, match=rf"sample '{bad.key}' of shard .*{name}.*fingerprint"):
