@@ -259,3 +259,22 @@ def test_stream_positions_follow_batches(make_cfg, tiny_cache):
     for _ in range(10):
         batch = next(it)
     assert s.position == DataPosition(batch["index"] + 1) == DataPosition(10) and batch["epoch"] == 1
+
+
+def test_an_access_error_is_not_shard_damage_even_when_skipping(make_cfg, tiny_cache, monkeypatch):
+    """Found in review (issue 21, errors that are not transient): a permission error (an S3 403) reading a shard
+    was taken as damage, so with train.skip_corrupt_shards=true the run silently trained without that shard."""
+    from noiserefine.storage.local import LocalStore
+
+    original, name = LocalStore.read_bytes, "shard-000001.tar"
+
+    def read_bytes(self, wanted):
+        if wanted == name:
+            raise PermissionError(f"access denied: GET {self.location / wanted}")
+        return original(self, wanted)
+
+    monkeypatch.setattr(LocalStore, "read_bytes", read_bytes)
+    skipping = stream(make_cfg(f"data.cache_dir={tiny_cache}", "train.skip_corrupt_shards=true"))
+    with pytest.raises(PermissionError, match=name):
+        list(skipping.epoch_batches(0))
+    assert skipping.corrupt_skipped == 0

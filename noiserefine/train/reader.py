@@ -73,8 +73,8 @@ class ShardReader:
         info = self.manifest[name]
         try:
             data = store_for(self.cache_dir).read_bytes(name)
-        except StorageUnavailable:
-            raise  # the store is down (retries exhausted): not damage of this shard
+        except (StorageUnavailable, PermissionError):
+            raise  # the store is down (retries exhausted) or refuses access: not damage, never skipped
         except OSError as error:
             raise _ShardDamaged(f"cannot read: {error}") from None
         if len(data) != info.num_bytes:
