@@ -201,3 +201,20 @@ def test_a_format_3_checkpoint_is_read_as_the_states_of_the_stream_and_the_log_w
     checkpoint.write_record(directory)
     with pytest.raises(ValueError, match="written by an older trainer"):
         Checkpointer(cfg).find(0, 1)
+
+
+def test_a_checkpoint_record_naming_a_file_outside_its_directory_is_refused(tmp_path):
+    """Found in review (issue 21's class: paths read from a file): ``checkpoint.json`` names were joined onto the
+    checkpoint directory unchecked, so ``../`` or an absolute name made the resume stat and hash files elsewhere."""
+    from noiserefine.hashing import file_sha256
+    from noiserefine.train.checkpoint_files import RECORD_FILE, CheckpointDamaged, read_checkpoint
+
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(b"not of this checkpoint")
+    for name in ("../../outside.bin", str(outside)):
+        tag = tmp_path / "ckpt" / "step00000003"
+        tag.mkdir(parents=True, exist_ok=True)
+        record = {"format": 4, "files": {name: {"num_bytes": outside.stat().st_size, "sha256": file_sha256(outside)}}}
+        (tag / RECORD_FILE).write_text(json.dumps(record))
+        with pytest.raises(CheckpointDamaged, match="not a file name of the checkpoint directory"):
+            read_checkpoint(tmp_path / "ckpt", "step00000003")

@@ -88,6 +88,8 @@ def read_checkpoint(ckpt_dir: Path, tag: str) -> dict:
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise CheckpointDamaged(f"{RECORD_FILE} is unreadable ({error})") from None
         for name, expected in sorted(files.items()):
+            if Path(name).name != name or name in ("", ".", ".."):  # never read outside the checkpoint
+                raise CheckpointDamaged(f"{RECORD_FILE} lists {name!r}: not a file name of the checkpoint directory")
             path = directory / name
             if not path.is_file():
                 problems.append(f"{name} is missing")
