@@ -9,6 +9,7 @@ adds the file or the command line that set it).
 from __future__ import annotations
 
 import math
+import re
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -95,6 +96,7 @@ def validate(cfg: DictConfig) -> None:
         _check_range(key, float(OmegaConf.select(cfg, key)), low, high, low_inclusive)
     _check_guidance_scales(cfg)
     _check_guider(cfg)
+    _check_local_directory(cfg, "train.output_dir")
     if len(cfg.data.sources) == 0:
         raise ConfigValueError("config key 'data.sources' is empty; list at least one prompt source", "data.sources")
     for index, source in enumerate(cfg.data.sources):
@@ -116,6 +118,14 @@ def validate(cfg: DictConfig) -> None:
     if cfg.eval.metrics == "text_image" and not (cfg.eval.clip_path or cfg.eval.pickscore_path):
         raise ConfigValueError("config key 'eval.metrics' is 'text_image' but neither eval.clip_path nor "
                                "eval.pickscore_path is set (local CLIP / PickScore weight directories)", "eval.metrics")
+
+
+def _check_local_directory(cfg: DictConfig, key: str) -> None:
+    """A key that names a local (or mounted) directory: a URL would become a local folder ``S3:`` or ``gs:``."""
+    value = str(OmegaConf.select(cfg, key))
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", value) and not re.match(r"^[A-Za-z]:[\\/]", value):  # not C:\
+        raise ConfigValueError(f"config key '{key}' is {value!r}: it must be a local or mounted directory, not a "
+                               "URL", key)
 
 
 def _check_guider(cfg: DictConfig) -> None:

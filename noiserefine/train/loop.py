@@ -42,7 +42,7 @@ from ..losses import LossFn, build_loss
 from ..refiner import Refiner, save_refiner
 from . import distributed
 from .checkpoint import Checkpointer, finished_run
-from ..files import append_csv
+from ..files import append_csv, refuse_foreign_directory
 from .logs import LOG_FIELDS, LogWindow, trim_csv, trim_jsonl
 from .order import per_rank_batch
 from .stream import BatchStream
@@ -174,6 +174,10 @@ def _start(cfg) -> _Run:
     Fails fast, before any model, engine or process group exists: the checkpoint to resume from (its
     config compared with this one) and the shards to train on (a resumed run: exactly its recorded rows).
     """
+    # a user's non-empty folder is refused before anything is written (config.yaml is a run's first file;
+    # a run killed before it left checkpoints/ or samples logs)
+    refuse_foreign_directory(cfg.train.output_dir, "config.yaml", "the output folder of a training run "
+                             "(train.output_dir)", also_ours=("checkpoints", "done.json", "samples_rank0.jsonl"))
     storage.configure(cfg.data)  # object-store retries and read chunks (inherited by forked loader workers)
     launch_rank, launch_world = distributed.launch_rank_world()
     per_rank_batch(cfg.train.global_batch_size, launch_world)  # the global batch must split over the ranks

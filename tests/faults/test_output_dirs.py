@@ -74,3 +74,29 @@ def test_gpu_check_out_refuses_a_foreign_folder(tmp_path):
         runner(mine)
     assert files_of(mine) == before
     assert runner(tmp_path / "report").out == tmp_path / "report"
+
+
+@pytest.mark.slow  # the tiny teacher fixture; on the old code the whole run trained into the folder
+def test_the_trainer_refuses_a_foreign_output_dir_before_writing(tmp_path, tiny_root, tiny_teacher, tiny_cache):
+    """Found in review (issue 21's output-folder class): ``train.output_dir`` at a user's non-empty folder got the
+    run's config.yaml, logs, checkpoints/ and refiner/ written into it."""
+    from helpers_cache import tiny_config
+    from noiserefine.train.loop import train
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.yml").write_text("my notes\n")
+    before = files_of(mine)
+    cfg = tiny_config(tiny_root, tiny_teacher, [f"train.output_dir={mine}", "train.max_steps=1"])
+    with pytest.raises(ValueError, match=rf"{mine}.*not the output folder of a training run"):
+        train(cfg)
+    assert files_of(mine) == before
+
+
+@pytest.mark.parametrize("value", ["S3://bucket/run", "s3://bucket/run", "gs://bucket/run", "s3:/bucket/run"])
+def test_a_url_as_the_training_output_dir_is_refused_naming_the_key(value):
+    """``train.output_dir`` is a local (or mounted) directory: a URL became a local folder ``S3:`` (or ``s3:``)."""
+    from noiserefine.config import load_config
+
+    with pytest.raises(ValueError, match="train.output_dir"):
+        load_config(REPO / "configs" / "digits.yaml", [f"train.output_dir={value}"])
