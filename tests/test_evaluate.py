@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from tiny_eval import build_tiny_clip, tiny_inception_features, write_coco_fixture
+from faults.tiny_refiner import save_tiny_refiner
 from tiny_models import build_tiny_sd
 
 import noiserefine.evaluation.benchmark as benchmark_module
@@ -47,18 +48,6 @@ def tiny_config(root: Path, **extra):
     return load_config(REPO / "configs" / "sd21.yaml", [f"{k}={v}" for k, v in overrides.items()])
 
 
-def make_refiner(cfg, directory: Path, seed: int) -> Path:
-    from noiserefine.backends import load_backend
-    from noiserefine.refiner import Refiner, save_refiner
-
-    refiner = Refiner(load_backend(cfg.model), cfg.refiner)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in refiner.trainable_parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
-    return save_refiner(refiner, directory, cfg)
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate")
@@ -71,7 +60,7 @@ def setup(tmp_path_factory):
     build_tiny_clip(root / "pick", seed=1, logit_scale=50.0)
     cfg = tiny_config(root)
     save_config(cfg, root / "eval.yaml")
-    refiner = make_refiner(cfg, root / "refiner", seed=0)
+    refiner = save_tiny_refiner(cfg, root / "refiner", seed=0)
     report = evaluate(cfg, refiner, out=root / "out", progress=False, inception=tiny_inception_features())
     yield root, cfg, refiner, report
     patch.undo()
@@ -209,7 +198,7 @@ def test_resume_after_sigkill_gives_the_same_numbers_and_samples_nothing_twice(s
 
 def test_another_refiner_is_refused_in_the_same_out_and_shares_a_store(setup, tmp_path, monkeypatch):
     root, cfg, _, report = setup
-    other = make_refiner(cfg, tmp_path / "other-refiner", seed=1)
+    other = save_tiny_refiner(cfg, tmp_path / "other-refiner", seed=1)
     with pytest.raises(ValueError, match=r"another configuration \(differs in: .*rows\.refined"):
         evaluate(cfg, other, out=root / "out", progress=False, inception=tiny_inception_features())
     counter = RolloutCounter(monkeypatch)
@@ -300,7 +289,7 @@ def test_imagenet_protocol_on_a_tiny_sit_with_a_statistics_file(tmp_path, monkey
                  "benchmark.num_samples": 20, "benchmark.shard_size": 10, "benchmark.batch_size": 5,
                  "benchmark.reference": tmp_path / "ref.npz", "benchmark.inception_path": "''"}
     cfg = load_config(REPO / "configs" / "sit_xl2.yaml", [f"{k}={v}" for k, v in overrides.items()])
-    refiner = make_refiner(cfg, tmp_path / "refiner", seed=0)
+    refiner = save_tiny_refiner(cfg, tmp_path / "refiner", seed=0)
     report = evaluate(cfg, refiner, out=tmp_path / "out", progress=False, inception=tiny_inception_features())
     assert report["protocol"]["samples_per_class"] == [2, 2] and report["rows"]["gaussian-guided"]["nfe"] == 4
     lines = (tmp_path / "out" / "samples.csv").read_text().splitlines()
