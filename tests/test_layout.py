@@ -24,16 +24,21 @@ MATH = ("losses", "sampling", "noise", "inversion")
 def imports_of(path: Path) -> set[str]:
     """Absolute dotted names a module imports (relative imports resolved against its package)."""
     package = path.relative_to(PACKAGE.parent).with_suffix("").parts[:-1]
-    names = set()
+    names: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = list(package[:len(package) - node.level + 1]) if node.level else []
-            module = ".".join(base + ([node.module] if node.module else []))
-            names.add(module)
-            names.update(f"{module}.{alias.name}" for alias in node.names)
+        names |= _imported(node, package)
     return names
+
+
+def _imported(node: ast.AST, package: tuple[str, ...]) -> set[str]:
+    """The dotted names one ``import`` / ``from ... import`` node imports (none for any other node)."""
+    if isinstance(node, ast.Import):
+        return {alias.name for alias in node.names}
+    if isinstance(node, ast.ImportFrom):
+        base = list(package[:len(package) - node.level + 1]) if node.level else []
+        module = ".".join(base + ([node.module] if node.module else []))
+        return {module} | {f"{module}.{alias.name}" for alias in node.names}
+    return set()
 
 
 def modules() -> list[Path]:
@@ -118,13 +123,7 @@ def _runtime_imports(path: Path) -> set[str]:
             for child in node.orelse:
                 visit(child)
             return
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = list(package[:len(package) - node.level + 1]) if node.level else []
-            module = ".".join(base + ([node.module] if node.module else []))
-            names.add(module)
-            names.update(f"{module}.{alias.name}" for alias in node.names)
+        names.update(_imported(node, package))
         for child in ast.iter_child_nodes(node):
             visit(child)
 
