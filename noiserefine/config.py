@@ -150,6 +150,8 @@ class TrainConfig:
     zero_stage: int = 0
     gradient_clipping: float = 1.0  # max global grad norm (DeepSpeed); 0 = off
     seed: int = 0
+    # Experiment trackers rank 0 logs to (train/tracking.py): none | tensorboard | wandb, or a list of them
+    report_to: Any = "none"
 
 
 @dataclass
@@ -318,9 +320,11 @@ def load_config(paths: list[str | Path] | str | Path | None = None,
 
 def refiner_run_config(refiner: str | Path, config_files: list, overrides: list) -> tuple[Path, DictConfig]:
     """``--refiner DIR`` of a command and its config: the given files, else the refiner's own ``config.yaml``."""
-    refiner_dir = Path(refiner).expanduser()
+    from .hub_refs import resolve_refiner  # a Hub repo id is downloaded (or found in the Hub cache) here
+
+    refiner_dir = resolve_refiner(refiner)
     if not refiner_dir.is_dir():
-        raise FileNotFoundError(f"--refiner {str(refiner_dir)!r} is not a directory")
+        raise FileNotFoundError(f"--refiner {str(refiner)!r} is not a directory ({refiner_dir})")
     return refiner_dir, load_config(config_files or [refiner_dir / "config.yaml"], overrides)
 
 

@@ -95,6 +95,7 @@ def validate(cfg: DictConfig) -> None:
     for key, (low, high, low_inclusive) in _RANGES.items():
         _check_range(key, float(OmegaConf.select(cfg, key)), low, high, low_inclusive)
     _check_guidance_scales(cfg)
+    _check_report_to(cfg)
     _check_guider(cfg)
     _check_local_directory(cfg, "train.output_dir")
     if len(cfg.data.sources) == 0:
@@ -118,6 +119,30 @@ def validate(cfg: DictConfig) -> None:
     if cfg.eval.metrics == "text_image" and not (cfg.eval.clip_path or cfg.eval.pickscore_path):
         raise ConfigValueError("config key 'eval.metrics' is 'text_image' but neither eval.clip_path nor "
                                "eval.pickscore_path is set (local CLIP / PickScore weight directories)", "eval.metrics")
+
+
+TRACKERS = ("tensorboard", "wandb")
+
+
+def report_to_list(value) -> list[str]:
+    """``train.report_to`` as a list of tracker names ("none" -> []); ``ConfigValueError`` naming the key."""
+    names = [value] if isinstance(value, str) else list(value) if OmegaConf.is_list(value) or \
+        isinstance(value, (list, tuple)) else None
+    if names is None or not all(isinstance(n, str) for n in names):
+        raise ConfigValueError(f"config key 'train.report_to' is {value!r}; expected none, one of {TRACKERS} "
+                               "or a list of them", "train.report_to")
+    for name in names:
+        if name not in ("none", *TRACKERS):
+            raise ConfigValueError(f"config key 'train.report_to' names {name!r}; expected none or one of "
+                                   f"{TRACKERS}", "train.report_to")
+    if "none" in names and len(names) > 1 or len(set(names)) != len(names):
+        raise ConfigValueError(f"config key 'train.report_to' is {list(names)}: 'none' goes alone and each "
+                               "tracker once", "train.report_to")
+    return [n for n in names if n != "none"]
+
+
+def _check_report_to(cfg: DictConfig) -> None:
+    report_to_list(cfg.train.report_to)
 
 
 def _check_local_directory(cfg: DictConfig, key: str) -> None:

@@ -43,7 +43,8 @@ from .order import allowed_world_sizes
 RESUMABLE_KEYS = ("train.max_steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
                   "train.output_dir", "model.device", "data.cache_root", "data.cache_dir", "data.num_samples",
                   "data.allow_partial_cache",  # a resumed run trains on the shard rows its checkpoint recorded
-                  "data.io_retries", "data.io_backoff_s", "data.io_chunk_bytes")  # object-store I/O only
+                  "data.io_retries", "data.io_backoff_s", "data.io_chunk_bytes",  # object-store I/O only
+                  "train.report_to")  # where the logs go (a run from before the key has none)
 COMPARED_SECTIONS = ("model", "teacher", "student", "refiner", "data", "train")
 
 

@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -40,7 +40,7 @@ from ..evaluation.rows import MetricFn
 from ..files import write_text_atomic
 from ..losses import LossFn, build_loss
 from ..refiner import Refiner, save_refiner
-from . import distributed
+from . import distributed, tracking
 from .checkpoint import Checkpointer, finished_run
 from ..files import append_csv, refuse_foreign_directory
 from .logs import LOG_FIELDS, LogWindow, trim_csv, trim_jsonl
@@ -121,7 +121,9 @@ def train(cfg, metric_factory: Callable[[], MetricFn] | None = None) -> dict:
             if (cfg.train.log_every > 0 and step % cfg.train.log_every == 0) or step == cfg.train.max_steps:
                 last_row = _log_row(step, stats, run, started)
             if evaluator is not None and step % cfg.train.eval_every == 0:
-                tqdm.write(evaluator(run.refiner, step)["text"])
+                result = evaluator(run.refiner, step)
+                tqdm.write(result["text"])
+                run.trackers.log_eval(step, result["rows"], run.output_dir / f"eval_step{step}.png")
             if run.checkpointer.due(step):
                 run.checkpointer.save(run.engine, run.refiner, step, time.perf_counter() - started,
                                       checkpointed(run.stream, run.window))
@@ -145,6 +147,7 @@ class _Run:
     checkpointer: Checkpointer
     start: int  # the step this run continues from (0: a new run)
     elapsed: float  # training seconds before this run (a resumed run's clock goes on)
+    trackers: tracking.Trackers = field(default_factory=lambda: tracking.Trackers([]))  # train.report_to, rank 0 (opened by _start)
 
 
 def checkpointed(stream: BatchStream, window: LogWindow) -> dict:
@@ -178,6 +181,7 @@ def _start(cfg) -> _Run:
     # a run killed before it left checkpoints/ or samples logs)
     refuse_foreign_directory(cfg.train.output_dir, "config.yaml", "the output folder of a training run "
                              "(train.output_dir)", also_ours=("checkpoints", "done.json", "samples_rank0.jsonl"))
+    tracking.require_installed(cfg.train.report_to)  # a tracker's package missing: say so before any work
     storage.configure(cfg.data)  # object-store retries and read chunks (inherited by forked loader workers)
     launch_rank, launch_world = distributed.launch_rank_world()
     per_rank_batch(cfg.train.global_batch_size, launch_world)  # the global batch must split over the ranks
@@ -202,6 +206,7 @@ def _start(cfg) -> _Run:
     run = _Run(info.rank, info.world_size, info.is_main, Path(cfg.train.output_dir), backend, refiner, engine,
                stream, window, checkpointer, resume.step if resume else 0, resume.seconds if resume else 0.0)
     _prepare_outputs(cfg, run, resume, described)
+    run.trackers = tracking.open_trackers(cfg, run.output_dir, run.start, run.is_main)
     distributed.barrier()
     return run
 
@@ -265,12 +270,17 @@ def _log_row(step: int, stats: dict, run: _Run, started: float) -> dict:
     window = run.window
     loss_sum, steps, samples, skipped = distributed.all_reduce_sum(
         [window.loss, window.steps, window.samples, run.stream.corrupt_skipped])
+    seconds = window.seconds()
     row = {"step": step, "loss": loss_sum / steps, "grad_norm": stats["grad_norm"],
-           "samples_per_s": samples / max(window.seconds(), 1e-9),
+           "samples_per_s": samples / max(seconds, 1e-9),
            "seconds": round(time.perf_counter() - started, 3), "corrupt_skipped": int(skipped)}
     window.reset()
     if run.is_main:
         append_csv(run.output_dir / "train_log.csv", LOG_FIELDS, row)
+        run.trackers.log_train(step, {"loss": row["loss"], "learning_rate": run.engine.get_lr()[0],
+                                      "grad_norm": row["grad_norm"], "samples_per_s": row["samples_per_s"],
+                                      "step_seconds": seconds / max(steps / run.world, 1),
+                                      **tracking.peak_memory_mb()})
         tqdm.write(f"step {step} loss {row['loss']:.6f} grad_norm {row['grad_norm']:.4f} "
                    f"{row['samples_per_s']:.1f} samples/s {row['seconds']:.1f}s corrupt_skipped {row['corrupt_skipped']}")
     return row
@@ -292,5 +302,6 @@ def _finish(cfg, run: _Run, last_row: dict, started: float) -> dict:
         write_text_atomic(output_dir / "done.json", json.dumps(record, indent=2) + "\n")
         print(f"done: {cfg.train.max_steps} steps, final loss {stats['final_loss']}, refiner in "
               f"{stats['refiner_dir']}", flush=True)
+        run.trackers.close()
     distributed.shutdown()
     return stats
