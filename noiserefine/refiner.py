@@ -23,10 +23,12 @@ noise lives on the same unit-variance scale as ``x_T`` (a small residual), so
 pass it as is and never pre-scale it.
 
 A saved refiner is ``refiner.safetensors`` (the LoRA), ``config.yaml`` (the
-resolved training config) and ``sampler.json`` (the denoiser class, config and
+resolved training config), ``sampler.json`` (the denoiser class, config and
 latent shape, and the scheduler class, config and number of steps of the
-unguided student it was trained against). :func:`load_refiner` refuses a backend of another
-architecture or, unless told otherwise, another sampler.
+unguided student it was trained against) and its model card ``README.md``
+(``model_card.py``). :func:`load_refiner` refuses a backend of another
+architecture or, unless told otherwise, another sampler; it takes a directory or a
+Hub repo id (``hub.py``).
 
 Weights are saved with safetensors and read back with ``safetensors`` +
 ``peft.set_peft_model_state_dict`` only: loading never executes code from the file.
@@ -49,6 +51,8 @@ from safetensors.torch import load_file, save_file
 from .backends.base import Backend, Conditioning
 from .config import RefinerConfig, load_config, save_config
 from .files import atomic_path, write_text_atomic
+from .hub_refs import resolve_refiner
+from .model_card import write_model_card
 from .sampler_record import (SAMPLER_FILE, architecture_error, check_architecture, check_same_sampler,
                              diffusers_class_name, read_sampler_record, sampler_record)
 
@@ -263,6 +267,7 @@ def save_refiner(refiner: Refiner, directory: str | Path, resolved_cfg: DictConf
     save_config(resolved_cfg, directory / CONFIG_FILE)
     record = sampler_record(refiner.backend, int(resolved_cfg["student"]["num_steps"]))
     write_text_atomic(directory / SAMPLER_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")
+    write_model_card(directory, resolved_cfg, record)  # README.md: the Hub's metadata and what it was trained on
     return directory
 
 
@@ -274,9 +279,10 @@ def load_refiner(directory: str | Path, backend: Backend, check_sampler: bool = 
     error names the differing denoiser config keys) and, with ``check_sampler``, one
     whose sampler differs (a refiner trained against one sampler must not silently meet
     another). A same-architecture model (a fine-tune, or the model with a style LoRA)
-    loads it: zero-shot transfer. The backend is left as it was on any error.
+    loads it: zero-shot transfer. The backend is left as it was on any error. ``directory`` may be a Hub
+    repo id (a string; ``noiserefine.hub.resolve_refiner``'s rule), checked the same way once downloaded.
     """
-    directory = Path(directory)
+    directory = resolve_refiner(directory)
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise FileNotFoundError(f"no {WEIGHTS_FILE} in {directory}")

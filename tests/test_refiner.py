@@ -80,7 +80,8 @@ def test_save_load_round_trip(tiny_backend, tmp_path):
     expected = refiner.refine(noise, PROMPTS)
     save_refiner(refiner, tmp_path / "out", cfg)
     assert (tmp_path / "out" / CONFIG_FILE).is_file() and (tmp_path / "out" / WEIGHTS_FILE).is_file()
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([WEIGHTS_FILE, CONFIG_FILE, SAMPLER_FILE])
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([WEIGHTS_FILE, CONFIG_FILE, SAMPLER_FILE,
+                                                                             "README.md"])
     assert load_config(tmp_path / "out" / CONFIG_FILE).refiner.lora_rank == 4
 
     loaded = load_refiner(tmp_path / "out", tiny_digits_backend())
