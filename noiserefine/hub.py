@@ -25,6 +25,19 @@ def check_refiner_dir(directory: Path) -> None:
         raise FileNotFoundError(f"{directory} is not an exported refiner: no {', '.join(missing)}")
 
 
+def name_repo_in_card(path: Path, repo_id: str) -> None:
+    """The card's usage snippet names the repo it is pushed to (export wrote a placeholder)."""
+    from huggingface_hub import ModelCard
+
+    from .files import write_text_atomic
+    from .model_card import REPO_PLACEHOLDER
+
+    card = ModelCard.load(path)
+    if REPO_PLACEHOLDER in card.text:
+        card.text = card.text.replace(REPO_PLACEHOLDER, repo_id)
+        write_text_atomic(path, str(card))
+
+
 def push(directory: str | Path, repo_id: str, private: bool = False, revision: str | None = None,
          api=None) -> str:
     """Upload an exported refiner's files (its model card written first if missing); returns the repo URL."""
@@ -40,6 +53,7 @@ def push(directory: str | Path, repo_id: str, private: bool = False, revision: s
         from .sampler_record import read_sampler_record
 
         write_model_card(directory, load_config(directory / "config.yaml"), read_sampler_record(directory), repo_id)
+    name_repo_in_card(directory / CARD_FILE, repo_id)
     api = api or HfApi()
     url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
     if revision:

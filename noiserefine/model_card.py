@@ -18,6 +18,7 @@ from .files import write_text_atomic
 from .hub_refs import CARD_FILE, hub_repo_id
 
 LIBRARY_NAME = "noiserefine"
+REPO_PLACEHOLDER = "OWNER/NAME"  # the usage snippet's repo id until ``hub push`` names it
 # what a family's prompts are: class-conditional DiT/SiT have no Hub task of their own
 _PIPELINE_TAGS = {"digits": "text-to-image", "stable_diffusion": "text-to-image", "sdxl": "text-to-image",
                   "sd3": "text-to-image"}
@@ -56,7 +57,7 @@ def _evaluation_section(run_dir: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def card_content(cfg, sampler: dict | None, run_dir: Path, repo_hint: str = "OWNER/NAME") -> str:
+def card_content(cfg, sampler: dict | None, run_dir: Path, repo_hint: str = REPO_PLACEHOLDER) -> str:
     """The card's text: Hub metadata (``ModelCardData.to_yaml``) then the body."""
     from huggingface_hub import ModelCardData
 
@@ -98,8 +99,9 @@ learning rate {cfg.train.learning_rate:g}, LoRA rank {cfg.refiner.lora_rank}
 {_evaluation_section(run_dir)}
 ## Usage
 
+With the `noiserefine` package installed (its repository: `pip install -e .`):
+
 ```bash
-pip install noiserefine
 python -m noiserefine.sample --refiner {repo_hint} --prompt "a prompt" --seeds 0-3 --out samples --compare
 ```
 
@@ -121,7 +123,8 @@ The files: `refiner.safetensors` (the LoRA, safetensors), `config.yaml` (the res
     return f"---\n{data.to_yaml()}\n---\n{body}"
 
 
-def write_model_card(directory: Path, cfg, sampler: dict | None = None, repo_hint: str = "OWNER/NAME") -> Path:
+def write_model_card(directory: Path, cfg, sampler: dict | None = None,
+                     repo_hint: str = REPO_PLACEHOLDER) -> Path:
     """Write ``directory/README.md`` for ``cfg``'s refiner (atomically); the run is ``cfg.train.output_dir``."""
     path = Path(directory) / CARD_FILE
     write_text_atomic(path, card_content(cfg, sampler, Path(str(cfg.train.output_dir)), repo_hint))

@@ -214,6 +214,8 @@ def test_push_uploads_the_refiner_files_through_the_hub_api(exported, fake_hub, 
         assert data == (exported["dir"] / name).read_bytes(), name
     assert all(auth == "Bearer hf_test_token" for _, auth in fake_hub["requests"])
     assert fake_hub["validated"]["content"] == (exported["dir"] / "README.md").read_text()
+    card = fake_hub["committed"]["README.md"].decode()
+    assert f"--refiner {REPO_ID}" in card and "OWNER/NAME" not in card and f"base_model: {BASE_MODEL}" in card
     assert f"someone/tiny-refiner" in capsys.readouterr().out
 
 
