@@ -164,10 +164,10 @@ def test_wandb_offline_run_is_resumed_under_its_stored_id(tracked):
     runs = [next(r["run"] for r in records if r["type"] == "run") for records in (first, second)]
     assert [r["run_id"] for r in runs] == [run_id, run_id] and all(r.get("resume") for r in runs)
     assert runs[1]["config"]["update"]["train"]["report_to"] == ["tensorboard", "wandb"]
-    # the killed attempt: steps 1..6 at least (its step 7 row may be lost with the process), none past the kill
+    # the killed attempt: what wandb's service had flushed to the file (every 15 s) before the kill, in order
     before = [h["_step"] for h in wandb_history(files[0])]
     after = wandb_history(files[1])
-    assert before[:6] == list(range(1, 7)) and max(before) < KILL_AT
+    assert before == list(range(1, len(before) + 1)) and len(before) < KILL_AT
     assert [h["_step"] for h in after] == list(range(7, 11))
     # W&B keeps the first value of a step: the resumed attempt's steps 7.. re-log the same numbers
     full = {h["_step"]: h for h in wandb_history(next(tracked["full"].glob("wandb/offline-run-*/run-*.wandb")))}
