@@ -14,7 +14,8 @@ A resumed run continues the same run. TensorBoard writes into ``<output_dir>/ten
 what the killed attempt logged after the checkpoint; a new run (step 0) starts the folder afresh.
 W&B keeps the run id in ``<output_dir>/wandb_run_id`` and resumes it (``resume="allow"``); the
 W&B server keeps the first value logged at a step and drops a re-logged earlier step (the
-steps a killed attempt logged after its checkpoint: equal values, the resume is exact).
+steps a killed attempt logged after its checkpoint: equal values, the resume is exact). What wandb's
+service had not written when the process was killed (offline: flushed every 15 s) is lost there.
 """
 
 from __future__ import annotations
