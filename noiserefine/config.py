@@ -150,8 +150,7 @@ class TrainConfig:
     zero_stage: int = 0
     gradient_clipping: float = 1.0  # max global grad norm (DeepSpeed); 0 = off
     seed: int = 0
-    # Experiment trackers rank 0 logs to (train/tracking.py): none | tensorboard | wandb, or a list of them
-    report_to: Any = "none"
+    report_to: Any = "none"  # experiment trackers (train/tracking.py): none | tensorboard | wandb, or a list
 
 
 @dataclass
@@ -320,8 +319,7 @@ def load_config(paths: list[str | Path] | str | Path | None = None,
 
 def refiner_run_config(refiner: str | Path, config_files: list, overrides: list) -> tuple[Path, DictConfig]:
     """``--refiner DIR`` of a command and its config: the given files, else the refiner's own ``config.yaml``."""
-    from .hub_refs import resolve_refiner  # a Hub repo id is downloaded (or found in the Hub cache) here
-
+    from .hub_refs import resolve_refiner  # a Hub repo id: downloaded, or found in the Hub cache
     refiner_dir = resolve_refiner(refiner)
     if not refiner_dir.is_dir():
         raise FileNotFoundError(f"--refiner {str(refiner)!r} is not a directory ({refiner_dir})")

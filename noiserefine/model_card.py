@@ -75,6 +75,7 @@ def card_content(cfg, sampler: dict | None, run_dir: Path, repo_hint: str = REPO
         guidance += f", PAG scale {teacher.pag_scale:g} on {list(teacher.pag_layers)}"
     if teacher.guider_args:
         guidance += f", arguments {json.dumps(OmegaConf.to_container(teacher.guider_args))}"
+    steps = sampler.get("num_steps", cfg.student.num_steps)
     scale_arg = f", guidance_scale={scales[0]:g}" if cfg.refiner.guidance_timestep_slope > 0 else ""
     body = f"""
 # NoiseRefine refiner ({model.backend})
@@ -88,8 +89,7 @@ images (no guidance at sampling time).
 - model: `{model.path}`{f" (revision `{model.revision}`)" if model.revision else ""}, backend `{model.backend}`, \
 denoiser `{sampler.get("denoiser_class", "?")}`, {model.init} weights, {model.dtype}
 - teacher guidance: {guidance}, {teacher.num_steps} steps
-- sampler (use the same): `{sampler.get("scheduler_class", "?")}`, {sampler.get("num_steps", cfg.student.num_steps)} steps, \
-unguided
+- sampler (use the same): `{sampler.get("scheduler_class", "?")}`, {steps} steps, unguided
 - data: {cfg.data.num_samples} samples from {sources}
 - training: {cfg.train.max_steps} steps, global batch {cfg.train.global_batch_size}, loss `{cfg.train.loss}`, \
 learning rate {cfg.train.learning_rate:g}, LoRA rank {cfg.refiner.lora_rank}

@@ -216,7 +216,7 @@ def test_push_uploads_the_refiner_files_through_the_hub_api(exported, fake_hub, 
     assert fake_hub["validated"]["content"] == (exported["dir"] / "README.md").read_text()
     card = fake_hub["committed"]["README.md"].decode()
     assert f"--refiner {REPO_ID}" in card and "OWNER/NAME" not in card and f"base_model: {BASE_MODEL}" in card
-    assert f"someone/tiny-refiner" in capsys.readouterr().out
+    assert "someone/tiny-refiner" in capsys.readouterr().out
 
 
 def test_push_refuses_a_folder_that_is_not_an_exported_refiner(tmp_path, fake_hub):

@@ -82,7 +82,8 @@ def test_report_to_accepts_one_name_or_a_list():
 def test_tracker_not_installed_names_the_extra(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
-    with pytest.raises(ModuleNotFoundError, match=r"train.report_to=wandb needs the wandb package.*noiserefine\[track\]"):
+    with pytest.raises(ModuleNotFoundError,
+                       match=r"train.report_to=wandb needs the wandb package.*noiserefine\[track\]"):
         tracking.require_installed("wandb")
 
 

@@ -147,7 +147,8 @@ class _Run:
     checkpointer: Checkpointer
     start: int  # the step this run continues from (0: a new run)
     elapsed: float  # training seconds before this run (a resumed run's clock goes on)
-    trackers: tracking.Trackers = field(default_factory=lambda: tracking.Trackers([]))  # train.report_to, rank 0 (opened by _start)
+    # train.report_to's trackers on rank 0 (opened by _start)
+    trackers: tracking.Trackers = field(default_factory=lambda: tracking.Trackers([]))
 
 
 def checkpointed(stream: BatchStream, window: LogWindow) -> dict:
