@@ -55,7 +55,8 @@ def evaluate(cfg, refiner_dir, **kwargs) -> dict:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m noiserefine.evaluate", description=__doc__.splitlines()[0])
-    p.add_argument("--refiner", required=True, help="refiner directory (refiner.safetensors, config.yaml, sampler.json)")
+    p.add_argument("--refiner", required=True, help="refiner directory (refiner.safetensors, config.yaml, sampler.json) "
+                   "or Hub repo id OWNER/NAME (noiserefine/hub_refs.py: ./OWNER/NAME is a directory)")
     p.add_argument("--config", action="append", default=[], help="YAML config (repeatable); default: the refiner's")
     p.add_argument("--num-samples", type=int, default=None, help="default: benchmark.num_samples")
     p.add_argument("--out", default=None, help="output directory (default: benchmark.output_dir/<backend>-<run key>)")

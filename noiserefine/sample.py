@@ -87,7 +87,8 @@ def save_png(image01: torch.Tensor, path: Path) -> None:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m noiserefine.sample", description=__doc__.splitlines()[0])
-    p.add_argument("--refiner", required=True, help="refiner directory (refiner.safetensors, config.yaml, sampler.json)")
+    p.add_argument("--refiner", required=True, help="refiner directory (refiner.safetensors, config.yaml, sampler.json) "
+                   "or Hub repo id OWNER/NAME (noiserefine/hub_refs.py: ./OWNER/NAME is a directory)")
     p.add_argument("--config", action="append", default=[],
                    help="YAML config (repeatable); default: the refiner's config.yaml")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable); DiT/SiT: a class id or name")
