@@ -23,10 +23,11 @@ REPO_ID = "someone/tiny-refiner"
 FILES = ["README.md", "config.yaml", "refiner.safetensors", "sampler.json"]
 
 
-@pytest.fixture
-def exported(tmp_path):
-    """A refiner with random LoRA weights exported from a run folder that holds an evaluation log."""
-    run_dir = tmp_path / "run"
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A refiner with random LoRA weights exported from a run folder that holds an evaluation log (read-only:
+    a test that changes it works on a copy)."""
+    run_dir = tmp_path_factory.mktemp("exported") / "run"
     run_dir.mkdir()
     (run_dir / "eval_log.csv").write_text("step,row,accuracy,fid\n100,guided teacher,0.9,40.0\n100,unguided,0.5,"
                                           "90.0\n100,refined,0.8,50.0\n200,guided teacher,0.9,40.0\n200,unguided,"
@@ -141,7 +142,7 @@ def test_a_directory_given_as_a_path_never_asks_the_hub(exported, monkeypatch, t
         raise AssertionError("the Hub was asked for a local directory")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", no_hub)
-    monkeypatch.chdir(exported["dir"].parent.parent)  # tmp_path: run/refiner exists here
+    monkeypatch.chdir(exported["dir"].parent.parent)  # run/refiner exists here
     assert hub.resolve_refiner("./run/refiner") == Path("./run/refiner")
     assert load_refiner("./run/refiner", tiny_digits_backend()) is not None
     # the same folder written as a repo id is ambiguous: refused, neither the folder nor the Hub is used
@@ -204,16 +205,17 @@ def fake_hub(monkeypatch):
     server.server_close()
 
 
-def test_push_uploads_the_refiner_files_through_the_hub_api(exported, fake_hub, capsys):
-    (exported["dir"] / "notes.txt").write_text("not part of the refiner")
-    assert hub.main(["push", str(exported["dir"]), REPO_ID, "--private"]) == 0
+def test_push_uploads_the_refiner_files_through_the_hub_api(exported, fake_hub, capsys, tmp_path):
+    directory = Path(shutil.copytree(exported["dir"], tmp_path / "refiner"))
+    (directory / "notes.txt").write_text("not part of the refiner")
+    assert hub.main(["push", str(directory), REPO_ID, "--private"]) == 0
     assert fake_hub["created"]["name"] == "tiny-refiner" and fake_hub["created"]["organization"] == "someone"
     assert fake_hub["created"].get("private") is True or fake_hub["created"].get("visibility") == "private"
     assert sorted(fake_hub["committed"]) == FILES  # only the refiner's files
     for name, data in fake_hub["committed"].items():
-        assert data == (exported["dir"] / name).read_bytes(), name
+        assert data == (directory / name).read_bytes(), name
     assert all(auth == "Bearer hf_test_token" for _, auth in fake_hub["requests"])
-    assert fake_hub["validated"]["content"] == (exported["dir"] / "README.md").read_text()
+    assert fake_hub["validated"]["content"] == (directory / "README.md").read_text()
     card = fake_hub["committed"]["README.md"].decode()
     assert f"--refiner {REPO_ID}" in card and "OWNER/NAME" not in card and f"base_model: {BASE_MODEL}" in card
     assert "someone/tiny-refiner" in capsys.readouterr().out
