@@ -153,6 +153,7 @@ def check_samples(out: Path, num_prompts: int, seeds: list[int], compare: bool) 
     assert json.loads((out / "sample.json").read_text())["seeds"] == seeds
 
 
+@pytest.mark.slow  # >= 1 s on an idle 2-core machine: `make test` only, not the fast lane
 @pytest.mark.parametrize("name", CONFIGS)
 def test_cache_train_load_and_sample(name, models, prompt_files, entry, tmp_path, capsys):
     from noiserefine.sample import main as sample_main
