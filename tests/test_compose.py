@@ -33,7 +33,7 @@ def test_bad_attributes_are_refused_naming_them():
     with pytest.raises(ValueError, match="lack 'size'"):
         attribute_prompt(dict(digit=1, position=0, thickness=0))
     with pytest.raises(ValueError, match="canvas"):
-        render(torch.ones(1, 8, 8), dict(digit=0, position=0, size=0, thickness=0), canvas=12)
+        render(torch.ones(1, 8, 8), dict(digit=0, position=0, size=0, thickness=0), canvas=16)  # large == small
 
 
 def test_render_places_the_digit_in_its_quadrant_at_its_size():
@@ -52,19 +52,19 @@ def test_render_places_the_digit_in_its_quadrant_at_its_size():
 def test_thick_strokes_cover_the_thin_ones_and_more():
     dot = torch.zeros(1, 8, 8)
     dot[0, 4, 4] = 1.0
-    thin = render(dot, dict(digit=0, position=0, size=0, thickness=0), 16)
-    thick = render(dot, dict(digit=0, position=0, size=0, thickness=1), 16)
+    thin = render(dot, dict(digit=0, position=0, size=0, thickness=0), 24)
+    thick = render(dot, dict(digit=0, position=0, size=0, thickness=1), 24)
     assert int((thin > 0).sum()) == 1 and int((thick > 0).sum()) == 9
     assert bool(((thin > 0) <= (thick > 0)).all())
 
 
 def test_composed_dataset_is_deterministic_and_covers_the_attributes():
-    images, attributes = composed_images(16, seed=3, indices=range(200))
-    again, same = composed_images(16, seed=3, indices=range(200))
+    images, attributes = composed_images(24, seed=3, indices=range(200))
+    again, same = composed_images(24, seed=3, indices=range(200))
     assert torch.equal(images, again) and all(torch.equal(attributes[k], same[k]) for k in attributes)
-    other, _ = composed_images(16, seed=4, indices=range(200))
+    other, _ = composed_images(24, seed=4, indices=range(200))
     assert not torch.equal(images, other)
-    assert images.shape == (200, 1, 16, 16) and images.min() >= -1 and images.max() <= 1
+    assert images.shape == (200, 1, 24, 24) and images.min() >= -1 and images.max() <= 1
     for name, values in ATTRIBUTES.items():
         assert set(attributes[name].tolist()) == set(range(len(values))), name
 
@@ -85,3 +85,27 @@ def test_adherence_counts_nothing_as_nan_and_refuses_mismatches():
         attribute_adherence(dict(digit=[1]), dict(size=[1]))
     with pytest.raises(ValueError, match="lengths"):
         attribute_adherence(dict(digit=[1, 2]), dict(digit=[1]))
+
+
+def test_attribute_classifier_shapes_and_canvas_check():
+    from noiserefine.digits.attribute_classifier import AttributeClassifier
+
+    model = AttributeClassifier(24)
+    logits = model(torch.rand(3, 1, 24, 24))
+    assert {name: tuple(v.shape) for name, v in logits.items()} == {
+        name: (3, len(values)) for name, values in ATTRIBUTES.items()}
+    assert model.features(torch.rand(3, 1, 24, 24)).shape == (3, AttributeClassifier.feature_dim)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        AttributeClassifier(18)
+
+
+@pytest.mark.slow  # trains a classifier (~seconds)
+def test_attribute_classifier_learns_every_attribute_and_is_deterministic():
+    from noiserefine.digits.attribute_classifier import train_attribute_classifier
+
+    _, accuracy = train_attribute_classifier(24, seed=0, num_steps=150)
+    chance = {name: 1 / len(values) for name, values in ATTRIBUTES.items()}
+    assert all(accuracy[name] > chance[name] + 0.3 for name in ATTRIBUTES), accuracy
+    first, _ = train_attribute_classifier(24, seed=0, num_steps=5)
+    again, _ = train_attribute_classifier(24, seed=0, num_steps=5)
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))

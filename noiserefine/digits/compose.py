@@ -35,6 +35,7 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "thickness": ("thin", "thick"),
 }
 SMALL_SIZE = 8  # sklearn's digits are 8x8: "small" is the digit as scanned
+MIN_CANVAS = 24  # "large" fills a quadrant: at least 12x12, so that it differs from "small"
 _PATTERNS = {name: re.compile(r"\b(" + "|".join(re.escape(v) for v in values) + r")\b", re.IGNORECASE)
              for name, values in ATTRIBUTES.items()}
 
@@ -64,7 +65,7 @@ def _index(attributes: Mapping[str, int], name: str) -> int:
 
 
 @functools.lru_cache(maxsize=1)
-def _sklearn_digits() -> tuple[torch.Tensor, torch.Tensor]:
+def sklearn_digits() -> tuple[torch.Tensor, torch.Tensor]:
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -75,8 +76,9 @@ def _sklearn_digits() -> tuple[torch.Tensor, torch.Tensor]:
 def render(digit01: torch.Tensor, attributes: Mapping[str, int], canvas: int) -> torch.Tensor:
     """One ``(1, canvas, canvas)`` image in [-1, 1]: ``digit01`` (an ``(1, 8, 8)`` digit in [0, 1]) drawn with
     ``attributes`` (its ``digit`` entry is not looked at: the caller pairs image and label)."""
-    if canvas < 2 * SMALL_SIZE or canvas % 2:
-        raise ValueError(f"canvas must be even and >= {2 * SMALL_SIZE} (two small digits across), got {canvas}")
+    if canvas < MIN_CANVAS or canvas % 4:
+        raise ValueError(f"canvas must be a multiple of 4 and >= {MIN_CANVAS} (a large digit's quadrant must be "
+                         f"visibly larger than a small digit), got {canvas}")
     quadrant = canvas // 2
     side = SMALL_SIZE if _index(attributes, "size") == 0 else quadrant
     glyph = digit01.unsqueeze(0)
@@ -106,7 +108,7 @@ def composed_images(canvas: int, seed: int, indices: Sequence[int] | None = None
     """The compositional dataset: each sklearn digit (or those at ``indices``) drawn once with attributes drawn
     from ``seed``. Returns ``(images (N, 1, canvas, canvas) in [-1, 1], {attribute: (N,) int64})``; the same
     for the same ``(canvas, seed, indices)``."""
-    digits, labels = _sklearn_digits()
+    digits, labels = sklearn_digits()
     if indices is not None:
         index = torch.as_tensor(list(indices), dtype=torch.long)
         digits, labels = digits[index], labels[index]
