@@ -38,7 +38,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 def tiny_config(root: Path, **extra):
     captions, folder = root / "captions_val2014.json", root / "val2014"
     overrides = {"model.path": root / "sd", "model.device": "cpu", "model.dtype": "float32",
-                 "teacher.num_steps": 2, "student.num_steps": 2,
+                 "teacher.num_steps": 2, "student.num_steps": 2, "benchmark.num_steps": 0,  # rows at 2 steps
+                 "teacher.guidance": "cfg_pag",  # a CFG+PAG guided row (configs/sd21.yaml's teacher is CFG alone)
                  "data.sources": "[{kind: text, path: prompts.txt}]",
                  "benchmark.captions": captions, "benchmark.reference": folder,
                  "benchmark.num_samples": NUM_SAMPLES, "benchmark.shard_size": SHARD, "benchmark.batch_size": 3,
