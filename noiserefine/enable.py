@@ -58,7 +58,11 @@ def enable_refiner(pipe, refiner_dir: str | Path):
     refiner_dir = Path(refiner_dir).resolve()
     state = {"class": type(pipe), "scheduler": pipe.scheduler, "attached": getattr(pipe, pipelines._ATTACHED, None),
              "adapters": _adapter_state(pipe), "warned": False}
-    refiner = attach_refiner(pipe, refiner_dir)  # sets the scheduler; ValueError for another model's
+    try:
+        refiner = attach_refiner(pipe, refiner_dir)  # sets the scheduler; ValueError for another model's
+    except BaseException:
+        pipe.scheduler = state["scheduler"]  # set before a refusal of the refiner's architecture
+        raise
     state.update(refiner=refiner, defaults=unguided_call_kwargs(pipe, refiner_dir))
     setattr(pipe, _STATE, state)
     pipe.__class__ = _refining_subclass(state["class"])

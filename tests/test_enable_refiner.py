@@ -143,3 +143,15 @@ def test_sdxl_euler_scales_the_refined_latents_once_by_init_noise_sigma(models):
     assert torch.equal(seen[0], latents * pipe.scheduler.init_noise_sigma)
     theirs = reference(PROMPTS, latents=latents, output_type="latent", **unguided_call_kwargs(reference)).images
     assert torch.equal(ours, theirs)
+
+
+def test_a_refused_refiner_leaves_the_pipeline_as_it_was(models):
+    """An SDXL refiner on an SD pipeline: same noise schedule (the scheduler check passes and the refiner's
+    sampler is set), then refused for its architecture; the pipeline keeps its scheduler, class and modules."""
+    pipe = load("sd15", models)
+    scheduler, cls = pipe.scheduler, type(pipe)
+    with pytest.raises(ValueError, match="another architecture"):
+        enable_refiner(pipe, models["sdxl"][1])
+    assert pipe.scheduler is scheduler and type(pipe) is cls
+    assert not [k for k in vars(pipe) if k.startswith("_noiserefine")]
+    assert "refiner" not in (getattr(pipe.unet, "peft_config", None) or {})

@@ -84,6 +84,14 @@ def test_scripts_name_real_entry_points_and_options():
     assert all(f'"{flag}"' in source for flag in flags), flags
 
 
+def test_the_ray_scripts_python_wait_compiles():
+    """bash -n does not parse the Python heredoc that waits for the Ray nodes: compile it."""
+    text = (SLURM / "generate_targets.sbatch").read_text()
+    heredoc = re.search(r"<<'PY'\n(.*?)\nPY\n", text, re.S)
+    assert heredoc and "ray.nodes()" in heredoc.group(1)
+    compile(heredoc.group(1), "generate_targets.sbatch <<'PY'", "exec")
+
+
 # --- slow: two "nodes" of one rank each -----------------------------------------------------------------------
 
 def sbatch(out: Path, root: Path, teacher: Path, logs: Path, **env: str) -> subprocess.Popen:
