@@ -175,3 +175,28 @@ def test_sample_and_evaluate_count_the_forms_calls(form, tmp_path):
     assert json.loads((tmp_path / "out" / "sample.json").read_text())["nfe_per_image"]["refined"] == 2 + calls
     rows = build_settings(cfg, None, 2, tmp_path / "refiner", None)
     assert [row.nfe for row in rows if row.slug == REFINED_ROW] == [2 + calls]
+
+
+@pytest.mark.slow  # loads a stock pipeline (~2 s)
+def test_refined_latents_of_a_stock_pipeline_with_a_single_call_refiner(tiny_sd_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from noiserefine.noise import noise_from_seeds
+    from noiserefine.pipelines import attach_refiner, refined_latents
+
+    cfg = refiner_cfg("single_call", "model.backend=stable_diffusion", f"model.path={tiny_sd_dir}",
+                      "student.num_steps=2")
+    refiner = Refiner(load_backend(cfg.model), cfg.refiner)
+    save_refiner(refiner, tmp_path / "zero", cfg)  # as initialised: the identity
+    randomise_lora(refiner, std=0.05)
+    save_refiner(refiner, tmp_path / "trained", cfg)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None, requires_safety_checker=False)
+    seeds, prompts = [3, 4], ["a red cat", "the blue dog"]
+    noise = noise_from_seeds(seeds, refiner.backend.latent_shape)
+    assert torch.equal(refined_latents(pipe, tmp_path / "zero", prompts, seeds), noise)
+    calls = count_calls(pipe.unet)
+    latents = refined_latents(pipe, tmp_path / "trained", prompts, seeds)
+    assert calls[0] == 1 and attach_refiner(pipe, tmp_path / "trained").network_calls == 1
+    torch.testing.assert_close(latents, refiner.refine(noise, prompts), rtol=0, atol=1e-5)
+    assert (latents - noise).abs().max() > 1e-3
+    assert not output_layer(pipe.unet)._forward_hooks
