@@ -24,7 +24,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# The fast lane for the edit-test loop (< 2 minutes): unit tests only, no process-starting tests.
+# The fast lane for the edit-test loop (< 2 minutes): unit tests only; a test that starts a process or takes
+# >= 1 s on an idle 2-core machine is marked `slow` and runs in `make test` only.
 check: $(STAMP)
 	$(PY) -m pytest -m "not gpu and not slow" -q $(PYTEST_ARGS)
 

@@ -1,9 +1,8 @@
 """One typed configuration tree for every stage (teacher cache, training, evaluation).
 
-The tree is a set of dataclasses used through ``OmegaConf.structured`` so that
-an unknown key or a wrong type is caught when a YAML file or a ``key=value``
-override is merged. Those errors are re-raised as ``ValueError`` naming the
-key and the file. The resolved config is saved next to every output.
+The tree is a set of dataclasses used through ``OmegaConf.structured`` so that an unknown key or a wrong
+type is caught when a YAML file or a ``key=value`` override is merged. Those errors are re-raised as
+``ValueError`` naming the key and the file. The resolved config is saved next to every output.
 """
 
 from __future__ import annotations
@@ -74,9 +73,10 @@ class StudentConfig:
 
 @dataclass
 class RefinerConfig:
-    """``x̂_T = x_T + (denoiser_LoRA(x_T, t, c) - denoiser(x_T, t, c))``, zero at init; ``t = timestep``, or
+    """``x̂_T = x_T + correction(x_T, t, c)``, zero at init (``form``: noiserefine/refiner.py); ``t = timestep``, or
     ``timestep - guidance_timestep_slope * (w - 1)`` for a refiner of several guidance scales w."""
 
+    form: str = "difference"  # difference (f_LoRA - f: 2 calls) | single_call (zero-init head on 1 LoRA call)
     timestep: float = 999.0  # the denoiser's time input for the refiner forward
     guidance_timestep_slope: float = 0.0  # > 0: a refiner of several scales (data.guidance_scales), told w
     lora_rank: int = 8

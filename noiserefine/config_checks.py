@@ -23,6 +23,7 @@ _CHOICES = {
     "model.architecture": ("", *architecture_names()),
     "data.target_dtype": ("float16", "float32"),
     "train.loss": ("msd", "full_gradient", "noise_space"),
+    "refiner.form": ("difference", "single_call"),  # noiserefine.refiner.FORMS
     "eval.metrics": ("none", "digit_classifier", "text_image"),
     "benchmark.protocol": ("coco", "imagenet", "prompts"),
     # ZeRO-3 partitions the LoRA weights, which the refiner export does not gather

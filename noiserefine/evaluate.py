@@ -9,7 +9,7 @@ Settings (rows), all with ``benchmark.num_steps`` (default ``student.num_steps``
 2. ``Gaussian, guided``: the same ``x_T`` with the teacher's guidance (``teacher.*``: CFG or CFG+PAG);
 3. ``guidance-distilled``: a guidance-distilled model of the same family (``--distilled`` or
    ``benchmark.distilled_path``), unguided; left out when none is given;
-4. ``refined, unguided``: ``x̂_T = refiner(x_T)``, no guidance (the refiner's two forwards counted in NFE).
+4. ``refined, unguided``: ``x̂_T = refiner(x_T)``, no guidance (the refiner's forwards counted in NFE: 2, or 1 for refiner.form=single_call).
 
 The protocol (COCO captions, ImageNet classes or a prompts file; seeds; the FID reference and image
 rule) is ``noiserefine.evaluation.protocols``; the networks are ``evaluation.features`` (torch-fidelity's

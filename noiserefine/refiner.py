@@ -1,8 +1,16 @@
 """The noise refiner: a PEFT LoRA on the backend's own denoiser plus a residual.
 
-``x̂_T = x_T + (eps_LoRA(x_T, t_ref, c) - eps(x_T, t_ref, c))`` with ``t_ref =
-refiner.timestep``. LoRA ``B`` starts at zero, so at initialisation the
-correction is exactly 0 and ``x̂_T == x_T`` bit for bit.
+Two forms (``refiner.form``), both exactly the identity at initialisation (``x̂_T == x_T`` bit for bit):
+
+- ``difference``: ``x̂_T = x_T + (eps_LoRA(x_T, t_ref, c) - eps(x_T, t_ref, c))``; LoRA ``B`` starts at
+  zero, so the two calls agree bit for bit at first. Two network calls.
+- ``single_call``: ``x̂_T = x_T + head(h_LoRA(x_T, t_ref, c))``, ``h_LoRA`` the input of the denoiser's final
+  projection in one LoRA forward and ``head`` a zero-initialised copy of that projection (why this form:
+  :mod:`noiserefine.refiner_head`). One network call, as the paper counts its refiner.
+
+``t_ref = refiner.timestep``. :attr:`Refiner.network_calls` is the form's count (2 or 1). The form is
+recorded in the saved ``config.yaml``; a refiner saved before forms existed has none and is a
+``difference`` refiner (:func:`saved_form`).
 
 A refiner for a range of guidance scales (``refiner.guidance_timestep_slope`` k > 0, trained
 on ``data.guidance_scales``) is told each sample's scale w through the denoiser's time input:
@@ -22,7 +30,8 @@ Pipelines multiply user latents by ``scheduler.init_noise_sigma``. The refined
 noise lives on the same unit-variance scale as ``x_T`` (a small residual), so
 pass it as is and never pre-scale it.
 
-A saved refiner is ``refiner.safetensors`` (the LoRA), ``config.yaml`` (the
+A saved refiner is ``refiner.safetensors`` (the LoRA; a single_call refiner also its head, keys
+``output_head.*``), ``config.yaml`` (the
 resolved training config), ``sampler.json`` (the denoiser class, config and
 latent shape, and the scheduler class, config and number of steps of the
 unguided student it was trained against) and its model card ``README.md``
@@ -53,12 +62,19 @@ from .config import RefinerConfig, load_config, save_config
 from .files import atomic_path, write_text_atomic
 from .hub_refs import resolve_refiner
 from .model_card import write_model_card
+from .refiner_head import head_replaces_output, zero_head
 from .sampler_record import (SAMPLER_FILE, architecture_error, check_architecture, check_same_sampler,
                              diffusers_class_name, read_sampler_record, sampler_record)
 
 ADAPTER_NAME = "refiner"
 WEIGHTS_FILE = "refiner.safetensors"
 CONFIG_FILE = "config.yaml"
+HEAD_PREFIX = "output_head."  # the single_call head's keys in refiner.safetensors
+# Network calls of one refinement, by refiner.form; a saved refiner without a form is a difference one.
+FORMS = {"difference": 2, "single_call": 1}
+LEGACY_FORM = "difference"
+
+
 def _tuner_layers(denoiser: torch.nn.Module) -> list[BaseTunerLayer]:
     return [m for m in denoiser.modules() if isinstance(m, BaseTunerLayer)]
 
@@ -150,6 +166,9 @@ class Refiner(torch.nn.Module):
                              "build the Refiner on a fresh backend")
         self.backend = backend
         self.cfg = _cfg_dict(refiner_cfg)
+        self.form = str(self.cfg.get("form", LEGACY_FORM))
+        if self.form not in FORMS:
+            raise ValueError(f"refiner.form is {self.form!r}; expected one of {sorted(FORMS)}")
         self.denoiser = denoiser
         _attach_adapter(denoiser, LoraConfig(r=int(self.cfg["lora_rank"]), lora_alpha=float(self.cfg["lora_alpha"]),
                                              target_modules=list(self.cfg["target_modules"]), init_lora_weights=True))
@@ -158,13 +177,20 @@ class Refiner(torch.nn.Module):
         lora_ids = {id(p) for p in self._lora}
         for parameter in denoiser.parameters():
             parameter.requires_grad_(id(parameter) in lora_ids)
+        # single_call: the zero-initialised head (a submodule of the Refiner, never of the denoiser)
+        self.head = zero_head(denoiser, self._lora[0].dtype) if self.form == "single_call" else None
         # What it was trained against (``sampler.json``), set by ``load_refiner``; None while training.
         self.sampler: dict | None = None
         self.register_buffer("timestep", torch.tensor(float(self.cfg["timestep"]), device=backend.device),
                              persistent=False)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return list(self._lora)
+        return list(self._lora) + (list(self.head.parameters()) if self.head is not None else [])
+
+    @property
+    def network_calls(self) -> int:
+        """Denoiser calls of one refinement: 2 for the difference form, 1 for single_call."""
+        return FORMS[self.form]
 
     @property
     def guidance_conditioned(self) -> bool:
@@ -199,7 +225,8 @@ class Refiner(torch.nn.Module):
 
     def forward(self, noise: torch.Tensor, cond: Conditioning,
                 guidance_scale: float | torch.Tensor | None = None) -> torch.Tensor:
-        """``x̂_T = x_T + (eps_LoRA(x_T, t_ref, c) - eps(x_T, t_ref, c))``; the graph reaches the LoRA only.
+        """``x̂_T = x_T + (eps_LoRA - eps)`` (difference) or ``x_T + head(h_LoRA)`` (single_call), at
+        ``(x_T, t_ref, c)``; the graph reaches the LoRA (and the head) only.
 
         ``guidance_scale``: w (a number, or one per sample) for a refiner told w, else None.
         """
@@ -210,6 +237,9 @@ class Refiner(torch.nn.Module):
         time = self.refiner_time(guidance_scale, noise.shape[0])
         noise = noise.to(backend.device)
         x = noise.to(backend.dtype)
+        if self.head is not None:  # one call: the head's output is the correction
+            with lora_enabled(self.denoiser), head_replaces_output(self.denoiser, self.head):
+                return noise + backend.denoise(x, time, cond).to(noise.dtype)
         with torch.no_grad():
             base = backend.denoise(x, time, cond)
         with lora_enabled(self.denoiser):
@@ -224,8 +254,11 @@ class Refiner(torch.nn.Module):
         return self(noise, self.backend.encode_prompts(list(prompts)), guidance_scale)
 
     def state_dict_for_saving(self) -> dict[str, torch.Tensor]:
-        """The LoRA weights (peft key names, no adapter name) as contiguous CPU tensors."""
+        """The LoRA weights (peft key names, no adapter name) and the head's (``output_head.*``) as contiguous
+        CPU tensors."""
         state = get_peft_model_state_dict(self.denoiser, adapter_name=ADAPTER_NAME)
+        if self.head is not None:
+            state.update({HEAD_PREFIX + key: value for key, value in self.head.state_dict().items()})
         return {key: value.detach().to("cpu").contiguous() for key, value in state.items()}
 
     def load_weights(self, state: dict[str, torch.Tensor], source: str | Path = "state dict") -> None:
@@ -243,6 +276,10 @@ class Refiner(torch.nn.Module):
         if wrong:
             raise ValueError(f"{source}: refiner weights have wrong shapes for {model} (file vs model; trained for "
                              f"another architecture, or another lora_rank?): {wrong[:8]}{' ...' if len(wrong) > 8 else ''}")
+        head = {key[len(HEAD_PREFIX):]: value for key, value in state.items() if key.startswith(HEAD_PREFIX)}
+        if self.head is not None:
+            self.head.load_state_dict(head)
+        state = {key: value for key, value in state.items() if not key.startswith(HEAD_PREFIX)}
         result = set_peft_model_state_dict(self.denoiser, state, adapter_name=ADAPTER_NAME)
         if result.unexpected_keys:
             raise ValueError(f"{source}: peft did not load keys {sorted(result.unexpected_keys)}")
@@ -263,7 +300,7 @@ def save_refiner(refiner: Refiner, directory: str | Path, resolved_cfg: DictConf
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     with atomic_path(directory / WEIGHTS_FILE) as tmp:
-        save_file(refiner.state_dict_for_saving(), str(tmp), metadata={"adapter": ADAPTER_NAME})
+        save_file(refiner.state_dict_for_saving(), str(tmp), metadata={"adapter": ADAPTER_NAME, "form": refiner.form})
     save_config(resolved_cfg, directory / CONFIG_FILE)
     record = sampler_record(refiner.backend, int(resolved_cfg["student"]["num_steps"]))
     write_text_atomic(directory / SAMPLER_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")
@@ -271,8 +308,23 @@ def save_refiner(refiner: Refiner, directory: str | Path, resolved_cfg: DictConf
     return directory
 
 
+def saved_form(directory: str | Path) -> str:
+    """The form of the refiner saved in ``directory``: ``refiner.form`` of its ``config.yaml`` as written, or
+    ``difference`` (:data:`LEGACY_FORM`) when the file has none (saved before forms existed, whatever today's
+    default); ``ValueError`` naming the file and the value for a form this version does not know."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_FILE} in {directory}")
+    form = OmegaConf.select(OmegaConf.load(path), "refiner.form", default=LEGACY_FORM)
+    if form not in FORMS:
+        raise ValueError(f"{path}: refiner.form is {form!r}, a refiner form this version does not know "
+                         f"(expected one of {sorted(FORMS)})")
+    return str(form)
+
+
 def load_refiner(directory: str | Path, backend: Backend, check_sampler: bool = True) -> Refiner:
-    """Rebuild the refiner from ``config.yaml`` (its ``refiner`` section) and load its weights.
+    """Rebuild the refiner from ``config.yaml`` (its ``refiner`` section, in its :func:`saved_form`) and load
+    its weights.
 
     Refuses (``ValueError``) a backend whose denoiser class or latent shape differ from
     ``sampler.json``'s, or whose weights do not fit the LoRA (another architecture: the
@@ -286,6 +338,7 @@ def load_refiner(directory: str | Path, backend: Backend, check_sampler: bool = 
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise FileNotFoundError(f"no {WEIGHTS_FILE} in {directory}")
+    form = saved_form(directory)
     cfg = load_config(directory / CONFIG_FILE)
     record = read_sampler_record(directory)
     config_differences: list[str] = []
@@ -294,7 +347,7 @@ def load_refiner(directory: str | Path, backend: Backend, check_sampler: bool = 
                       "sampler cannot be checked", stacklevel=2)
     else:
         config_differences = check_architecture(record, backend, directory)
-    refiner = Refiner(backend, cfg.refiner)
+    refiner = Refiner(backend, {**_cfg_dict(cfg.refiner), "form": form})
     try:
         try:
             refiner.load_weights(load_file(str(weights), device=str(backend.device)), source=weights)

@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     # sample.json first: it marks the folder as this command's (see files.refuse_foreign_directory)
     write_text_atomic(out / SAMPLE_FILE, json.dumps({
         "refiner": str(refiner_dir.resolve()), "seeds": seeds, "steps": steps, "compare": args.compare,
-        "nfe_per_image": {"refined": steps + 2, "unguided": steps, "guided": network_calls(guidance, steps)},
+        "nfe_per_image": {"refined": steps + refiner.network_calls, "unguided": steps, "guided": network_calls(guidance, steps)},
         "guidance": guider_identity(guidance)}, indent=2) + "\n")
     save_config(cfg, out / "config.yaml")
     write_text_atomic(out / "prompts.json", json.dumps(dict(enumerate(prompts)), indent=2, ensure_ascii=False) + "\n")

@@ -69,14 +69,15 @@ def test_sdxl_million_samples_from_the_measured_h200_figures():
     table = capacity.plan(cfg, 1_000_000, wall_hours=24, gpus_per_node=8, figures=capacity.load_measured(GPU_CHECK))
     assert table["latent_shape"] == [4, 128, 128] and table["shards"] == 1000
     assert table["cache_bytes"] == 1000 * capacity.shard_bytes(1000, 133120)
-    # 1.799 samples/s at 10 CFG+PAG steps -> per sample-forward 1/(1.799*30) s; 50 steps x 3 forwards
-    per_sample = 50 * 3 / (1.799 * 30)
+    # 1.799 samples/s at 10 CFG+PAG steps -> per sample-forward 1/(1.799*30) s; the config's CFG teacher: 20 steps x 2
+    assert (cfg.teacher.guidance, cfg.teacher.num_steps, cfg.student.num_steps) == ("cfg", 20, 10)
+    per_sample = 20 * 2 / (1.799 * 30)
     assert table["teacher_seconds_per_sample"] == pytest.approx(per_sample, rel=1e-3)
     assert table["teacher_gpu_hours"] == pytest.approx(1e6 * per_sample / 3600, rel=1e-3)
     assert table["teacher_gpus_for_wall_hours"] == math.ceil(table["teacher_gpu_hours"] / 24)
-    # MSD, batch 1: 1.016 s at N=10, 3.5903 s at N=50 -> N=50 (the config's student): 1/3.5903 samples/s
-    assert table["train_samples_per_s_per_gpu"] == pytest.approx(1 / 3.5903, rel=1e-3)
-    assert table["train_samples_seen"] == 2000 * 8
+    # MSD, batch 1: 1.016 s at N=10, 3.5903 s at N=50 -> N=10 (the config's student): 1/1.016 samples/s
+    assert table["train_samples_per_s_per_gpu"] == pytest.approx(1 / 1.016, rel=1e-3)
+    assert table["train_samples_seen"] == 39000 * 8
 
 
 def test_figures_are_data_and_apply_to_the_measured_family_scaled_by_latent_pixels():

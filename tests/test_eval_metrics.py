@@ -159,6 +159,7 @@ class _NotWeights:
 
 @pytest.mark.skipif(importlib.util.find_spec("torch_fidelity") is None,
                     reason="torch-fidelity not installed (the Makefile installs it: pip install --no-deps torch-fidelity)")
+@pytest.mark.slow  # >= 1 s on an idle 2-core machine: `make test` only, not the fast lane
 def test_torch_fidelity_inception_from_a_local_file(tmp_path, monkeypatch):
     """The real FeatureExtractorInceptionV3, random weights written here; never a download."""
     import sys

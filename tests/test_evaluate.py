@@ -38,7 +38,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 def tiny_config(root: Path, **extra):
     captions, folder = root / "captions_val2014.json", root / "val2014"
     overrides = {"model.path": root / "sd", "model.device": "cpu", "model.dtype": "float32",
-                 "teacher.num_steps": 2, "student.num_steps": 2,
+                 "teacher.num_steps": 2, "student.num_steps": 2, "benchmark.num_steps": 0,  # rows at 2 steps
+                 "teacher.guidance": "cfg_pag",  # a CFG+PAG guided row (configs/sd21.yaml's teacher is CFG alone)
                  "data.sources": "[{kind: text, path: prompts.txt}]",
                  "benchmark.captions": captions, "benchmark.reference": folder,
                  "benchmark.num_samples": NUM_SAMPLES, "benchmark.shard_size": SHARD, "benchmark.batch_size": 3,
@@ -80,6 +81,7 @@ class RolloutCounter:
         monkeypatch.setattr(benchmark_module, "rollout", counted)
 
 
+@pytest.mark.slow  # >= 1 s on an idle 2-core machine: `make test` only, not the fast lane
 def test_tiny_sd21_evaluation_end_to_end(setup):
     root, cfg, refiner, report = setup
     out = root / "out"
@@ -196,6 +198,7 @@ def test_resume_after_sigkill_gives_the_same_numbers_and_samples_nothing_twice(s
     assert counter.samples == 0 and again["rows"] == resumed["rows"]
 
 
+@pytest.mark.slow  # >= 1 s on an idle 2-core machine: `make test` only, not the fast lane
 def test_another_refiner_is_refused_in_the_same_out_and_shares_a_store(setup, tmp_path, monkeypatch):
     root, cfg, _, report = setup
     other = save_tiny_refiner(cfg, tmp_path / "other-refiner", seed=1)
@@ -213,6 +216,7 @@ def test_another_refiner_is_refused_in_the_same_out_and_shares_a_store(setup, tm
     assert counter.samples == 0 and shorter["rows"]["refined"]["num_samples"] == 8
 
 
+@pytest.mark.slow  # >= 1 s on an idle 2-core machine: `make test` only, not the fast lane
 def test_two_workers_share_the_shards_and_the_last_writes_the_report(setup, tmp_path, monkeypatch):
     root, cfg, refiner, report = setup
     counter = RolloutCounter(monkeypatch)
@@ -229,6 +233,7 @@ def test_two_workers_share_the_shards_and_the_last_writes_the_report(setup, tmp_
         assert second["rows"][slug]["pick_score"] == pytest.approx(metrics["pick_score"], rel=1e-9)
 
 
+@pytest.mark.slow  # >= 1 s on an idle 2-core machine: `make test` only, not the fast lane
 def test_command_line_and_missing_weights_name_the_file(setup, tmp_path):
     root, cfg, refiner, _ = setup
     from noiserefine.evaluate import main

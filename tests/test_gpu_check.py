@@ -144,6 +144,7 @@ def test_guard_records_oom_and_other_errors():
     assert realsize.guarded(lambda: 7) == (7, None)
 
 
+@pytest.mark.slow  # >= 1 s on an idle 2-core machine: `make test` only, not the fast lane
 def test_losses_case_records_full_gradient_oom_and_goes_on(monkeypatch):
     """Full gradient out of memory from N=5 on (tiny plan: N = 1, 2, 3, 5, 10): recorded as OOM, larger N not
     run, the rest measured, the case ok; the FLOPs are counted for every measured row."""

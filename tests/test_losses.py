@@ -90,6 +90,7 @@ def _train_step_bytes(loss_name, num_steps):
     return _saved_bytes(step)
 
 
+@pytest.mark.slow  # >= 1 s on an idle 2-core machine: `make test` only, not the fast lane
 def test_msd_memory_does_not_grow_with_steps():
     msd = {n: _train_step_bytes("msd", n) for n in (2, 20)}
     full = {n: _train_step_bytes("full_gradient", n) for n in (2, 20)}

@@ -185,6 +185,7 @@ def test_conditional_accuracy():
 
 
 # --------------------------------------------------------------------------- classifier + metrics
+@pytest.mark.slow  # >= 1 s on an idle 2-core machine: `make test` only, not the fast lane
 def test_training_is_deterministic_given_seed():
     a, _ = metrics.train_digit_classifier(seed=3, num_steps=5)
     b, _ = metrics.train_digit_classifier(seed=3, num_steps=5)
@@ -194,6 +195,7 @@ def test_training_is_deterministic_given_seed():
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)
 
 
+@pytest.mark.slow  # >= 1 s on an idle 2-core machine: `make test` only, not the fast lane
 def test_classifier_heldout_accuracy(cached):
     _, model, meta = cached
     assert not model.training
@@ -203,6 +205,7 @@ def test_classifier_heldout_accuracy(cached):
     assert feats.shape == (5, model.feature_dim)
 
 
+@pytest.mark.slow  # >= 1 s on an idle 2-core machine: `make test` only, not the fast lane
 def test_digit_metrics_real_vs_noise_vs_black(digit_metrics, heldout):
     images, labels = heldout
     real = digit_metrics(images, labels)
@@ -222,6 +225,7 @@ def test_digit_metrics_real_vs_noise_vs_black(digit_metrics, heldout):
     assert noise["fid_class"] > 10 * real["fid_class"]
 
 
+@pytest.mark.slow  # >= 1 s on an idle 2-core machine: `make test` only, not the fast lane
 def test_class_conditional_fid_sees_wrong_prompts_that_fid_ignores(digit_metrics, heldout):
     images, prompts = heldout
     shifted = prompts[1:] + prompts[:1]  # same images, (mostly) the wrong digit named
@@ -231,6 +235,7 @@ def test_class_conditional_fid_sees_wrong_prompts_that_fid_ignores(digit_metrics
     assert wrong["accuracy"] < 0.3 and wrong["precision"] < right["precision"]
 
 
+@pytest.mark.slow  # >= 1 s on an idle 2-core machine: `make test` only, not the fast lane
 def test_accuracy_counts_only_prompts_that_name_a_digit(digit_metrics, heldout):
     images, prompts = heldout
     some = digit_metrics(images[:50], prompts[:50])
@@ -240,6 +245,7 @@ def test_accuracy_counts_only_prompts_that_name_a_digit(digit_metrics, heldout):
     assert math.isnan(digit_metrics(images[:10], ["a cat"] * 10)["accuracy"])
 
 
+@pytest.mark.slow  # >= 1 s on an idle 2-core machine: `make test` only, not the fast lane
 def test_digit_metrics_batching_does_not_change_results(cached, digit_metrics, heldout):
     images, labels = heldout
     small = DigitMetrics(cached[1], batch_size=37)
@@ -249,6 +255,7 @@ def test_digit_metrics_batching_does_not_change_results(cached, digit_metrics, h
     assert a["fid"] == pytest.approx(b["fid"], rel=1e-4)
 
 
+@pytest.mark.slow  # >= 1 s on an idle 2-core machine: `make test` only, not the fast lane
 def test_cache_round_trip_does_not_retrain(cached, monkeypatch, heldout):
     cache_dir, model, _ = cached
     weights = cache_dir / metrics.WEIGHTS_FILENAME
@@ -269,6 +276,7 @@ def test_cache_round_trip_does_not_retrain(cached, monkeypatch, heldout):
     assert not [p for p in os.listdir(cache_dir) if p.endswith(".tmp")]
 
 
+@pytest.mark.slow  # >= 1 s on an idle 2-core machine: `make test` only, not the fast lane
 def test_cache_retrains_on_corrupt_weights(cached, tmp_path, monkeypatch):
     _, model, meta = cached
     (tmp_path / metrics.META_FILENAME).write_text(json.dumps(meta))
@@ -330,6 +338,7 @@ def test_rows_grid_has_one_line_per_row_even_with_fewer_samples_than_columns(tmp
         assert grid.size[1] > 1.9 * one.size[1]  # 2 image rows
 
 
+@pytest.mark.slow  # >= 1 s on an idle 2-core machine: `make test` only, not the fast lane
 def test_classifier_weights_do_not_depend_on_the_callers_thread_count():
     """The classifier is shared (eval.classifier_dir): whichever process trains it first (the demo with 2
     threads, a DeepSpeed rank with 1) must produce the same weights, or every score moves with it."""

@@ -21,6 +21,7 @@ def test_same_seed_same_noise_whatever_the_batch():
     assert torch.equal(noise_from_seeds(seeds[2:4], SHAPE), whole[2:4])
 
 
+@pytest.mark.slow  # >= 1 s on an idle 2-core machine: `make test` only, not the fast lane
 def test_same_noise_in_a_fresh_process():
     seed = sample_seed(5, 42)
     code = ("from noiserefine.noise import noise_from_seed, fingerprint; "

@@ -215,6 +215,7 @@ def test_sdxl_tokenizers_follow_the_published_pad_tokens():
     ("sit", "dit_xl2", ["207", "class 3"], {"class_labels": ()}),
     ("sit", "sit_xl2", ["207", "class 3"], {"class_labels": ()}),
 ])
+@pytest.mark.slow  # >= 1 s on an idle 2-core machine: `make test` only, not the fast lane
 def test_load_backend_random_at_full_size_on_meta(backend, architecture, prompts, hidden):
     """The whole random path (configs, tokenizers, constructor checks, a guided step) at the real shapes."""
     with pytest.warns(RandomWeightsWarning, match="samples are noise"):

@@ -86,6 +86,7 @@ def test_round_trip_read_shard_and_webdataset(tmp_path):
     assert raw == json.dumps(samples[0].meta, sort_keys=True).encode()
 
 
+@pytest.mark.slow  # >= 1 s on an idle 2-core machine: `make test` only, not the fast lane
 def test_byte_identical_twice_and_in_subprocess(tmp_path):
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     for d in (a, b, c):

@@ -293,6 +293,7 @@ def test_helper_refuses_another_model_schedule(dirs, tmp_path):
     assert "refiner" not in (getattr(pipe.unet, "peft_config", None) or {})
 
 
+@pytest.mark.slow  # >= 1 s on an idle 2-core machine: `make test` only, not the fast lane
 def test_helper_follows_the_pipeline_to_another_dtype_and_refiner(dirs, tmp_path):
     make_refiner("sd15_pndm_eps", dirs, tmp_path / "one", seed=1)
     make_refiner("sd15_pndm_eps", dirs, tmp_path / "two", seed=2)

@@ -73,6 +73,7 @@ def test_ensure_sweep_reuses_its_record_only_for_the_same_identity(tmp_path, mon
         ensure_sweep(cfg, backend, metric_fn, [], tmp_path, {"weights": "a"})
 
 
+@pytest.mark.slow  # >= 1 s on an idle 2-core machine: `make test` only, not the fast lane
 def test_plot_sweep_writes_a_png(tmp_path):
     record = {"chosen_scale": 1.5, "rows": [{"scale": w, "fid": 10 * w, "fid_class": 30 / w, "accuracy": 0.9,
                                              "precision": 0.8, "recall": 0.9 / w, "nfe": 20} for w in (1, 1.5, 3)]}

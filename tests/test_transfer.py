@@ -98,6 +98,7 @@ def style_dir(models):
     return style_lora(models["root"] / "style", unet)
 
 
+@pytest.mark.slow  # >= 1 s on an idle 2-core machine: `make test` only, not the fast lane
 def test_refiner_with_a_style_lora_loaded_through_the_pipeline(models, style_dir):
     noise = noise_from_seeds(SEEDS, (4, 8, 8))
     plain = sample(stock(models["base"]), noise)

@@ -30,9 +30,6 @@ from .sweep import plot_sweep
 UNGUIDED, GUIDED = "Gaussian noise, unguided", "Gaussian noise, guided (CFG)"
 DISTILLED, REFINED = "Guidance distillation (fine-tuned denoiser)", "Refined noise, unguided (ours)"
 NOISE_SPACE = "Refined noise, noise-space loss"
-# The refiner costs two network calls: the LoRA forward and the base forward its
-# correction is measured against (x̂_T = x_T + f_LoRA(x_T) - f(x_T)).
-REFINER_NFE = 2
 # The gap-closed column measures the metric the teacher's guidance scale was chosen by (the
 # sweep rule): the one where guidance helps. FID over all digits ignores the prompt.
 GAP_METRIC = "fid_class"
@@ -63,7 +60,7 @@ def refined_row(name, sampler_backend, refiner, evals, cfg, guidance_scale: floa
     sample unguided with ``sampler_backend``."""
     return sample_row(name, sampler_backend, evals, cfg.student.num_steps, batch_size=cfg.eval.batch_size,
                       prepare_noise=functools.partial(refiner.refine, guidance_scale=guidance_scale),
-                      extra_nfe=REFINER_NFE)
+                      extra_nfe=refiner.network_calls)
 
 
 def _gaussian_rows(backend, evals, cfg, label: str = "") -> list[Row]:
@@ -292,8 +289,9 @@ def write_report(cfg, results: dict, run_dir: Path) -> None:
         "manifolds (Kynkäänniemi et al. 2019, k=3), per digit, averaged; accuracy is the classifier's agreement "
         "with the prompted digit. **Noise-like** is the share of samples farther (pixel L2) from every real "
         "digit than the farthest held-out real digit is from the classifier's training split: noise, speckle "
-        "or a malformed stroke. NFE counts network evaluations per sample (the refiner costs "
-        f"{REFINER_NFE}: its LoRA forward and the base forward of its correction). The gap-closed column is "
+        "or a malformed stroke. NFE counts network evaluations per sample (the refiner costs 2 with "
+        "refiner.form=difference, its LoRA forward and the base forward of its correction, and 1 with "
+        f"single_call; this run's: {cfg.refiner.form}). The gap-closed column is "
         "(unguided - row) / (unguided - guided) on class-conditional FID, the metric the guidance scale was "
         "chosen by.", "",
         "## Main table", "", results["main_table"], "",

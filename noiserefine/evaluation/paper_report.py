@@ -117,7 +117,7 @@ def markdown_table(report: dict) -> str:
                   f"{report['resolution']} px for FID; FID reference: "
                   f"{reference['kind'] + ' ' + reference['path'] if with_fid else 'none'}; "
                   f"{report['device']}, {report['dtype']}.",
-              "NFE: network evaluations per image (refined: the sampler's steps + the refiner's 2 forwards). "
+              "NFE: network evaluations per image (refined: the sampler's steps + the refiner's forwards, 2 or 1 by its refiner.form). "
               "s/image: prompt encoding + refiner + sampler steps (no VAE decode, no metric networks). "
               "gap closed = (FID_unguided - FID) / (FID_unguided - FID_guided)."]
     lines += [f"Note: {note}." for note in report["notes"]]

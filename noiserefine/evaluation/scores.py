@@ -6,7 +6,9 @@ Inception or CLIP for real models); these functions only see arrays.
 
 from __future__ import annotations
 
+import math
 import warnings
+from collections.abc import Mapping
 
 import numpy as np
 import scipy.linalg
@@ -145,3 +147,27 @@ def precision_recall(real_features, fake_features, k: int = 3) -> dict:
     precision = (cross <= real_radii[None, :] + slack).any(axis=1).mean()
     recall = (cross <= fake_radii[:, None] + slack).any(axis=0).mean()
     return {"precision": float(precision), "recall": float(recall)}
+
+
+def attribute_adherence(predicted: Mapping[str, object], wanted: Mapping[str, object]) -> dict:
+    """Prompt adherence of a compositional task: per attribute, the share of samples whose predicted value
+    (an ``(N,)`` index array) equals the wanted one (``-1``: the prompt does not name it, not counted), and
+    ``all_correct``: the share of samples with every named attribute right (samples naming none are left out).
+    NaN where nothing is counted."""
+    if set(predicted) != set(wanted):
+        raise ValueError(f"predicted attributes {sorted(predicted)} differ from wanted {sorted(wanted)}")
+    pred = {name: np.asarray(values).astype(np.int64).ravel() for name, values in predicted.items()}
+    want = {name: np.asarray(values).astype(np.int64).ravel() for name, values in wanted.items()}
+    sizes = {values.shape[0] for values in [*pred.values(), *want.values()]}
+    if len(sizes) > 1:
+        raise ValueError(f"attribute arrays have different lengths {sorted(sizes)}")
+    scores, named_any, all_right = {}, None, None
+    for name in sorted(pred):
+        named = want[name] >= 0
+        right = pred[name] == want[name]
+        scores[name] = float(right[named].mean()) if named.any() else math.nan
+        named_any = named if named_any is None else named_any | named
+        all_right = (right | ~named) if all_right is None else all_right & (right | ~named)
+    counted = named_any if named_any is not None else np.zeros(0, bool)
+    scores["all_correct"] = float(all_right[counted].mean()) if counted.any() else math.nan
+    return scores

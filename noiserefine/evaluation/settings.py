@@ -51,6 +51,7 @@ def build_settings(cfg, backend, steps: int, refiner_dir: Path, distilled_path: 
     a row adds to the common identity record (the distilled model, the refiner's weights and config)."""
     from ..backends import load_backend
     from ..hashing import file_sha256
+    from ..refiner import FORMS, saved_form
     from ..targets.identity import model_identity
 
     teacher = make_guider(cfg.teacher)
@@ -66,6 +67,7 @@ def build_settings(cfg, backend, steps: int, refiner_dir: Path, distilled_path: 
                             identity={"model": model_identity(distilled_cfg)}))
     refiner = {"weights_sha256": file_sha256(refiner_dir / "refiner.safetensors"),
                "config": OmegaConf.to_container(load_config(refiner_dir / "config.yaml").refiner, resolve=True)}
-    rows.append(Setting(REFINED_ROW, "refined, unguided", steps + 2, None, lambda: backend, cfg.model,
+    refiner_calls = FORMS[saved_form(refiner_dir)]  # 2 (difference) or 1 (single_call)
+    rows.append(Setting(REFINED_ROW, "refined, unguided", steps + refiner_calls, None, lambda: backend, cfg.model,
                         refine=True, identity={"refiner": refiner}))
     return rows

@@ -166,6 +166,7 @@ def rows(count: int, prefix: str = "shard") -> list[ShardInfo]:
     return [ShardInfo(f"{prefix}-{i:06d}.tar", i, 100 * i, f"{i:064x}") for i in range(count)]
 
 
+@pytest.mark.slow  # >= 1 s on an idle 2-core machine: `make test` only, not the fast lane
 def test_manifest_reads_never_tear_while_it_is_replaced(tmp_path):
     write_manifest(tmp_path, rows(5))
     stop, errors, reads = threading.Event(), [], [0]

@@ -88,6 +88,7 @@ def test_store_refuses_a_foreign_folder(setup, tmp_path):
 
 
 # ------------------------------------------------------------------------------- item 3: stored array lengths
+@pytest.mark.slow  # >= 1 s on an idle 2-core machine: `make test` only, not the fast lane
 def test_a_shard_with_short_arrays_is_named_and_resampled(setup, tmp_path, monkeypatch):
     root, cfg, refiner, report = setup
     out = tmp_path / "out"

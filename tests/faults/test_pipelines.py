@@ -20,6 +20,7 @@ def pipeline(directory):
     return pipe
 
 
+@pytest.mark.slow  # >= 1 s on an idle 2-core machine: `make test` only, not the fast lane
 def test_another_refiner_saved_at_the_same_path_is_reloaded(tmp_path, monkeypatch):
     monkeypatch.setenv("NOISEREFINE_HASH_CACHE", str(tmp_path / "file_hashes.json"))
     cfg, refiner_dir = tiny_sd_and_refiner(tmp_path)

@@ -57,7 +57,8 @@ class FakeEndpoint:
         self.server.server_close()
 
 
-@pytest.fixture(params=["503", "silent"])
+# "silent" waits out a read timeout per attempt (~2 s a case): `make test` only, not the fast lane
+@pytest.fixture(params=["503", pytest.param("silent", marks=pytest.mark.slow)])
 def endpoint(request, monkeypatch):
     """A fresh s3fs client (this process's cached one is set aside) pointed at the fake endpoint."""
     fake = FakeEndpoint(request.param)

@@ -16,7 +16,8 @@ REPO = Path(__file__).resolve().parents[2]
 def tiny_sd_config(root: Path, **extra):
     """configs/sd21.yaml on ``root/sd`` (CPU, float32, 2 steps) with the evaluation's tiny settings."""
     overrides = {"model.path": root / "sd", "model.device": "cpu", "model.dtype": "float32",
-                 "teacher.num_steps": 2, "student.num_steps": 2, "data.sources": "[{kind: text, path: prompts.txt}]",
+                 "teacher.num_steps": 2, "student.num_steps": 2, "benchmark.num_steps": 0,
+                 "data.sources": "[{kind: text, path: prompts.txt}]",
                  "benchmark.captions": root / "captions_val2014.json", "benchmark.reference": root / "val2014",
                  "benchmark.num_samples": 4, "benchmark.shard_size": 2, "benchmark.batch_size": 2,
                  "benchmark.feature_batch_size": 4, "benchmark.grid_columns": 2, "benchmark.distilled_path": "''",

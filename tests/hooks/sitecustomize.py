@@ -13,6 +13,12 @@ environment). Each hook patches its module right after that module is first impo
   N+1 starts, i.e. after step N and its checkpoint (if due) completed.
 - ``NOISEREFINE_TRAIN_KILL_RANK=<rank>:<N>``: the trainer process of that rank sends itself
   SIGKILL when step N starts (one rank of several dying mid-run).
+- ``NOISEREFINE_TRAIN_KILL_NODE=<rank>:<N>``: the trainer process of that rank sends SIGKILL to its
+  whole process group when step N starts: a node lost with its launcher and every rank on it (the test
+  starts each "node" as its own session, as srun's tasks are).
+- ``NOISEREFINE_RECORD_WRITES=<dir>``: every file the process writes through ``torch.save`` (DeepSpeed's
+  checkpoint files), ``noiserefine.files.atomic_path`` or ``append_csv`` is appended (absolute path, one
+  per line, once per write) to ``<dir>/writes.<pid>.txt``: which process wrote what, how often.
 - ``NOISEREFINE_TRAIN_KILL_IN_SAVE=<N>``: the trainer sends itself SIGKILL in the middle of
   DeepSpeed's write of checkpoint ``stepN`` (the first file half written, ``latest`` untouched).
 """
@@ -27,6 +33,8 @@ SHARD_DELAY = float(os.environ.get("NOISEREFINE_SHARD_DELAY_S", "0") or 0)
 EXIT_AFTER_STEP = int(os.environ.get("NOISEREFINE_TRAIN_EXIT_AFTER_STEP", "0") or 0)
 KILL_RANK = os.environ.get("NOISEREFINE_TRAIN_KILL_RANK", "")
 KILL_IN_SAVE = int(os.environ.get("NOISEREFINE_TRAIN_KILL_IN_SAVE", "0") or 0)
+KILL_NODE = os.environ.get("NOISEREFINE_TRAIN_KILL_NODE", "")
+RECORD_WRITES = os.environ.get("NOISEREFINE_RECORD_WRITES", "")
 
 
 def _sigkill_self() -> None:
@@ -108,6 +116,57 @@ def _patch_loop_kill_rank(module) -> None:
     module.train_step = train_step
 
 
+def _patch_loop_kill_node(module) -> None:
+    import signal
+
+    rank, step = (int(part) for part in KILL_NODE.split(":"))
+    original, calls = module.train_step, [0]
+
+    def train_step(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == step and int(os.environ.get("RANK", "0")) == rank:
+            print(f"test hook: SIGKILL to the node of rank {rank} at step {step}", flush=True)
+            sys.stderr.flush()
+            os.killpg(os.getpgid(0), signal.SIGKILL)
+        return original(*args, **kwargs)
+
+    module.train_step = train_step
+
+
+def _record_write(path) -> None:
+    with open(os.path.join(RECORD_WRITES, f"writes.{os.getpid()}.txt"), "a") as handle:
+        handle.write(os.path.abspath(os.fspath(path)) + "\n")
+
+
+def _patch_torch_save(module) -> None:
+    original = module.save
+
+    def save(obj, f, *args, **kwargs):
+        if isinstance(f, (str, os.PathLike)):
+            _record_write(f)
+        return original(obj, f, *args, **kwargs)
+
+    module.save = save
+
+
+def _patch_files(module) -> None:
+    import contextlib
+
+    atomic_path, append_csv = module.atomic_path, module.append_csv
+
+    @contextlib.contextmanager
+    def recorded_atomic_path(path, *args, **kwargs):
+        with atomic_path(path, *args, **kwargs) as tmp:
+            yield tmp
+        _record_write(path)  # replaced: written
+
+    def recorded_append_csv(path, *args, **kwargs):
+        _record_write(path)
+        return append_csv(path, *args, **kwargs)
+
+    module.atomic_path, module.append_csv = recorded_atomic_path, recorded_append_csv
+
+
 def _patch_distributed(module) -> None:
     original = module.save_checkpoint
 
@@ -167,5 +226,10 @@ if KILL_RANK:
     _patches["noiserefine.train.loop"] = _patch_loop_kill_rank
 if KILL_IN_SAVE:
     _patches["noiserefine.train.distributed"] = _patch_distributed
+if KILL_NODE:
+    _patches["noiserefine.train.loop"] = _patch_loop_kill_node
+if RECORD_WRITES:
+    _patches["torch"] = _patch_torch_save
+    _patches["noiserefine.files"] = _patch_files
 if _patches:
     sys.meta_path.insert(0, _PatchAfterImport(_patches))
