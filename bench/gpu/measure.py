@@ -21,7 +21,7 @@ from types import SimpleNamespace
 
 import torch
 
-from bench.gpu import flops
+from bench.gpu import flops, levers
 from bench.gpu.cases import Case
 from bench.gpu.realsize import PROMPTS, Context, MeasurementError, guarded
 
@@ -314,8 +314,9 @@ def summarise_losses(case: Case, figures: dict, rows: list[dict], oom_at: dict[b
     figures["full_gradient_max_N_fitted"] = max(fitted) if fitted else None
 
 
-MEASURES = {"generation": generation, "sampling": sampling, "losses": losses}
+MEASURES = {"generation": generation, "sampling": sampling, "losses": losses, "levers": levers.levers}
 # Rough minimum cost of a case in single-sample network calls (to skip it when it cannot fit at all).
 MIN_COST = {"generation": lambda c: c.steps[0] * 3 * c.batch * 2,
             "sampling": lambda c: c.steps[0] * 3 * c.batch,
-            "losses": lambda c: loss_cost("msd", False, min(c.plan[0][2]), c.batch) * 3}
+            "losses": lambda c: loss_cost("msd", False, min(c.plan[0][2]), c.batch) * 3,
+            "levers": lambda c: c.steps[0] * 3 * c.batch * 2}
