@@ -9,7 +9,7 @@
   MSD peak flat in N (N=50/N=10 <= 1.1), MSD <= 0.5x full gradient at N = 25; the N where full gradient runs out
   of memory is recorded (OOM is a result, not a failure).
 
-Each also counts its FLOPs per sample exactly on one sample (``bench/gpu/flops.py``) and reports achieved FLOP/s
+Each also counts its FLOPs per sample exactly on one sample (``noiserefine/flops.py``) and reports achieved FLOP/s
 and MFU of the timed runs under ``figures["flops"]``.
 """
 
@@ -21,7 +21,8 @@ from types import SimpleNamespace
 
 import torch
 
-from bench.gpu import flops, levers
+from bench.gpu import levers
+from noiserefine import flops
 from bench.gpu.cases import Case
 from bench.gpu.realsize import PROMPTS, Context, MeasurementError, guarded
 
