@@ -46,6 +46,15 @@ class PerformanceConfig:
     refiner_micro_batch: int = 0
 
 
+# The levers a teacher job runs with (they change target bits: pinned per cache, targets/cache.py); the refiner's
+# micro-batch is the trainer's alone.
+TEACHER_LEVERS = ("compile", "channels_last", "sdpa_backend", "autocast")
+
+
+def teacher_levers(cfg) -> dict:
+    return {key: cfg.performance[key] for key in TEACHER_LEVERS}
+
+
 class LeverError(ValueError):
     """A lever value that cannot run here; ``key``: the config key at fault (``performance.<name>``)."""
 

@@ -2,6 +2,9 @@
 gradients) unchanged within float tolerance on a tiny digits denoiser, each demonstrably takes effect, and a value
 that cannot run is refused naming its key."""
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -12,6 +15,7 @@ from noiserefine.config import PerformanceConfig, RefinerConfig, load_config
 from noiserefine.losses import MSDLoss
 from noiserefine.performance import LeverError, apply_levers, refine_in_micro_batches
 from noiserefine.refiner import Refiner
+from helpers_cache import tiny_cache, tiny_root, tiny_teacher  # noqa: F401  (session fixtures)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -156,3 +160,59 @@ def test_apply_refuses_cuda_graphs_on_a_cpu_model_and_a_second_application():
     apply_levers(backend, _levers(channels_last=True))
     with pytest.raises(RuntimeError, match="already applied"):
         apply_levers(backend, _levers(channels_last=True))
+
+
+@pytest.mark.slow  # trains the tiny teacher, builds the tiny cache, starts two single-rank DeepSpeed trainers
+def test_trainer_with_refiner_micro_batches_trains_the_same(tiny_root, tiny_teacher, tiny_cache, tmp_path):
+    """trainer/train.py (DeepSpeed, one CPU rank) with performance.refiner_micro_batch=2 of a batch of 8: the same
+    per-step losses and final refiner as without (the engine's forward runs under checkpointing per chunk)."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from helpers_cache import REPO, tiny_overrides
+
+    def train(name, *extra):
+        out = tmp_path / name
+        command = [sys.executable, "trainer/train.py", "--config", "configs/digits.yaml",
+                   *tiny_overrides(tiny_root, tiny_teacher), f"train.output_dir={out}", "train.max_steps=4",
+                   "train.log_every=1", "train.eval_every=0", "train.checkpoint_every=100", "train.learning_rate=0.01",
+                   *extra]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_SIZE"):
+            env.pop(key, None)
+        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        losses = [float(line.split(",")[1]) for line in (out / "train_log.csv").read_text().splitlines()[1:]]
+        return losses, load_file(out / "refiner" / "refiner.safetensors")
+
+    whole_losses, whole = train("whole")
+    chunked_losses, chunked = train("chunked", "performance.refiner_micro_batch=2")
+    assert len(whole_losses) == 4 and whole_losses[0] > 0
+    torch.testing.assert_close(torch.tensor(chunked_losses), torch.tensor(whole_losses), rtol=1e-4, atol=1e-7)
+    assert whole.keys() == chunked.keys()
+    for name in whole:
+        torch.testing.assert_close(chunked[name], whole[name], rtol=1e-3, atol=1e-6)
+
+
+def test_teacher_levers_are_pinned_per_cache_like_the_batch_size(tmp_path):
+    """Levers round differently, so a cache's shards must all come from one setting (a retried shard is
+    byte-identical): a cache made without levers refuses a run with one, and the reverse. The refiner's
+    micro-batch does not touch the teacher, and a cache made before levers existed keeps working."""
+    from noiserefine.targets.cache import generation_settings, prepare_cache_dir
+
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    (teacher / "weights.bin").write_bytes(b"w")
+    base = [f"model.path={teacher}", f"data.cache_root={tmp_path / 'cache'}", "pipeline.batch_size=4"]
+    digits = Path(__file__).resolve().parents[1] / "configs" / "digits.yaml"
+    assert generation_settings(load_config(digits, base)) == {"batch_size": 4}  # what older caches pinned
+    cache_dir = prepare_cache_dir(load_config(digits, base))
+    assert prepare_cache_dir(load_config(digits, [*base, "performance.refiner_micro_batch=2"])) == cache_dir
+    with pytest.raises(ValueError, match=r"generated with \{'batch_size': 4\}.*'channels_last': True"):
+        prepare_cache_dir(load_config(digits, [*base, "performance.channels_last=true"]))
+    other = [*base[:1], f"data.cache_root={tmp_path / 'other'}", *base[2:], "performance.sdpa_backend=math"]
+    prepare_cache_dir(load_config(digits, other))
+    with pytest.raises(ValueError, match=r"'performance': \{'sdpa_backend': 'math'\}"):
+        prepare_cache_dir(load_config(digits, other[:-1]))
