@@ -1,6 +1,6 @@
 """Speed levers (``performance.*`` in the config; README "Performance"), applied in this one place.
 
-Every lever is off by default until measured on a GPU (``bench/gpu_check.py``'s ``levers`` case). None changes
+Every lever is off by default until measured on a GPU (``bench/gpu_check.py --cases sd21_levers``). None changes
 results beyond float rounding (each has a CPU equivalence test in ``tests/test_performance.py``):
 
 - ``compile``: ``nn.Module.compile(mode=...)`` of the denoiser, in place (the backend keeps its module, its
@@ -34,7 +34,8 @@ APPLIED = "_noiserefine_levers"  # attribute of a denoiser the levers were appli
 @dataclass
 class PerformanceConfig:
     """The config's ``performance`` section (config.py). Levers change speed and memory, not results (equal
-    within float rounding), so a resumed run may change them (they are not compared with its checkpoint).
+    within float rounding), so a resumed training run may change them (not compared with its checkpoint; the
+    teacher's are pinned per cache).
     Imports nothing heavy: config.py loads it."""
 
     compile: str = ""  # "" off | default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
