@@ -192,8 +192,11 @@ def test_trainer_with_refiner_micro_batches_trains_the_same(tiny_root, tiny_teac
     assert len(whole_losses) == 4 and whole_losses[0] > 0
     torch.testing.assert_close(torch.tensor(chunked_losses), torch.tensor(whole_losses), rtol=1e-4, atol=1e-7)
     assert whole.keys() == chunked.keys()
-    for name in whole:  # Adam normalises: a rounding difference of a near-zero gradient moves a weight by ~lr
-        torch.testing.assert_close(chunked[name], whole[name], rtol=0, atol=1e-3 * float(whole[name].abs().max()))
+    # Adam normalises each gradient: a LoRA weight whose gradient is zero but for rounding (cross-attention over
+    # one token) moves by ~lr either way, so the weights agree to the scale of all of them, not each tensor's
+    scale = max(float(weight.abs().max()) for weight in whole.values())
+    for name in whole:
+        torch.testing.assert_close(chunked[name], whole[name], rtol=0, atol=1e-3 * scale)
 
 
 def test_teacher_levers_are_pinned_per_cache_like_the_batch_size(tmp_path):
