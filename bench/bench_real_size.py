@@ -22,7 +22,7 @@ peak memory: the process's peak RSS, and on CUDA the peak allocated GPU memory.
 The costs do not depend on the weights' values, so they are those of the real
 model at this dtype and device. Also printed: the FLOPs of one teacher CFG step and of the MSD step, counted
 with torch's ``FlopCounterMode`` on one sample, and the achieved FLOP/s and MFU (peak: the GPU's datasheet
-figure, or on the CPU a measured matmul roofline; ``bench/gpu/flops.py``). ``--tiny`` builds a tiny variant of
+figure, or on the CPU a measured matmul roofline; ``noiserefine/flops.py``). ``--tiny`` builds a tiny variant of
 the same classes (sd21, sdxl; for smoke tests). Building and the training step are the GPU check's own
 (``bench/gpu/realsize.py``, ``bench/gpu/measure.py``). No assertion: read the numbers.
 """
@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.gpu import flops  # noqa: E402
+from noiserefine import flops  # noqa: E402
 from bench.gpu.measure import first, training_step  # noqa: E402
 from bench.gpu.realsize import build_backend  # noqa: E402
 

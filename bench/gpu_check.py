@@ -13,7 +13,7 @@ dir, removed at the end). Exit status 1 if any case failed.
 The cases are declared in ``bench/gpu/cases.py`` (by importance: ``gpu_tests``, ``digits_deepspeed``, then
 SD 2.1 and SDXL at real size with random weights: ``*_generation``, ``*_losses``, ``*_sampling``); the runner
 is ``bench/gpu/runner.py``, the real-size measurements ``bench/gpu/realsize.py`` and ``bench/gpu/measure.py``
-(which also count FLOPs and report MFU, ``bench/gpu/flops.py``). With ``--tiny`` every case runs on tiny
+(which also count FLOPs and report MFU, ``noiserefine/flops.py``). With ``--tiny`` every case runs on tiny
 models of the same classes (CPU). Nothing here imports Ray.
 """
 

@@ -1,13 +1,18 @@
 """Capacity plan of a config: samples, shards, bytes, teacher GPU-hours, training throughput (docs/scale.md).
 
     python -m noiserefine.capacity --config configs/sdxl.yaml --samples 1000000 [--wall-hours 24] \
-        --measured bench/results/2026-11-26-h200-gpu_check.json
+        --measured bench/results/2026-11-26-h200-gpu_check.json [--mfu 0.4 --device-name H100]
 
 Everything is arithmetic on the config and on measured GPU figures: ``--measured`` names the JSON that
 ``bench/gpu_check.py`` writes (the library takes them as data: :func:`measured_points`). Sizes are exact
 for our shard format; times are ESTIMATES scaled from one measured point per model family (see
 :func:`teacher_seconds_per_sample` and :func:`train_samples_per_second`). The model family, its latent
 shape and the architecture a model directory's name suggests come from ``backends/registry.py``.
+
+FLOPs (``--flops``, or ``--mfu``): one sample-forward of the architecture's denoiser counted exactly
+(``flops.architecture_forward_flops``, on the meta device), times the forwards per sample; with ``--mfu`` and a
+peak (``--peak-tflops``, or ``--device-name`` from ``flops.PEAKS``) the time that implies, next to the measured
+figures' estimates.
 """
 
 from __future__ import annotations
@@ -29,6 +34,10 @@ JSON_FIXED = 200  # the sample metadata without its prompt: ids, seed, source, t
 DTYPE_BYTES = {"float16": 2, "float32": 4}
 # sample-forwards per teacher step of the measured runs (bench results name cfg or cfg_pag)
 FORWARDS_PER_STEP = {"cfg": 2, "cfg_pag": 3}
+# ESTIMATE: a refiner training step's work besides the N-step rollout, in sample-forwards: the LoRA and the base
+# forward, and the backward of the LoRA forward (input gradients ~ one forward; the LoRA's weight gradients are
+# tiny). bench/gpu_check.py counts it exactly ("refiner_forward_backward").
+REFINER_FORWARDS = 3
 
 
 def _blocks(num_bytes: int) -> int:
@@ -162,11 +171,14 @@ def train_samples_per_second(s_per_step: dict[int, float], batch: int, student_s
 
 def plan(cfg, num_samples: int, *, wall_hours: float = 24.0, gpus_per_node: int = 8,
          seconds_per_forward: float | None = None, latent: tuple[int, ...] | None = None,
-         figures: dict | None = None) -> dict:
+         figures: dict | None = None, flops_per_forward: int | None = None, mfu: float | None = None,
+         peak: dict | None = None) -> dict:
     """The capacity table of ``cfg`` with ``num_samples`` samples (see the module docstring).
 
     ``figures``: :func:`measured_points` (measured architecture -> point); without a point for the
-    config's family (or ``seconds_per_forward``) the table has sizes and no time estimates."""
+    config's family (or ``seconds_per_forward``) the table has sizes and no time estimates.
+    ``flops_per_forward``: of one sample-forward; with ``mfu`` and ``peak`` (``flops.gpu_peak``'s form) the
+    times that utilisation implies (:func:`implied_by_flops`)."""
     figures = figures or {}
     latent = tuple(latent) if latent else latent_shape_of(cfg)
     per_sample = sample_bytes(latent, cfg.data.target_dtype, cfg.data.max_prompt_chars)
@@ -199,6 +211,8 @@ def plan(cfg, num_samples: int, *, wall_hours: float = 24.0, gpus_per_node: int 
     trained = cfg.train.max_steps * global_batch
     out.update({"train_steps": cfg.train.max_steps, "global_batch_size": global_batch, "train_samples_seen": trained,
                 "train_epochs": trained / num_samples})
+    if flops_per_forward is not None:
+        out.update(implied_by_flops(cfg, flops_per_forward, num_samples, trained, mfu, peak))
     if measured is not None and measured["msd_s_per_step"]:
         rate = train_samples_per_second(measured["msd_s_per_step"], measured["msd_batch"], cfg.student.num_steps)
         rate /= math.prod(latent[1:]) / math.prod(measured["teacher"].latent[1:])
@@ -209,6 +223,28 @@ def plan(cfg, num_samples: int, *, wall_hours: float = 24.0, gpus_per_node: int 
         out.update({"train_samples_per_s_per_gpu": rate, "train_gpu_hours": gpu_hours, "train_ranks": ranks,
                     "train_wall_hours": gpu_hours / ranks,
                     "train_read_bytes_per_s_per_rank": rate * per_sample * share * ranks})
+    return out
+
+
+def implied_by_flops(cfg, flops_per_forward: int, num_samples: int, trained: int, mfu: float | None,
+                     peak: dict | None) -> dict:
+    """FLOPs per sample of the teacher (the guider's forwards over ``teacher.num_steps``) and of an MSD training
+    step (``REFINER_FORWARDS + student.num_steps`` forwards, an estimate), and with ``mfu`` x ``peak`` the seconds
+    and GPU-hours they imply: time = FLOPs / (mfu * peak FLOP/s)."""
+    from .guidance import make_guider, network_calls
+
+    teacher = network_calls(make_guider(cfg.teacher), cfg.teacher.num_steps) * flops_per_forward
+    train = (REFINER_FORWARDS + cfg.student.num_steps) * flops_per_forward
+    out = {"flops_per_forward": flops_per_forward, "teacher_flops_per_sample": teacher,
+           "train_flops_per_sample": train}
+    if mfu is None or not peak or not peak.get("peak_flop_per_s"):
+        return out
+    rate = mfu * peak["peak_flop_per_s"]
+    out.update({"mfu": mfu, "peak_flop_per_s": peak["peak_flop_per_s"], "peak_source": peak["peak_source"],
+                "implied_teacher_seconds_per_sample": teacher / rate,
+                "implied_teacher_gpu_hours": num_samples * teacher / rate / 3600,
+                "implied_train_samples_per_s_per_gpu": rate / train,
+                "implied_train_gpu_hours": trained * train / rate / 3600})
     return out
 
 
@@ -242,6 +278,18 @@ def render(table: dict) -> str:
                  ("training GPU-hours", f"{table['train_gpu_hours']:.3g} = {table['train_wall_hours']:.3g} h on "
                                         f"{table['train_ranks']} ranks; each reads "
                                         f"{_size(table['train_read_bytes_per_s_per_rank'])}/s")]
+    if "flops_per_forward" in table:
+        rows += [("FLOPs per sample-forward", f"{table['flops_per_forward'] / 1e9:.4g} GFLOP (counted: the "
+                                              f"{table['architecture']} denoiser, batch 1)"),
+                 ("FLOPs per sample", f"teacher {table['teacher_flops_per_sample'] / 1e12:.4g} TFLOP; training "
+                                      f"{table['train_flops_per_sample'] / 1e12:.4g} TFLOP (estimate: "
+                                      f"{REFINER_FORWARDS} + student steps forwards)")]
+    if "implied_teacher_gpu_hours" in table:
+        rows.append((f"at MFU {table['mfu']:g} of {table['peak_flop_per_s'] / 1e12:.4g} TFLOP/s",
+                     f"teacher {table['implied_teacher_seconds_per_sample'] * 1000:.4g} ms/sample = "
+                     f"{table['implied_teacher_gpu_hours']:,.4g} GPU-hours; training "
+                     f"{table['implied_train_samples_per_s_per_gpu']:.3g} samples/s per GPU = "
+                     f"{table['implied_train_gpu_hours']:.3g} GPU-hours ({table['peak_source']})"))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name.ljust(width)}  {value}" for name, value in rows)
 
@@ -258,16 +306,55 @@ def main(argv: list[str] | None = None) -> int:
                                            "bench/results/2026-11-26-h200-gpu_check.json (no times without it)")
     parser.add_argument("--seconds-per-forward", type=float, help="measured cost of one sample-forward")
     parser.add_argument("--latent-shape", help="C,H,W if the config's model is not a known architecture")
+    parser.add_argument("--flops", action="store_true", help="count the FLOPs per sample (the architecture's "
+                                                                 "denoiser on the meta device: ~10-60 s)")
+    parser.add_argument("--mfu", type=float, help="a model FLOPs utilisation in (0, 1]: the times it implies "
+                                                  "(counts the FLOPs; needs --peak-tflops or --device-name)")
+    parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak in TFLOP/s")
+    parser.add_argument("--device-name", help="a GPU of the peaks table (noiserefine/flops.py PEAKS), e.g. H100")
     parser.add_argument("--json", action="store_true", help="print the table as JSON")
     args = parser.parse_args(argv)
     cfg = load_config(args.config)
     latent = tuple(int(x) for x in args.latent_shape.split(",")) if args.latent_shape else None
     figures = load_measured(args.measured) if args.measured else {}
+    peak = _peak(args)
+    flops_per_forward = None
+    if args.flops or args.mfu is not None:
+        from .flops import architecture_forward_flops
+
+        architecture = architecture_of(cfg)
+        if architecture is None or latent is not None:
+            raise ValueError("--flops/--mfu count a shipped architecture's denoiser: set model.architecture (or a "
+                             "model path the registry recognises) and leave out --latent-shape")
+        flops_per_forward = architecture_forward_flops(architecture)
     table = plan(cfg, args.samples or cfg.data.num_samples, wall_hours=args.wall_hours,
                  gpus_per_node=args.gpus_per_node, seconds_per_forward=args.seconds_per_forward, latent=latent,
-                 figures=figures)
+                 figures=figures, flops_per_forward=flops_per_forward, mfu=args.mfu, peak=peak)
     print(json.dumps(table, indent=1, default=str) if args.json else render(table))
     return 0
+
+
+def _peak(args) -> dict | None:
+    """``--peak-tflops`` or ``--device-name`` (the peaks table) as ``flops.gpu_peak``'s dict; checks ``--mfu``."""
+    if args.mfu is not None and not 0 < args.mfu <= 1:
+        raise ValueError(f"--mfu {args.mfu}: a utilisation in (0, 1]")
+    if args.peak_tflops is not None and args.device_name:
+        raise ValueError("--peak-tflops and --device-name both give the peak: pass one")
+    if args.peak_tflops is not None:
+        if not args.peak_tflops > 0:
+            raise ValueError(f"--peak-tflops {args.peak_tflops}: must be > 0")
+        return {"peak_flop_per_s": args.peak_tflops * 1e12, "peak_source": "--peak-tflops"}
+    if args.device_name:
+        from .flops import PEAKS, gpu_peak
+
+        peak = gpu_peak(args.device_name)
+        if peak["peak_flop_per_s"] is None:
+            raise ValueError(f"--device-name {args.device_name!r} is not in the peaks table "
+                             f"{[name for name, _, _ in PEAKS]}; pass --peak-tflops")
+        return peak
+    if args.mfu is not None:
+        raise ValueError("--mfu needs the device's peak: --peak-tflops or --device-name")
+    return None
 
 
 if __name__ == "__main__":

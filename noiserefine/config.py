@@ -16,6 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .config_checks import ConfigValueError, validate
 from .files import write_text_atomic
+from .performance import PerformanceConfig
 
 
 @dataclass
@@ -224,6 +225,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+    performance: PerformanceConfig = field(default_factory=PerformanceConfig)  # speed levers (performance.py)
 
 
 _RENAMED = {"train.batch_size": "train.batch_size (per rank) was replaced by train.global_batch_size (samples "

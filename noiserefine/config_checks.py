@@ -14,6 +14,7 @@ import re
 from omegaconf import DictConfig, OmegaConf
 
 from .backends.registry import architecture_names, family_names
+from .performance import LeverError, check_levers
 
 _CHOICES = {
     # the registered model families and their architectures (directories of noiserefine/backends/architectures/)
@@ -98,6 +99,7 @@ def validate(cfg: DictConfig) -> None:
     _check_guidance_scales(cfg)
     _check_report_to(cfg)
     _check_guider(cfg)
+    _check_levers(cfg)
     _check_local_directory(cfg, "train.output_dir")
     if len(cfg.data.sources) == 0:
         raise ConfigValueError("config key 'data.sources' is empty; list at least one prompt source", "data.sources")
@@ -163,6 +165,14 @@ def _check_guider(cfg: DictConfig) -> None:
     except (TypeError, ValueError) as error:
         key = "teacher.guidance" if "teacher.guider_args" not in str(error) else "teacher.guider_args"
         raise ConfigValueError(f"config key '{key}': {error}", key) from None
+
+
+def _check_levers(cfg: DictConfig) -> None:
+    """``performance.*``: known values that can run on ``model.device`` with ``model.dtype`` (``performance.py``)."""
+    try:
+        check_levers(cfg.performance, str(cfg.model.device).split(":")[0], cfg.model.dtype)
+    except LeverError as error:
+        raise ConfigValueError(str(error), error.key) from None
 
 
 def _check_guidance_scales(cfg: DictConfig) -> None:

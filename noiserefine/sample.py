@@ -119,10 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     from .noise import noise_from_seeds
     from .refiner import load_refiner
     from .guidance import guider_identity, make_guider, network_calls
+    from .performance import apply_levers
     from .sampling import rollout
 
     backend = load_backend(cfg.model)
     refiner = load_refiner(refiner_dir, backend)
+    apply_levers(backend, cfg.performance)  # after the refiner's LoRA is attached
     steps = args.steps or int(refiner.sampler["num_steps"])
     guidance = make_guider(cfg.teacher)
     # sample.json first: it marks the folder as this command's (see files.refuse_foreign_directory)

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from noiserefine import storage  # noqa: E402
 from noiserefine.backends import load_backend  # noqa: E402
 from noiserefine.config import config_from_container, parse_cli, to_yaml  # noqa: E402
+from noiserefine.performance import apply_levers  # noqa: E402
 from noiserefine.storage.locks import check_lease  # noqa: E402
 from noiserefine.targets.cache import hold_cache, record_shards  # noqa: E402
 from noiserefine.targets.generate import generate_shard  # noqa: E402
@@ -46,6 +47,7 @@ class TargetWorker:
         storage.configure(self.cfg.data)
         self.cache_dir, self.key = cache_dir, key
         self.backend = load_backend(self.cfg.model)
+        apply_levers(self.backend, self.cfg.performance)
 
     def ready(self) -> bool:
         """Returns once the teacher is loaded (the driver hands out shards only to workers that are up)."""

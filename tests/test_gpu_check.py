@@ -22,13 +22,14 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.gpu import cases, flops, measure, realsize  # noqa: E402
+from bench.gpu import cases, measure, realsize  # noqa: E402
+from noiserefine import flops  # noqa: E402
 
 CHECK = REPO / "bench" / "gpu_check.py"
 # Subprocesses, DeepSpeed and teacher training: `make test` only (not the `make check` lane), like tests/test_trainer.py.
 SLOW = pytest.mark.slow
 CASES = ["gpu_tests", "digits_deepspeed", "sd21_generation", "sd21_losses", "sd21_sampling", "sdxl_generation",
-         "sdxl_losses", "sdxl_sampling"]
+         "sdxl_losses", "sdxl_sampling", "sd21_levers"]
 
 
 def run_check(out: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
@@ -131,6 +132,24 @@ def test_time_budget_skips_the_remaining_cases(tmp_path):
     assert cases["sdxl_losses"]["summary"] == "skipped: not selected"
 
 
+@SLOW
+def test_cpu_mode_measures_the_speed_levers(tiny_check):
+    """Each lever on vs off (tiny SD 2.1, CPU): the same outputs within tolerance; CUDA-only ones not run."""
+    out, _ = tiny_check
+    case = next(c for c in json.loads((out / "gpu_report.json").read_text())["cases"] if c["name"] == "sd21_levers")
+    assert case["status"] == "ok", case
+    rows = {row["lever"]: row for row in case["figures"]["rows"]}
+    assert set(rows) == {"channels_last", "sdpa_math", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "autocast_bf16",
+                         "refiner_micro_batch"}
+    assert rows["sdpa_efficient"]["status"] == rows["sdpa_cudnn"]["status"] == "not run"
+    for name in ("channels_last", "sdpa_math", "sdpa_flash"):
+        assert rows[name]["status"] == "ok" and rows[name]["speedup"] > 0 and rows[name]["max_abs_diff"] < 1e-4
+    assert rows["autocast_bf16"]["status"] == "ok" and 0 < rows["autocast_bf16"]["max_abs_diff"] < 0.1
+    micro = rows["refiner_micro_batch"]
+    assert micro["status"] == "ok" and micro["micro_batch"] == 2 and micro["grad_max_rel_diff"] < 1e-3
+    assert "### sd21_levers: speed levers on vs off" in (out / "gpu_report.md").read_text()
+
+
 # --- the OOM guard of the real-size cases, in process on a tiny model -------------------------------------------
 
 def test_guard_records_oom_and_other_errors():
@@ -201,8 +220,13 @@ def test_cases_are_declared_once_with_known_runners():
         if case.runner == "realsize":
             assert case.measure in measure.MEASURES and case.name == f"{case.family}_{case.measure}"
             assert case.batch > 0 and (case.steps or case.plan)
+    from bench.gpu.levers import ALL_LEVERS
+
+    levers = cases.BY_NAME["sd21_levers"]
+    assert levers.levers == ALL_LEVERS  # every lever measured on the GPU; --tiny leaves compiling out
+    assert levers.for_tiny().levers == tuple(name for name in ALL_LEVERS if not name.startswith("compile"))
     assert [c.name for c in cases.select("sd21,gpu")] == ["gpu_tests", "sd21_generation", "sd21_losses",
-                                                           "sd21_sampling"]
+                                                           "sd21_sampling", "sd21_levers"]
     with pytest.raises(ValueError, match="'sd3'"):
         cases.select("sd3")
     tiny = cases.BY_NAME["sd21_losses"].for_tiny()

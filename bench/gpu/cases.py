@@ -34,6 +34,7 @@ class Case:
     cap_s: float = 0.0  # pytest/digits: the most seconds it may take of the default budget (leaves the later
                         # cases their share; scaled up with a larger --budget-s, see Runner.cap)
     tiny: tuple[tuple[str, object], ...] = ()  # --tiny overrides beyond the step mapping
+    levers: tuple[str, ...] = ()  # levers only: the speed levers measured on/off (bench/gpu/levers.py)
 
     def for_tiny(self) -> "Case":
         """The CPU smoke run's version: steps through TINY_STEPS, one repeat, then the declared overrides."""
@@ -74,8 +75,18 @@ CASES: tuple[Case, ...] = (
                                            ("full_gradient", True, (10, 25, 50))), optional_steps=(50,)),
                 sampling=dict(batch=2)),
 )
+# The speed levers on/off (bench/gpu/levers.py): last, so the default budget may skip it (compiling SD 2.1
+# takes minutes): `bench/gpu_check.py --cases sd21_levers --budget-s 560`. --tiny leaves compile out (inductor
+# on the CPU takes minutes even for the tiny UNet: tests/test_performance.py compiles a tinier one).
+_LEVERS = ("compile", "compile_cuda_graphs", "channels_last", "sdpa_math", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn",
+           "autocast_bf16", "refiner_micro_batch")
+CASES += (
+    Case("sd21_levers", "SD 2.1 random init: each speed lever (performance.*) on vs off", "realsize", "sd21", "levers",
+         batch=4, steps=(10,), repeats=2, levers=_LEVERS,
+         tiny=(("levers", tuple(name for name in _LEVERS if "compile" not in name)),)),
+)
 BY_NAME = {case.name: case for case in CASES}
-MEASURE_ORDER = ("generation", "sampling", "losses")  # inside one family's process
+MEASURE_ORDER = ("generation", "sampling", "losses", "levers")  # inside one family's process
 
 
 def select(spec: str) -> list[Case]:

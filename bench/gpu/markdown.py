@@ -52,6 +52,10 @@ def key_figures(case: dict) -> str:
     elif name.endswith("_sampling") and "ratio_refined_over_cfg" in f:
         parts.append(f"refined/CFG {f['ratio_refined_over_cfg']:.3g} (goal <= 0.55), batch {f['batch']}, "
                      f"N={f['steps']}")
+    elif name.endswith("_levers") and "rows" in f:
+        ok = [r for r in f["rows"] if r["status"] == "ok"]
+        parts.append(f"{len(ok)} of {len(f['rows'])} levers measured; speedups " + ", ".join(
+            f"{r['lever']} {fmt(r['speedup'])}" for r in ok))
     elif name.endswith("_losses") and "rows" in f:
         parts.append(f"batch {f['batch']}, LoRA rank {f['lora_rank']}")
         for key, value in f.items():
@@ -67,7 +71,7 @@ def key_figures(case: dict) -> str:
 
 def loss_table(case: dict) -> list[str]:
     rows = case["figures"].get("rows") or []
-    if not rows:
+    if not rows or not case["name"].endswith("_losses"):
         return []
     use = (case["figures"].get("flops") or {}).get("utilisation") or {}
     lines = [f"\n### {case['name']} (batch {case['figures'].get('batch')})\n",
@@ -82,6 +86,30 @@ def loss_table(case: dict) -> list[str]:
         lines.append(f"| {r['loss']} | {fmt(r['checkpointing'])} | {r['steps']} | {status.replace('|', '/')} | "
                      f"{fmt(r.get('seconds'))} | {fmt(r.get('peak_gb'))} | {fmt(r.get('step_peak_gb'))} | "
                      f"{fmt(tflop)} | {fmt(counted.get('mfu'))} |")
+    return lines
+
+
+def levers_table(case: dict) -> list[str]:
+    """A levers case (``bench/gpu/levers.py``): each lever's time vs the baseline's and its output difference."""
+    f = case["figures"]
+    if not f.get("rows") or not case["name"].endswith("_levers"):
+        return []
+    lines = [f"\n### {case['name']}: speed levers on vs off (teacher forwards: {f.get('steps')} x batch "
+             f"{f.get('forward_batch')}, baseline {fmt(f.get('baseline_s'))} s in {f.get('baseline_dtype')})\n",
+             "| lever | values | status | warm-up s | s | speedup | max abs diff |", "|---|---|---|---|---|---|---|"]
+    for r in f["rows"]:
+        status = r["status"] + (f" ({r['reason']})" if r.get("reason") else "")
+        if r.get("error"):
+            status += f" {r['error']['type']}: {r['error']['message'][:80]}"
+        if "whole" in r:  # the refiner micro-batch: one MSD step, whole vs chunked (time, step peak memory)
+            seconds = f"{fmt(r['chunked']['seconds'])} vs {fmt(r['whole']['seconds'])}"
+            diff = f"grad rel {fmt(r['grad_max_rel_diff'])}; peak GB {fmt(r['chunked']['step_peak_gb'])} vs " \
+                   f"{fmt(r['whole']['step_peak_gb'])}"
+        else:
+            seconds, diff = fmt(r.get("seconds")), fmt(r.get("max_abs_diff"))
+        values = ", ".join(f"{k}={v}" for k, v in (r.get("values") or {}).items())
+        lines.append(f"| {r['lever']} | {values} | {status.replace('|', '/')} | {fmt(r.get('warmup_s'))} | "
+                     f"{seconds} | {fmt(r.get('speedup'))} | {diff} |")
     return lines
 
 
@@ -130,6 +158,6 @@ def markdown(data: dict) -> str:
             lines.append(f"| {goal['goal']} | {fmt(goal['value'])} | {goal['target']} | "
                          f"{'n/a' if goal['met'] is None else fmt(goal['met'])} |")
     for case in data["cases"]:
-        lines += loss_table(case)
+        lines += loss_table(case) + levers_table(case)
     lines += flops_table(data["cases"])
     return "\n".join(lines) + "\n"

@@ -9,7 +9,7 @@
   MSD peak flat in N (N=50/N=10 <= 1.1), MSD <= 0.5x full gradient at N = 25; the N where full gradient runs out
   of memory is recorded (OOM is a result, not a failure).
 
-Each also counts its FLOPs per sample exactly on one sample (``bench/gpu/flops.py``) and reports achieved FLOP/s
+Each also counts its FLOPs per sample exactly on one sample (``noiserefine/flops.py``) and reports achieved FLOP/s
 and MFU of the timed runs under ``figures["flops"]``.
 """
 
@@ -21,7 +21,8 @@ from types import SimpleNamespace
 
 import torch
 
-from bench.gpu import flops
+from bench.gpu import levers
+from noiserefine import flops
 from bench.gpu.cases import Case
 from bench.gpu.realsize import PROMPTS, Context, MeasurementError, guarded
 
@@ -314,8 +315,9 @@ def summarise_losses(case: Case, figures: dict, rows: list[dict], oom_at: dict[b
     figures["full_gradient_max_N_fitted"] = max(fitted) if fitted else None
 
 
-MEASURES = {"generation": generation, "sampling": sampling, "losses": losses}
+MEASURES = {"generation": generation, "sampling": sampling, "losses": losses, "levers": levers.levers}
 # Rough minimum cost of a case in single-sample network calls (to skip it when it cannot fit at all).
 MIN_COST = {"generation": lambda c: c.steps[0] * 3 * c.batch * 2,
             "sampling": lambda c: c.steps[0] * 3 * c.batch,
-            "losses": lambda c: loss_cost("msd", False, min(c.plan[0][2]), c.batch) * 3}
+            "losses": lambda c: loss_cost("msd", False, min(c.plan[0][2]), c.batch) * 3,
+            "levers": lambda c: c.steps[0] * 3 * c.batch * 2}

@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.gpu import flops  # noqa: E402
+from noiserefine import flops  # noqa: E402
 from bench.gpu.cases import MEASURE_ORDER, Case, resolve  # noqa: E402
 
 PROMPTS = ["a photograph of an astronaut riding a horse", "a red fox in the snow, golden hour",

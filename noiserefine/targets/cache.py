@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import yaml
 
+from ..performance import teacher_levers
 from ..shards import MANIFEST_NAME, ShardInfo, manifest_bytes, parse_manifest, parse_shard_name, read_manifest
 from ..storage import Location, LocalStore, location, store_for
 from .identity import teacher_key, teacher_record
@@ -44,9 +45,15 @@ def generation_settings(cfg) -> dict:
     """Settings that change target bits but not the teacher: pinned per cache, not keyed.
 
     Batched network calls round differently at another batch size, so a shard made at
-    another ``pipeline.batch_size`` would not be byte-identical to its retry.
+    another ``pipeline.batch_size`` would not be byte-identical to its retry; so do the speed levers the
+    teacher runs with (``performance.*``, but the refiner's micro-batch), pinned only when one is on (a cache
+    made before levers existed pinned the batch size alone).
     """
-    return {"batch_size": int(cfg.pipeline.batch_size)}
+    settings: dict = {"batch_size": int(cfg.pipeline.batch_size)}
+    levers = {key: value for key, value in teacher_levers(cfg).items() if value}
+    if levers:
+        settings["performance"] = levers
+    return settings
 
 
 class _NamedText(io.StringIO):

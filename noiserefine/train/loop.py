@@ -39,6 +39,7 @@ from ..evaluation.evaluator import EVAL_LOG, Evaluator
 from ..evaluation.rows import MetricFn
 from ..files import write_text_atomic
 from ..losses import LossFn, build_loss
+from ..performance import apply_levers, refine_in_micro_batches
 from ..refiner import Refiner, save_refiner
 from . import distributed, tracking
 from .checkpoint import Checkpointer, finished_run
@@ -49,8 +50,11 @@ from .stream import BatchStream
 from .streams import open_stream
 
 
-def train_step(engine, refiner: Refiner, loss_fn: LossFn, backend, batch: dict) -> dict:
+def train_step(engine, refiner: Refiner, loss_fn: LossFn, backend, batch: dict, micro_batch: int = 0) -> dict:
     """One optimisation step on ``batch``; returns ``{"loss", "grad_norm"}`` (this rank).
+
+    ``micro_batch`` (``performance.refiner_micro_batch``): the refiner's forward/backward in checkpointed chunks
+    of that many samples (``performance.refine_in_micro_batches``); the loss's rollout takes the whole batch.
 
     An empty batch (this rank's slice was lost to damaged shards, ``train.skip_corrupt_shards``) still
     takes part in the step with a zero gradient, so the other ranks' collectives do not wait for it.
@@ -65,7 +69,8 @@ def train_step(engine, refiner: Refiner, loss_fn: LossFn, backend, batch: dict) 
     target = batch["target"].to(backend.device)
     cond = backend.encode_prompts(batch["prompt"])
     # the refiner's forward through the engine; a multi-scale batch tells it each sample's guidance scale
-    loss, _ = loss_fn(engine(noise, cond, guidance_scale=batch.get("guidance_scale")), cond, target)
+    refined = refine_in_micro_batches(engine, noise, cond, batch.get("guidance_scale"), micro_batch)
+    loss, _ = loss_fn(refined, cond, target)
     if not torch.isfinite(loss):
         raise FloatingPointError(f"non-finite loss {loss.item()} on samples {batch['sample_id']}")
     engine.backward(loss)
@@ -111,7 +116,8 @@ def train(cfg, metric_factory: Callable[[], MetricFn] | None = None) -> dict:
             open(run.output_dir / f"samples_rank{run.rank}.jsonl", "a") as samples_log:
         for step in range(run.start + 1, cfg.train.max_steps + 1):
             batch = next(batches)
-            stats = train_step(run.engine, run.refiner, loss_fn, run.backend, batch)
+            stats = train_step(run.engine, run.refiner, loss_fn, run.backend, batch,
+                               cfg.performance.refiner_micro_batch)
             record = {"step": step, "epoch": batch["epoch"], "index": batch["index"], "sample_ids": batch["sample_id"]}
             if "guidance_scale" in batch:  # data.guidance_scales: the batch's scale(s)
                 record["guidance_scales"] = sorted(set(batch["guidance_scale"].tolist()))
@@ -201,6 +207,7 @@ def _start(cfg) -> _Run:
     stream.latent_shape = backend.latent_shape  # every target must have the backend's
     torch.manual_seed(cfg.train.seed)  # LoRA A is random: the same on every rank and in every resumed run
     refiner = Refiner(backend, cfg.refiner)
+    apply_levers(backend, cfg.performance)  # after the LoRA is attached: a compiled denoiser includes it
     engine = distributed.build_engine(refiner, cfg)
     if resume:
         checkpointer.load(engine, refiner, resume)

@@ -8,6 +8,10 @@ counted here with torch's own attention formulas, so the CPU and GPU counts of a
 
 Achieved FLOP/s = counted FLOPs / measured seconds; MFU = achieved / peak. The peak is the datasheet's dense
 bf16 Tensor Core figure of a known GPU (``PEAKS``) or, on the CPU, a measured matmul roofline.
+
+:func:`architecture_forward_flops` counts one sample-forward of a shipped architecture's denoiser built on the
+``meta`` device (shapes only: no weights, no memory, no arithmetic), for ``python -m noiserefine.capacity``;
+``bench/gpu/`` counts the timed workloads themselves.
 """
 
 from __future__ import annotations
@@ -65,6 +69,31 @@ def count_linear_in_steps(fn) -> dict:
 
 def at_steps(linear: dict, steps: int) -> int:
     return linear["fixed"] + steps * linear["per_step"]
+
+
+def sample_forward_flops(backend) -> int:
+    """FLOPs of one denoiser forward of one sample (batch 1, the null conditioning: a prompt's has its shapes),
+    counted on the backend's own device (``meta``: shapes only)."""
+    x = torch.zeros(1, *backend.latent_shape, device=backend.device, dtype=backend.dtype)
+    cond, t = backend.null_conditioning(1), torch.tensor(500.0, device=backend.device)
+    with torch.no_grad():
+        return count(lambda: backend.denoise(x, t, cond))[0]
+
+
+def architecture_forward_flops(architecture: str) -> int:
+    """:func:`sample_forward_flops` of a shipped architecture (``backends/architectures/``), built on ``meta``."""
+    import warnings
+    from types import SimpleNamespace
+
+    from .backends import load_backend
+    from .backends.random_init import RandomWeightsWarning
+    from .backends.registry import family_of_architecture
+
+    spec = SimpleNamespace(backend=family_of_architecture(architecture).name, init="random", architecture=architecture,
+                           device="meta", dtype="float32", path="", revision="")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RandomWeightsWarning)  # meta: there are no weights at all
+        return sample_forward_flops(load_backend(spec))
 
 
 def gpu_peak(device_name: str) -> dict:
