@@ -93,16 +93,12 @@ class SourceConfig:
 
 @dataclass
 class MixtureComponentConfig:
-    """One component of ``data.mixture``: its own teacher cache, in a share of the global batches.
-
-    ``data`` and ``teacher`` are overlays merged onto the run's config (``noiserefine/mixture.py``): the merged
-    config is the component's, its cache ``cache_dir_for`` of it, generated with ``generate_targets.py --component``.
-    """
+    """One component of ``data.mixture``, its own cache (``noiserefine/mixture.py``; README "Data mixtures")."""
 
     name: str = ""  # [A-Za-z0-9][A-Za-z0-9._-]*, unique: the key of its shard rows in a checkpoint
     weight: Optional[float] = None  # share of the global batches; None: proportional to its data.num_samples
-    data: dict[str, Any] = field(default_factory=dict)  # e.g. {sources: [...], num_samples: 20000, base_seed: 1}
-    teacher: dict[str, Any] = field(default_factory=dict)  # e.g. {guidance: cfg_pag, guidance_scale: 3.0}
+    data: dict[str, Any] = field(default_factory=dict)  # overlay of the run's data (sources, num_samples, ...)
+    teacher: dict[str, Any] = field(default_factory=dict)  # overlay of the run's teacher (guidance, scales, ...)
 
 
 @dataclass
@@ -124,9 +120,8 @@ class DataConfig:
     # beforehand), for one refiner told w (refiner.guidance_timestep_slope > 0); global batch b comes from
     # guidance_scales[b % len(guidance_scales)]. Empty: the one cache of teacher.guidance_scale.
     guidance_scales: list[float] = field(default_factory=list)
-    # A data mixture: several caches (prompt sources, sample counts, teacher settings) in one run, global batch b
-    # from one component by a deterministic weighted schedule (README "Data mixtures"). data.guidance_scales is
-    # the mixture of one component per scale (equal weights: b % S). Empty: one cache.
+    # Several caches (prompts, sample counts, teacher settings) in one run, in shares (data.guidance_scales: one
+    # component per scale). Empty: one cache.
     mixture: list[MixtureComponentConfig] = field(default_factory=list)
     # Object-store I/O: retries of a transient error (backoff io_backoff_s * 2**i, capped at 30 s, jittered),
     # and the size of each ranged GET (a read that breaks resumes from the last whole chunk).

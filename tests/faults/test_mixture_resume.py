@@ -24,7 +24,7 @@ from helpers_cache import build_cache, tiny_config, tiny_overrides
 from noiserefine.mixture import components
 from noiserefine.targets.cache import cache_dir_for
 from noiserefine.train.distributed import free_port
-from test_elastic import assert_same_refiner, global_sequence, wait
+from faults.test_elastic import assert_same_refiner, global_sequence, wait
 from test_mixture import MIX
 from test_trainer import REPO, child_env, train_args
 
@@ -113,11 +113,12 @@ def test_the_refiner_records_the_mixture_and_samples(runs, tmp_path):
     assert json.loads((tmp_path / "samples" / "sample.json").read_text())["seeds"] == [0, 1]
 
 
-def test_the_generator_finds_a_components_cache_keyed_as_one_cache(runs, tiny_root, tiny_teacher):
+def test_the_generator_finds_a_components_cache_keyed_as_one_cache(tiny_root, tiny_teacher, tiny_cache):
     """``--component b`` of the run's config: b's cache, already complete (built as one cache), nothing generated."""
     cfg = tiny_config(tiny_root, tiny_teacher, [MIX])
+    build_cache(components(cfg)[1].cfg)
     result = subprocess.run([sys.executable, "pipeline/generate_targets.py", "--config", "configs/digits.yaml",
-                             *tiny_overrides(tiny_root, tiny_teacher), MIX, "--component", "b",
+                             "--component", "b", *tiny_overrides(tiny_root, tiny_teacher), MIX,
                              "pipeline.num_workers=0"], cwd=REPO, env=child_env(), capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
