@@ -264,3 +264,22 @@ def test_the_generator_generates_one_component_per_call(mix_cfg):
         module.target_config(mix_cfg, "z")
     plain = load_config()
     assert module.target_config(plain, None) is plain
+
+
+def test_a_checkpoint_config_from_before_the_mixture_key_is_the_same_config():
+    """Checkpoints (and done.json) written before ``data.mixture`` existed store no such key: it meant no mixture,
+    the default, so a run resumed with today's trainer is not refused as "another config" (it was, for every run)."""
+    from omegaconf import OmegaConf
+
+    from noiserefine.train.checkpoint import resume_mismatch
+
+    current = OmegaConf.to_container(load_config(overrides=["data.guidance_scales=[1.5,3.0]",
+                                                            "refiner.guidance_timestep_slope=200"]), resolve=True)
+    stored = json.loads(json.dumps(current))
+    del stored["data"]["mixture"]
+    assert resume_mismatch(stored, current) == []
+    stored["data"]["guidance_scales"] = [1.5, 2.0]  # a real difference is still one
+    assert resume_mismatch(stored, current) == ["data.guidance_scales"]
+    mixed = OmegaConf.to_container(load_config(overrides=["data.mixture=[{name: a}]",
+                                                          "refiner.guidance_timestep_slope=200"]), resolve=True)
+    assert resume_mismatch(stored | {"data": {**stored["data"], "guidance_scales": []}}, mixed) == ["data.mixture"]
