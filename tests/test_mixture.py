@@ -1,8 +1,9 @@
 """A data mixture: several teacher caches (prompts, sample counts, teacher settings) in one run, in declared shares.
 
-Fast: the schedule, the shares, the config rules, the stream on two tiny caches (A: the session cache, CFG 3;
-B: CFG 1.5 + PAG 2, 32 samples of another base seed), the generator's component choice. Slow (`make test`):
-the generator's ``--component`` on B's cache, and trained runs (SIGKILL + resume, 2 -> 1 rank resume).
+Fast: the schedule, the shares, the config rules, the generator's component choice, the resume comparison of
+configs. Slow (they build caches; `make test`): the stream on two tiny caches (a: the session cache, CFG 3;
+b: CFG 1.5 + PAG 2, 32 samples of another base seed) and a format-4 multi-scale state; trained runs (SIGKILL +
+resume, 2 -> 1 rank resume) and the generator's ``--component``: tests/faults/test_mixture_resume.py.
 """
 
 from __future__ import annotations
@@ -156,6 +157,7 @@ def _mixture(cfg, rank=0, world=1) -> MixtureStream:
     return MixtureStream.from_config(cfg, rank, world)
 
 
+@pytest.mark.slow
 def test_batches_come_from_their_component_in_the_declared_shares_with_its_teacher(mix_cfg):
     found = {c.name: c for c in components(mix_cfg)}
     batches = list(itertools.islice(iter(_mixture(mix_cfg)), 12))
@@ -183,6 +185,7 @@ def test_batches_come_from_their_component_in_the_declared_shares_with_its_teach
     assert batches[0]["seed"] != batches[1]["seed"] and not torch.equal(batches[0]["target"], batches[1]["target"])
 
 
+@pytest.mark.slow
 def test_the_mixture_is_rank_independent_and_resumes_exactly(mix_cfg):
     full = list(itertools.islice(iter(_mixture(mix_cfg)), 14))
     ranks = [list(itertools.islice(iter(_mixture(mix_cfg, r, 2)), 14)) for r in range(2)]
@@ -206,6 +209,7 @@ def test_the_mixture_is_rank_independent_and_resumes_exactly(mix_cfg):
         _mixture(mix_cfg).load_state_dict({"batches": 3, "shard_rows": {"a": state["shard_rows"]["a"]}})
 
 
+@pytest.mark.slow
 def test_a_refiner_told_w_gets_each_samples_component_scale(mix_cfg, tiny_root, tiny_teacher):
     cfg = tiny_config(tiny_root, tiny_teacher, [MIX, "refiner.guidance_timestep_slope=100"])
     for batch in itertools.islice(iter(_mixture(cfg)), 3):
@@ -213,6 +217,7 @@ def test_a_refiner_told_w_gets_each_samples_component_scale(mix_cfg, tiny_root, 
         assert batch["guidance_scale"].dtype == torch.float32 and batch["guidance_scale"].tolist() == [w] * 8
 
 
+@pytest.mark.slow
 def test_a_missing_component_cache_names_it_and_the_command(mix_cfg, tiny_root, tiny_teacher):
     cfg = tiny_config(tiny_root, tiny_teacher, [MIX.replace("num_samples: 32", "num_samples: 48")
                                                 .replace("base_seed: 1", "base_seed: 7")])
@@ -224,6 +229,7 @@ def test_a_missing_component_cache_names_it_and_the_command(mix_cfg, tiny_root, 
         _mixture(same)
 
 
+@pytest.mark.slow
 def test_a_multi_scale_checkpoint_of_format_4_resumes_as_the_mixture_of_its_scales(tiny_root, tiny_teacher,
                                                                                     tiny_cache):
     """Format 4's multi-scale data state (rows keyed by repr(w), a position in global batches), as its
@@ -249,7 +255,7 @@ def test_a_multi_scale_checkpoint_of_format_4_resumes_as_the_mixture_of_its_scal
     assert stream.state_dict()["shard_rows"] == rows
 
 
-def test_the_generator_generates_one_component_per_call(mix_cfg):
+def test_the_generator_generates_one_component_per_call():
     import importlib.util
 
     from helpers_cache import REPO
@@ -257,6 +263,7 @@ def test_the_generator_generates_one_component_per_call(mix_cfg):
     spec = importlib.util.spec_from_file_location("generate_targets", REPO / "pipeline" / "generate_targets.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    mix_cfg = load_config(overrides=[MIX])
     assert module.target_config(mix_cfg, "b") == components(mix_cfg)[1].cfg
     with pytest.raises(ValueError, match=r"data mixture \(data.mixture: a, b\).*--component NAME"):
         module.target_config(mix_cfg, None)
