@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -93,6 +93,16 @@ class SourceConfig:
 
 
 @dataclass
+class MixtureComponentConfig:
+    """One component of ``data.mixture``, its own cache (``noiserefine/mixture.py``; README "Data mixtures")."""
+
+    name: str = ""  # [A-Za-z0-9][A-Za-z0-9._-]*, unique: the key of its shard rows in a checkpoint
+    weight: Optional[float] = None  # share of the global batches; None: proportional to its data.num_samples
+    data: dict[str, Any] = field(default_factory=dict)  # overlay of the run's data (sources, num_samples, ...)
+    teacher: dict[str, Any] = field(default_factory=dict)  # overlay of the run's teacher (guidance, scales, ...)
+
+
+@dataclass
 class DataConfig:
     # A local directory or an S3 prefix (s3://bucket/prefix): credentials, region and endpoint come from the
     # AWS SDK's own environment/config (AWS_PROFILE, AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ...), never from here.
@@ -111,6 +121,9 @@ class DataConfig:
     # beforehand), for one refiner told w (refiner.guidance_timestep_slope > 0); global batch b comes from
     # guidance_scales[b % len(guidance_scales)]. Empty: the one cache of teacher.guidance_scale.
     guidance_scales: list[float] = field(default_factory=list)
+    # Several caches (prompts, sample counts, teacher settings) in one run, in shares (data.guidance_scales: one
+    # component per scale). Empty: one cache.
+    mixture: list[MixtureComponentConfig] = field(default_factory=list)
     # Object-store I/O: retries of a transient error (backoff io_backoff_s * 2**i, capped at 30 s, jittered),
     # and the size of each ranged GET (a read that breaks resumes from the last whole chunk).
     io_retries: int = 6
@@ -369,12 +382,16 @@ def config_from_container(container: dict[str, Any]) -> DictConfig:
     return cfg
 
 
-def parse_cli(argv: list[str] | None = None, description: str = "") -> tuple[DictConfig, Any]:
-    """``--config FILE`` (repeatable, later wins) then ``key=value`` overrides."""
+def parse_cli(argv: list[str] | None = None, description: str = "",
+              add_arguments: Any = None) -> tuple[DictConfig, Any]:
+    """``--config FILE`` (repeatable, later wins) then ``key=value`` overrides; ``add_arguments(parser)`` adds a
+    command's own options."""
     import argparse
 
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", action="append", default=[], help="YAML config (repeatable)")
+    if add_arguments is not None:
+        add_arguments(parser)
     parser.add_argument("overrides", nargs="*", help="key=value overrides, applied last")
     args, unknown = parser.parse_known_args(argv)
     # deepspeed's launcher adds --local_rank=N; everything else unknown is a mistake.

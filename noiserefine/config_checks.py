@@ -1,7 +1,8 @@
 """Checks of a loaded config that the typed schema (``config.py``) cannot express.
 
-Choices, counts (>= 1, >= 0) and finite ranges, a non-empty source list, and held-out
-evaluation/benchmark seeds that do not meet the teacher cache's. ``load_config`` and
+Choices, counts (>= 1, >= 0) and finite ranges, a non-empty source list, held-out
+evaluation/benchmark seeds that do not meet the teacher cache's, and the data mixture (each
+component's merged config checked as a config of its own). ``load_config`` and
 ``config_from_container`` call :func:`validate`; an error names the key (and ``load_config``
 adds the file or the command line that set it).
 """
@@ -14,6 +15,7 @@ import re
 from omegaconf import DictConfig, OmegaConf
 
 from .backends.registry import architecture_names, family_names
+from .mixture import NAME, component_config
 from .performance import LeverError, check_levers
 
 _CHOICES = {
@@ -78,10 +80,21 @@ def _check_range(key: str, value: float, low: float, high: float, low_inclusive:
 
 
 def validate(cfg: DictConfig) -> None:
-    """Checks the schema cannot express: choices, counts and finite ranges, sources, held-out seeds.
+    """Checks the schema cannot express: choices, counts and finite ranges, sources, held-out seeds, the guidance
+    scales and the data mixture (each component's merged config checked as a config of its own).
 
     Raises :class:`ConfigValueError` (a ``ValueError``) naming the key.
     """
+    _check_values(cfg)
+    _check_guidance_scales(cfg)
+    _check_mixture(cfg)
+    _check_report_to(cfg)
+    _check_levers(cfg)
+    _check_local_directory(cfg, "train.output_dir")
+
+
+def _check_values(cfg: DictConfig) -> None:
+    """What every config, a mixture component's included, must satisfy on its own."""
     for key, choices in _CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in choices:
@@ -96,11 +109,7 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigValueError(f"config key '{key}' must be >= 0, got {value}", key)
     for key, (low, high, low_inclusive) in _RANGES.items():
         _check_range(key, float(OmegaConf.select(cfg, key)), low, high, low_inclusive)
-    _check_guidance_scales(cfg)
-    _check_report_to(cfg)
     _check_guider(cfg)
-    _check_levers(cfg)
-    _check_local_directory(cfg, "train.output_dir")
     if len(cfg.data.sources) == 0:
         raise ConfigValueError("config key 'data.sources' is empty; list at least one prompt source", "data.sources")
     for index, source in enumerate(cfg.data.sources):
@@ -191,11 +200,11 @@ def _check_guidance_scales(cfg: DictConfig) -> None:
             "that is not told w cannot learn several guidance scales; set refiner.guidance_timestep_slope > 0 "
             "(or train on one scale: data.guidance_scales=[] teacher.guidance_scale=w)",
             "data.guidance_scales", "refiner.guidance_timestep_slope")
-    if slope > 0 and not scales:
+    if slope > 0 and not scales and not cfg.data.mixture:
         raise ConfigValueError(
             f"config key 'refiner.guidance_timestep_slope' is {slope} but data.guidance_scales is empty: a refiner "
-            "told w needs targets at several guidance scales; list them in data.guidance_scales (or set the "
-            "slope to 0)", "refiner.guidance_timestep_slope", "data.guidance_scales")
+            "told w needs targets at several guidance scales; list them in data.guidance_scales or data.mixture "
+            "(or set the slope to 0)", "refiner.guidance_timestep_slope", "data.guidance_scales")
     timestep = float(cfg.refiner.timestep)
     for w in scales:
         if timestep - slope * (w - 1) < 0:
@@ -203,3 +212,43 @@ def _check_guidance_scales(cfg: DictConfig) -> None:
                 f"config key 'data.guidance_scales' holds w={w:g}: its refiner time refiner.timestep - "
                 f"refiner.guidance_timestep_slope * (w - 1) = {timestep - slope * (w - 1):g} is negative; lower "
                 "the slope", "data.guidance_scales", "refiner.guidance_timestep_slope")
+
+
+def _check_mixture(cfg: DictConfig) -> None:
+    """``data.mixture``: named components (unique names), positive weights, overlays of known keys whose merged
+    configs are valid configs; not with ``data.guidance_scales`` (itself a mixture) nor one ``data.cache_dir``."""
+    mixture = cfg.data.mixture
+    if not mixture:
+        return
+    if cfg.data.guidance_scales:
+        raise ConfigValueError(
+            "config keys 'data.mixture' and 'data.guidance_scales' are both set: data.guidance_scales is the mixture "
+            "of one component per scale; list those scales as components instead (teacher: {guidance_scale: w})",
+            "data.mixture", "data.guidance_scales")
+    if cfg.data.cache_dir:
+        raise ConfigValueError(
+            f"config key 'data.cache_dir' is {cfg.data.cache_dir!r} with a data.mixture: every component would read "
+            "that one directory; leave it empty (each component's cache is data.cache_root/<its teacher key>) or "
+            "give each component its own data.cache_dir in its data overlay", "data.cache_dir", "data.mixture")
+    slope, timestep, names = float(cfg.refiner.guidance_timestep_slope), float(cfg.refiner.timestep), set()
+    for index, entry in enumerate(mixture):
+        key, name = f"data.mixture.{index}", str(entry.name)
+        if not NAME.fullmatch(name):
+            raise ConfigValueError(f"config key '{key}.name' is {name!r}: each component needs a name of letters, "
+                                   "digits, '.', '_' and '-' (1 to 64, starting with a letter or digit)", "data.mixture")
+        if name in names:
+            raise ConfigValueError(f"config key '{key}.name': {name!r} names two components", "data.mixture")
+        names.add(name)
+        if entry.weight is not None:
+            _check_range(f"{key}.weight", float(entry.weight), 0.0, math.inf, False)
+        try:
+            merged = component_config(cfg, entry)
+            _check_values(merged)
+        except ValueError as error:
+            raise ConfigValueError(f"config key '{key}' (component {name!r}): {error}", "data.mixture") from None
+        w = float(merged.teacher.guidance_scale)
+        if slope > 0 and timestep - slope * (w - 1) < 0:
+            raise ConfigValueError(
+                f"config key '{key}' (component {name!r}) has teacher.guidance_scale={w:g}: its refiner time "
+                f"refiner.timestep - refiner.guidance_timestep_slope * (w - 1) = {timestep - slope * (w - 1):g} is "
+                "negative; lower the slope", "data.mixture", "refiner.guidance_timestep_slope")

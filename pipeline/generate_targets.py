@@ -1,6 +1,7 @@
 """Stage 1: generate the teacher-target cache with Ray (or in this process with ``pipeline.num_workers=0``).
 
     python pipeline/generate_targets.py --config configs/digits.yaml [key=value ...]
+    python pipeline/generate_targets.py --config mixture.yaml --component coco   # one cache of a data mixture
     ray submit infra/cluster.yaml pipeline/generate_targets.py -- --config '~/noiserefine/configs/x.yaml' \
         pipeline.address=auto ...
 
@@ -9,6 +10,12 @@ SD/SDXL) and serves many shards. A dead worker (process killed, node lost) is re
 its shard handed to another worker; shards are written by temp name + rename (one PUT on
 S3) with deterministic content, so a retried shard is byte-identical. Re-running skips
 complete shards. The last line printed is the cache directory.
+
+A config with a data mixture (``data.mixture``) names several caches: ``--component NAME`` generates
+that component's (its config: the run's with the component's overlays, ``noiserefine/mixture.py``), one
+call per component (they may run at once: each cache has its own lock). Without ``--component`` such a
+config is refused, naming its components. ``data.guidance_scales`` (one component per scale, named
+``repr(w)``) takes ``--component`` too; without it the cache of ``teacher.guidance_scale`` is made, as before.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from noiserefine import storage  # noqa: E402
 from noiserefine.backends import load_backend  # noqa: E402
 from noiserefine.config import config_from_container, parse_cli, to_yaml  # noqa: E402
+from noiserefine.mixture import component_named, components  # noqa: E402
 from noiserefine.performance import apply_levers  # noqa: E402
 from noiserefine.storage.locks import check_lease  # noqa: E402
 from noiserefine.targets.cache import hold_cache, record_shards  # noqa: E402
@@ -146,8 +154,29 @@ def generate_in_process(cfg, cache_dir, key: str, plan: Plan, missing: dict[int,
         yield worker.generate(index, plan.shard(index), name)
 
 
+def _component_option(parser) -> None:
+    parser.add_argument("--component", default=None, metavar="NAME",
+                        help="generate the cache of this component of the config's data mixture (data.mixture, "
+                             "or a data.guidance_scales w as repr(w), e.g. 1.5)")
+
+
+def target_config(cfg, component: str | None):
+    """The config whose cache this call generates: ``cfg``'s, or its mixture component ``component``'s."""
+    if component is not None:
+        found = component_named(cfg, component)
+        print(f"component {found.name} (share {found.share} of {sum(c.share for c in components(cfg))} "
+              "global batches)", flush=True)
+        return found.cfg
+    if cfg.data.mixture:
+        names = ", ".join(c.name for c in components(cfg))
+        raise ValueError(f"this config has a data mixture (data.mixture: {names}); each component has its own "
+                         "cache: generate each with --component NAME (one call per component)")
+    return cfg
+
+
 def main(argv: list[str] | None = None) -> int:
-    cfg, _ = parse_cli(argv, description="Generate the teacher-target cache.")
+    cfg, args = parse_cli(argv, description="Generate the teacher-target cache.", add_arguments=_component_option)
+    cfg = target_config(cfg, args.component)
     storage.configure(cfg.data)
     if cfg.model.backend == "digits" and not Path(cfg.model.path).expanduser().is_dir():
         raise FileNotFoundError(f"model.path {cfg.model.path} is not a directory (train the digit teacher "

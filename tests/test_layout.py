@@ -213,7 +213,8 @@ def test_the_evaluation_imports_no_training_stage():
 def test_the_checkpointer_imports_nothing_about_caches_manifests_or_scales():
     """It saves and restores the stateful objects it is given (the stream owns its shard rows)."""
     about_data = ("noiserefine.targets", "noiserefine.shards", "noiserefine.storage", "noiserefine.train.stream",
-                  "noiserefine.train.reader", "noiserefine.train.multi_scale", "noiserefine.train.order.GlobalOrder")
+                  "noiserefine.train.reader", "noiserefine.train.multi_scale", "noiserefine.train.order.GlobalOrder",
+                  "noiserefine.train.mixture", "noiserefine.mixture")
     for name in ("checkpoint.py", "checkpoint_files.py"):
         bad = sorted(n for n in imports_of(PACKAGE / "train" / name) if n.startswith(about_data))
         assert not bad, f"train/{name} imports {bad}"

@@ -60,9 +60,15 @@ def _flatten(container: dict, prefix: str = "") -> dict:
 
 
 def resume_mismatch(stored: dict, current: dict) -> list[str]:
-    """Config keys that differ between a checkpoint and this run and would change the training."""
-    old = _flatten({k: stored.get(k, {}) for k in COMPARED_SECTIONS})
-    new = _flatten({k: current.get(k, {}) for k in COMPARED_SECTIONS})
+    """Config keys that differ between a checkpoint and this run and would change the training. A key one side
+    lacks (a checkpoint's config written before the key existed) counts as its default: what that trainer did
+    (e.g. no ``data.mixture``)."""
+    from ..config import Config  # the schema's defaults (config imports no stage)
+
+    defaults = _flatten({k: v for k, v in OmegaConf.to_container(OmegaConf.structured(Config)).items()
+                         if k in COMPARED_SECTIONS})
+    old = {**defaults, **_flatten({k: stored.get(k, {}) for k in COMPARED_SECTIONS})}
+    new = {**defaults, **_flatten({k: current.get(k, {}) for k in COMPARED_SECTIONS})}
     return sorted(k for k in set(old) | set(new) if k not in RESUMABLE_KEYS and old.get(k) != new.get(k))
 
 

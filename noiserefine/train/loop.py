@@ -68,7 +68,7 @@ def train_step(engine, refiner: Refiner, loss_fn: LossFn, backend, batch: dict, 
     noise = batch["noise"].to(backend.device)
     target = batch["target"].to(backend.device)
     cond = backend.encode_prompts(batch["prompt"])
-    # the refiner's forward through the engine; a multi-scale batch tells it each sample's guidance scale
+    # the refiner's forward through the engine; a batch of a refiner told w tells it each sample's guidance scale
     refined = refine_in_micro_batches(engine, noise, cond, batch.get("guidance_scale"), micro_batch)
     loss, _ = loss_fn(refined, cond, target)
     if not torch.isfinite(loss):
@@ -119,8 +119,10 @@ def train(cfg, metric_factory: Callable[[], MetricFn] | None = None) -> dict:
             stats = train_step(run.engine, run.refiner, loss_fn, run.backend, batch,
                                cfg.performance.refiner_micro_batch)
             record = {"step": step, "epoch": batch["epoch"], "index": batch["index"], "sample_ids": batch["sample_id"]}
-            if "guidance_scale" in batch:  # data.guidance_scales: the batch's scale(s)
+            if "guidance_scale" in batch:  # a refiner told w: the batch's scale(s)
                 record["guidance_scales"] = sorted(set(batch["guidance_scale"].tolist()))
+            if batch.get("component"):  # a data mixture: the batch's component(s)
+                record["components"] = sorted(set(batch["component"]))
             samples_log.write(json.dumps(record) + "\n")
             samples_log.flush()
             run.window.add(stats["loss"], len(batch["sample_id"]))

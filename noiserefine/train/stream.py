@@ -58,15 +58,15 @@ class DataPosition:
 class BatchStream(Protocol):
     """One rank's infinite, deterministic batch stream: what the loop reads and the checkpointer saves.
 
-    ``TeacherStream`` (one cache) and ``MultiScaleStream`` (one cache per guidance scale, composed of
-    ``TeacherStream``s) implement it; a mixture of several caches in declared proportions is one more
-    class like ``MultiScaleStream``: per-cache ``TeacherStream``s, global batch ``b`` drawn by a rule of
-    ``b`` alone (so every sub-stream's position follows from ``b``: exact and elastic resume for free),
-    ``shard_rows`` keyed by cache.
+    ``TeacherStream`` (one cache) and ``MixtureStream`` (several caches in declared shares, composed of
+    ``TeacherStream``s; ``MultiScaleStream``, one cache per guidance scale, is its special case) implement
+    it: global batch ``b`` comes from a component chosen by a rule of ``b`` alone (so every sub-stream's
+    position follows from ``b``: exact and elastic resume), ``shard_rows`` keyed by component.
 
     - ``batches(start)``: this rank's batches from global batch ``start.batches`` on; each a dict of
       ``sample_id``, ``seed``, ``prompt`` (lists), ``noise``, ``target`` (tensors), ``epoch``,
-      ``index`` (the global batch) and, where samples are conditioned on it, ``guidance_scale``.
+      ``index`` (the global batch); a mixture's also ``component`` and ``teacher_key`` (lists) and, where
+      samples are conditioned on it, ``guidance_scale``.
     - ``position`` (a :class:`DataPosition`), ``batch_size`` (per rank), ``samples_per_epoch``,
       ``corrupt_skipped`` (this rank's), ``latent_shape`` (settable: the backend's, every target
       must have it), ``describe()`` (one line for the log).
