@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -110,11 +110,22 @@ class DataConfig:
     # beforehand), for one refiner told w (refiner.guidance_timestep_slope > 0); global batch b comes from
     # guidance_scales[b % len(guidance_scales)]. Empty: the one cache of teacher.guidance_scale.
     guidance_scales: list[float] = field(default_factory=list)
+    # Train only on samples scored >= min_score (ScorerConfig; the manifest's scores: no regeneration); null: all.
+    min_score: Optional[float] = None
     # Object-store I/O: retries of a transient error (backoff io_backoff_s * 2**i, capped at 30 s, jittered),
     # and the size of each ranged GET (a read that breaks resumes from the last whole chunk).
     io_retries: int = 6
     io_backoff_s: float = 1.0
     io_chunk_bytes: int = 8388608
+
+
+@dataclass
+class ScorerConfig:
+    """The teacher job's quality scorer (``noiserefine/scoring``); kind "": none, the cache as before scorers."""
+
+    kind: str = ""  # "" | aesthetic (LAION improved-aesthetic-predictor) | digit_confidence (the embedded default)
+    path: str = ""  # aesthetic: the MLP's .safetensors/.pth; digit_confidence: the classifier's directory
+    clip_path: str = ""  # aesthetic: CLIP ViT-L/14 (a transformers CLIPModel + CLIPImageProcessor directory)
 
 
 @dataclass
@@ -218,6 +229,7 @@ class Config:
     student: StudentConfig = field(default_factory=StudentConfig)
     refiner: RefinerConfig = field(default_factory=RefinerConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    scorer: ScorerConfig = field(default_factory=ScorerConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

@@ -41,12 +41,21 @@ def cache_dir_for(cfg) -> Location:
 
 
 def generation_settings(cfg) -> dict:
-    """Settings that change target bits but not the teacher: pinned per cache, not keyed.
+    """Settings that change the shards' bytes but not the teacher: pinned per cache, not keyed.
 
     Batched network calls round differently at another batch size, so a shard made at
-    another ``pipeline.batch_size`` would not be byte-identical to its retry.
+    another ``pipeline.batch_size`` would not be byte-identical to its retry. The scorer
+    (``scorer_identity``: kind and weights' sha256; only when one is configured, so an
+    unscored cache's record is as before scorers) writes each sample's score into its
+    ``.json``: one cache never mixes scorers, or scored and unscored shards.
     """
-    return {"batch_size": int(cfg.pipeline.batch_size)}
+    from ..scoring import scorer_identity
+
+    settings = {"batch_size": int(cfg.pipeline.batch_size)}
+    scorer = scorer_identity(cfg.scorer)
+    if scorer is not None:
+        settings["scorer"] = scorer
+    return settings
 
 
 class _NamedText(io.StringIO):
@@ -180,8 +189,9 @@ def _check_generation(cache_dir, cfg) -> None:
     pinned = check_teacher(cache_dir, cfg).get("generation", {})
     if pinned and pinned != generation_settings(cfg):
         raise ValueError(f"{cache_dir / TEACHER_FILE}: this cache was generated with {pinned}, this run "
-                         f"has {generation_settings(cfg)}; retried shards would not be byte-identical. "
-                         "Use the recorded settings (e.g. pipeline.batch_size) or another data.cache_root")
+                         f"has {generation_settings(cfg)}; retried shards would not be byte-identical (and a "
+                         "cache's scores all come from one scorer). Use the recorded settings (e.g. "
+                         "pipeline.batch_size, scorer.*) or another data.cache_root / data.cache_dir")
 
 
 def _refuse_foreign(cache_dir) -> None:
