@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers_cache import build_cache, tiny_config, tiny_teacher  # noqa: F401
 from noiserefine.noise import fingerprint, noise_from_seed
 from noiserefine.shards import (ShardInfo, ShardSample, manifest_bytes, parse_manifest, read_manifest, read_shard,
                                 sample_key, write_manifest, write_shard)
@@ -199,3 +200,224 @@ def test_the_registry_refuses_an_unknown_kind_and_the_config_checks_the_scorer()
         load_scorer(SimpleNamespace(kind="nope", path="x", clip_path=""))
     with pytest.raises(FileNotFoundError, match="scorer.path '/no/such' is neither a file nor a directory"):
         scorer_identity(SimpleNamespace(kind="digit_confidence", path="/no/such", clip_path=""))
+
+
+# --- the digit classifier's confidence (the embedded default's scorer) -------------------------------------------
+def _save_classifier(directory: Path, classifier) -> Path:
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in classifier.state_dict().items()}, str(directory / "classifier.safetensors"))
+    return directory
+
+
+def test_digit_confidence_is_the_probability_of_the_prompted_digit(tmp_path):
+    from types import SimpleNamespace
+
+    from noiserefine.digits.classifier import DigitClassifier
+    from noiserefine.scoring import load_scorer
+
+    probabilities = torch.tensor([0.02, 0.03, 0.05, 0.4, 0.1, 0.05, 0.05, 0.2, 0.05, 0.05], dtype=torch.float64)
+    fixed = DigitClassifier()
+    with torch.no_grad():  # no weights: the logits are the bias whatever the image, so P(digit) is known exactly
+        for parameter in fixed.parameters():
+            parameter.zero_()
+        fixed.fc2.bias.copy_(probabilities.log())
+    cfg = SimpleNamespace(kind="digit_confidence", path=str(_save_classifier(tmp_path / "fixed", fixed)), clip_path="")
+    scorer = load_scorer(cfg)
+    images = torch.rand(3, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    scores = scorer.score(images, ["a handwritten three", "a handwritten 7", "a handwritten zero"])
+    assert scores == pytest.approx([0.4, 0.2, 0.02], abs=1e-6)
+    with pytest.raises(ValueError, match="prompt 'a cat' names none"):
+        scorer.score(images[:1], ["a cat"])
+
+    torch.manual_seed(1)  # an image-dependent classifier: each row's score is its own prompted digit's probability
+    random = DigitClassifier().eval()
+    scorer = load_scorer(SimpleNamespace(kind="digit_confidence", path=str(_save_classifier(tmp_path / "r", random)),
+                                         clip_path=""))
+    probs = torch.softmax(random(images).double(), dim=1)
+    assert scorer.score(images, ["one", "five", "nine"]) == pytest.approx(
+        [probs[0, 1].item(), probs[1, 5].item(), probs[2, 9].item()])
+
+
+def test_digit_confidence_refuses_a_missing_or_foreign_classifier(tmp_path):
+    from types import SimpleNamespace
+
+    from safetensors.torch import save_file
+
+    from noiserefine.scoring import load_scorer
+
+    with pytest.raises(FileNotFoundError, match=r"scorer.path '.*nothing' holds no classifier.safetensors"):
+        load_scorer(SimpleNamespace(kind="digit_confidence", path=str(tmp_path / "nothing"), clip_path=""))
+    (tmp_path / "foreign").mkdir()
+    save_file({"fc2.weight": torch.zeros(3, 3)}, str(tmp_path / "foreign" / "classifier.safetensors"))
+    with pytest.raises(ValueError, match=r"foreign/classifier.safetensors: not a digit classifier's weights"):
+        load_scorer(SimpleNamespace(kind="digit_confidence", path=str(tmp_path / "foreign"), clip_path=""))
+
+
+# --- the LAION aesthetic predictor (tiny random CLIP and head) ------------------------------------------------------
+EMBED = 8  # the tiny CLIP's projection_dim (ViT-L/14's is 768)
+
+
+def _released_layout(embedding_dim: int) -> torch.nn.Sequential:
+    """The head as improved-aesthetic-predictor's simple_inference.py writes it (``MLP.layers``)."""
+    nn = torch.nn
+    return nn.Sequential(nn.Linear(embedding_dim, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
+                         nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1))
+
+
+@pytest.fixture(scope="module")
+def aesthetic_files(tmp_path_factory):
+    from safetensors.torch import save_file
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    root = tmp_path_factory.mktemp("aesthetic")
+    torch.manual_seed(0)
+    text = dict(vocab_size=64, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    vision = dict(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=EMBED)).save_pretrained(root / "clip")
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(root / "clip")
+    released = torch.nn.Module()
+    released.layers = _released_layout(EMBED)
+    state = {k: v.contiguous() for k, v in released.state_dict().items()}
+    save_file(state, str(root / "head.safetensors"))
+    torch.save(state, root / "head.pth")
+    return root, released.eval()
+
+
+@pytest.mark.slow  # transformers' import and a CLIP forward: a few seconds
+def test_aesthetic_scorer_loads_local_files_and_scores_as_the_reference(aesthetic_files):
+    from types import SimpleNamespace
+
+    from transformers import CLIPImageProcessor, CLIPModel
+
+    from noiserefine.scoring import load_scorer, scorer_identity
+
+    root, released = aesthetic_files
+    images = torch.rand(3, 3, 40, 40, generator=torch.Generator().manual_seed(2))
+    cfg = SimpleNamespace(kind="aesthetic", path=str(root / "head.safetensors"), clip_path=str(root / "clip"))
+    scores = load_scorer(cfg).score(images, ["a", "b", "c"])
+    # the reference: CLIP image embedding, L2-normalised, through the released MLP
+    clip = CLIPModel.from_pretrained(root / "clip", local_files_only=True).eval()
+    processor = CLIPImageProcessor.from_pretrained(root / "clip", local_files_only=True)
+    pixels = [(image * 255).round().to(torch.uint8).permute(1, 2, 0).numpy() for image in images]
+    with torch.no_grad():
+        output = clip.get_image_features(pixel_values=processor(images=pixels, return_tensors="pt")["pixel_values"])
+        embedding = output if torch.is_tensor(output) else output.pooler_output
+        expected = released.layers(embedding / embedding.norm(dim=-1, keepdim=True)).squeeze(-1)
+    assert scores == pytest.approx(expected.tolist(), rel=1e-5, abs=1e-6)
+    assert len(set(scores)) == 3  # the images are told apart
+    pth = SimpleNamespace(kind="aesthetic", path=str(root / "head.pth"), clip_path=str(root / "clip"))
+    assert load_scorer(pth).score(images, ["a", "b", "c"]) == pytest.approx(scores, rel=1e-6)
+    grey = load_scorer(cfg).score(images[:, :1], ["a", "b", "c"])  # a grey image is scored as its RGB repeat
+    assert grey == pytest.approx(load_scorer(cfg).score(images[:, :1].repeat(1, 3, 1, 1), ["a", "b", "c"]))
+    identity = scorer_identity(cfg)
+    assert identity["kind"] == "aesthetic" and len(identity["path_sha256"]) == len(identity["clip_path_sha256"]) == 64
+    assert scorer_identity(pth)["path_sha256"] != identity["path_sha256"]
+
+
+@pytest.mark.slow  # transformers' import
+def test_aesthetic_scorer_refuses_a_head_of_another_layout(aesthetic_files, tmp_path):
+    from types import SimpleNamespace
+
+    from safetensors.torch import save_file
+
+    from noiserefine.scoring import load_scorer
+
+    root, released = aesthetic_files
+    state = {k: v.contiguous() for k, v in released.state_dict().items()}
+
+    def load(path):
+        return load_scorer(SimpleNamespace(kind="aesthetic", path=str(path), clip_path=str(root / "clip")))
+
+    save_file({k: v for k, v in state.items() if k != "layers.7.bias"}, str(tmp_path / "short.safetensors"))
+    with pytest.raises(ValueError, match=r"short.safetensors: not an improved-aesthetic-predictor head: missing key "
+                                         r"'layers.7.bias'"):
+        load(tmp_path / "short.safetensors")
+    relu = torch.nn.Sequential(*[m for m in _released_layout(EMBED)][:1], torch.nn.ReLU(), *_released_layout(EMBED)[1:])
+    save_file({f"layers.{k}": v.contiguous() for k, v in relu.state_dict().items()}, str(tmp_path / "relu.safetensors"))
+    with pytest.raises(ValueError, match=r"relu.safetensors: .*(missing|unexpected) key 'layers\.\d\.(weight|bias)'"):
+        load(tmp_path / "relu.safetensors")
+    wide = torch.nn.Module()
+    wide.layers = _released_layout(768)  # the real ViT-L/14 head against the tiny CLIP
+    torch.save(wide.state_dict(), tmp_path / "vit-l.pth")
+    with pytest.raises(ValueError, match=r"vit-l.pth: key 'layers.0.weight' has shape \(1024, 768\), expected "
+                                         r"\(1024, 8\)"):
+        load(tmp_path / "vit-l.pth")
+    torch.save({"layers.0.weight": Path("x")}, tmp_path / "pickled.pth")  # an object: weights_only refuses it
+    with pytest.raises(ValueError, match=r"pickled.pth: not a plain state dict of tensors"):
+        load(tmp_path / "pickled.pth")
+    with pytest.raises(FileNotFoundError, match=r"scorer.clip_path '.*nowhere' is not a local directory"):
+        load_scorer(SimpleNamespace(kind="aesthetic", path=str(root / "head.pth"), clip_path=str(tmp_path / "nowhere")))
+
+
+# --- the teacher job scores, the trainer filters (the tiny digit teacher) ------------------------------------------
+@pytest.fixture(scope="module")
+def scored_digits(tmp_path_factory, tiny_teacher):
+    from noiserefine.digits.classifier import DigitClassifier
+
+    root = tmp_path_factory.mktemp("scored-digits")
+    torch.manual_seed(3)
+    classifier = _save_classifier(root / "classifier", DigitClassifier().eval())
+    extra = ["data.num_samples=24", "data.shard_size=8", "pipeline.batch_size=8", "scorer.kind=digit_confidence",
+             f"scorer.path={classifier}"]
+    cfg = tiny_config(root, tiny_teacher, extra)
+    return cfg, build_cache(cfg), root, extra
+
+
+def test_the_teacher_job_stores_the_classifier_confidence_of_each_stored_target(scored_digits):
+    from noiserefine.backends.digits import parse_digit
+    from noiserefine.digits.classifier import DigitClassifier
+    from safetensors.torch import load_file
+
+    cfg, cache_dir, root, _ = scored_digits
+    manifest = read_manifest(cache_dir)
+    assert len(manifest) == 3
+    classifier = DigitClassifier().eval()
+    classifier.load_state_dict(load_file(str(root / "classifier" / "classifier.safetensors")))
+    for name, info in manifest.items():
+        samples = list(read_shard(cache_dir / name))
+        assert info.scores == tuple(s.meta["score"] for s in samples)
+        targets = torch.stack([torch.from_numpy(s.arrays["target"].astype(np.float32)) for s in samples])
+        with torch.no_grad():  # the digits backend decodes x to (x + 1) / 2 in [0, 1]
+            probs = torch.softmax(classifier(((targets + 1) / 2).clamp(0, 1)).double(), dim=1)
+        digits = [parse_digit(s.meta["prompt"]) for s in samples]
+        assert list(info.scores) == pytest.approx([probs[i, d].item() for i, d in enumerate(digits)], abs=1e-6)
+    assert len({s for info in manifest.values() for s in info.scores}) == 24
+
+
+def test_the_scorer_is_pinned_per_cache_and_not_part_of_the_key(scored_digits, tiny_teacher):
+    import yaml
+
+    from noiserefine.hashing import tree_sha256
+    from noiserefine.targets.cache import hold_cache
+    from noiserefine.targets.identity import teacher_key
+
+    cfg, cache_dir, root, extra = scored_digits
+    pinned = yaml.safe_load((cache_dir / "teacher.yaml").read_text())["generation"]
+    assert pinned == {"batch_size": 8, "scorer": {"kind": "digit_confidence",
+                                                  "path_sha256": tree_sha256(root / "classifier")}}
+    unscored = tiny_config(root, tiny_teacher, extra[:3])
+    assert teacher_key(unscored) == teacher_key(cfg)  # the same teacher: the same key and directory
+    with pytest.raises(ValueError, match=r"teacher.yaml: this cache was generated with .*'scorer': \{'kind': "
+                                         r"'digit_confidence'.*this run has \{'batch_size': 8\}"):
+        with hold_cache(unscored):
+            pass
+
+
+def test_the_trainer_keeps_by_data_min_score_without_regenerating(scored_digits, tiny_teacher):
+    cfg, cache_dir, root, extra = scored_digits
+    before = {p.name: p.stat().st_mtime_ns for p in cache_dir.iterdir()}
+    scores = {i * 8 + row: score for name, info in sorted(read_manifest(cache_dir).items())
+              for i, row, score in [(int(name[6:12]), r, s) for r, s in enumerate(info.scores)]}
+    threshold = sorted(scores.values())[4]  # drop the bottom 20% (4 of 24; the scores are distinct)
+    filtered = tiny_config(root, tiny_teacher, extra + [f"data.min_score={threshold}"])
+    stream = TeacherStream.from_config(filtered)
+    kept = {i for i, s in scores.items() if s >= threshold}
+    assert stream.samples_per_epoch == len(kept) == 20
+    ids = [i for b in itertools.islice(iter(stream), 5) for i in b["sample_id"]]  # 5 x 8 = two epochs
+    assert sorted(ids[:20]) == sorted(ids[20:]) == sorted(kept)
+    assert "(scored >= " in stream.describe()
+    assert {p.name: p.stat().st_mtime_ns for p in cache_dir.iterdir()} == before  # nothing regenerated
