@@ -104,11 +104,7 @@ class ShardInfo:
     def to_dict(self) -> dict:
         """JSON-able; without ``scores`` when unscored (so such rows are recorded exactly as before scores)."""
         row = dataclasses.asdict(self)
-        if self.scores is None:
-            del row["scores"]
-        else:
-            row["scores"] = list(self.scores)
-        return row
+        return {k: row[k] for k in MANIFEST_COLUMNS} if self.scores is None else {**row, "scores": list(self.scores)}
 
 
 def sample_scores(metas: list[dict], where) -> tuple[float, ...] | None:
@@ -120,13 +116,11 @@ def sample_scores(metas: list[dict], where) -> tuple[float, ...] | None:
     if not all(have):
         raise ValueError(f"{where}: {have.count(False)} of {len(metas)} samples have no score (a shard is scored "
                          "whole or not at all)")
-    scores = []
     for meta in metas:
-        value = meta["score"]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"{where}: sample {meta.get('sample_id')!r} has score {value!r}, not a finite number")
-        scores.append(float(value))
-    return tuple(scores)
+        score = meta["score"]
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+            raise ValueError(f"{where}: sample {meta.get('sample_id')!r} has score {score!r}, not a finite number")
+    return tuple(float(meta["score"]) for meta in metas)
 
 
 def _check_key(key: object) -> str:

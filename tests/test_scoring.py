@@ -207,7 +207,8 @@ def _save_classifier(directory: Path, classifier) -> Path:
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in classifier.state_dict().items()}, str(directory / "classifier.safetensors"))
+    state = {k: v.contiguous() for k, v in classifier.state_dict().items()}
+    save_file(state, str(directory / "classifier.safetensors"))
     return directory
 
 
