@@ -194,7 +194,7 @@ def score_summary(rows) -> str:
     scores = sorted(s for row in rows for s in (row.scores or ()))
     if not scores:
         return "scores: none recorded"
-    quantiles = ", ".join(f"q{int(q * 100)} {scores[min(int(q * len(scores)), len(scores) - 1)]:.4g}"
+    quantiles = ", ".join(f"q{int(q * 100)} {scores[min(int(q * len(scores)), len(scores) - 1)]:.6g}"
                           for q in (0.0, 0.1, 0.2, 0.5, 0.8, 0.9, 1.0))
     return f"scores of {len(scores)} samples: {quantiles} (data.min_score keeps those >= it)"
 

@@ -422,3 +422,20 @@ def test_the_trainer_keeps_by_data_min_score_without_regenerating(scored_digits,
     assert sorted(ids[:20]) == sorted(ids[20:]) == sorted(kept)
     assert "(scored >= " in stream.describe()
     assert {p.name: p.stat().st_mtime_ns for p in cache_dir.iterdir()} == before  # nothing regenerated
+
+
+def test_a_scored_shard_adopted_after_a_crash_keeps_its_scores(scored_digits, tmp_path):
+    """The job died between a shard's rename and its manifest row: the re-run adopts it, with its scores."""
+    import shutil
+
+    from noiserefine.targets.plan import Plan
+    from noiserefine.targets.scan import scan_cache
+
+    cfg, cache_dir, _, _ = scored_digits
+    copy = shutil.copytree(cache_dir, tmp_path / "cache")
+    manifest = read_manifest(copy)
+    lost = manifest.pop("shard-000001.tar")
+    write_manifest(copy, list(manifest.values()))
+    state = scan_cache(copy, Plan.from_config(cfg.data))
+    assert state.adopted == [lost.name] and not state.missing
+    assert read_manifest(copy)[lost.name] == lost and lost.scores is not None
