@@ -124,11 +124,22 @@ class DataConfig:
     # Several caches (prompts, sample counts, teacher settings) in one run, in shares (data.guidance_scales: one
     # component per scale). Empty: one cache.
     mixture: list[MixtureComponentConfig] = field(default_factory=list)
+    # Train only on samples scored >= min_score (ScorerConfig; the manifest's scores: no regeneration); null: all.
+    min_score: Optional[float] = None
     # Object-store I/O: retries of a transient error (backoff io_backoff_s * 2**i, capped at 30 s, jittered),
     # and the size of each ranged GET (a read that breaks resumes from the last whole chunk).
     io_retries: int = 6
     io_backoff_s: float = 1.0
     io_chunk_bytes: int = 8388608
+
+
+@dataclass
+class ScorerConfig:
+    """The teacher job's quality scorer (``noiserefine/scoring``); kind "": none, the cache as before scorers."""
+
+    kind: str = ""  # "" | aesthetic (LAION improved-aesthetic-predictor) | digit_confidence (the embedded default)
+    path: str = ""  # aesthetic: the MLP's .safetensors/.pth; digit_confidence: the classifier's directory
+    clip_path: str = ""  # aesthetic: CLIP ViT-L/14 (a transformers CLIPModel + CLIPImageProcessor directory)
 
 
 @dataclass
@@ -233,6 +244,7 @@ class Config:
     student: StudentConfig = field(default_factory=StudentConfig)
     refiner: RefinerConfig = field(default_factory=RefinerConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    scorer: ScorerConfig = field(default_factory=ScorerConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from .backends.registry import architecture_names, family_names
 from .mixture import NAME, component_config
 from .performance import LeverError, check_levers
+from .scoring import scorer_names
 
 _CHOICES = {
     # the registered model families and their architectures (directories of noiserefine/backends/architectures/)
@@ -29,6 +30,7 @@ _CHOICES = {
     "refiner.form": ("difference", "single_call"),  # noiserefine.refiner.FORMS
     "eval.metrics": ("none", "digit_classifier", "text_image"),
     "benchmark.protocol": ("coco", "imagenet", "prompts"),
+    "scorer.kind": ("", *scorer_names()),  # "": no scorer (noiserefine/scoring)
     # ZeRO-3 partitions the LoRA weights, which the refiner export does not gather
     "train.zero_stage": (0, 1, 2),
 }
@@ -128,6 +130,7 @@ def _check_values(cfg: DictConfig) -> None:
             f"config key 'benchmark.seed_offset' is {bench.seed_offset}: the benchmark's sample ids overlap the "
             f"teacher cache's training ids 0..{planned - 1} (same base seed {bench.base_seed}); "
             f"use benchmark.seed_offset >= {planned}", "benchmark.seed_offset", "data.num_samples")
+    _check_scorer(cfg)
     if cfg.eval.metrics == "text_image" and not (cfg.eval.clip_path or cfg.eval.pickscore_path):
         raise ConfigValueError("config key 'eval.metrics' is 'text_image' but neither eval.clip_path nor "
                                "eval.pickscore_path is set (local CLIP / PickScore weight directories)", "eval.metrics")
@@ -155,6 +158,19 @@ def report_to_list(value) -> list[str]:
 
 def _check_report_to(cfg: DictConfig) -> None:
     report_to_list(cfg.train.report_to)
+
+
+def _check_scorer(cfg: DictConfig) -> None:
+    """A scorer names its weights; ``data.min_score`` is a finite number (null: no filter)."""
+    if cfg.scorer.kind and not cfg.scorer.path:
+        raise ConfigValueError(f"config key 'scorer.path' is empty but scorer.kind is {cfg.scorer.kind!r}: name "
+                               "the scorer's local weights", "scorer.path", "scorer.kind")
+    if cfg.scorer.kind == "aesthetic" and not cfg.scorer.clip_path:
+        raise ConfigValueError("config key 'scorer.clip_path' is empty but scorer.kind is 'aesthetic': name the "
+                               "local CLIP ViT-L/14 directory", "scorer.clip_path", "scorer.kind")
+    if cfg.data.min_score is not None and not math.isfinite(float(cfg.data.min_score)):
+        raise ConfigValueError(f"config key 'data.min_score' must be finite or null, got {cfg.data.min_score}",
+                               "data.min_score")
 
 
 def _check_local_directory(cfg: DictConfig, key: str) -> None:

@@ -7,6 +7,11 @@ readers refuse every other member and load npy with ``allow_pickle=False``.
 Shards are written atomically (temp file + fsync + ``os.replace``; on an object store a
 local temp file and one PUT: ``storage/``) and byte-deterministically;
 ``manifest.parquet`` records name/count/size/sha256.
+
+A scored cache (``noiserefine/scoring``) stores each sample's quality score as the float ``score`` of
+its ``.json``; its manifest row then also holds the shard's scores in sample order (column ``scores``)
+and their min/mean/max (``score_min``, ``score_mean``, ``score_max``: for reading, recomputed on write).
+An unscored cache has none of these columns, exactly as before scores existed.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import tarfile
@@ -29,6 +35,7 @@ from .storage import Location, location, store_for
 
 MANIFEST_NAME = "manifest.parquet"
 MANIFEST_COLUMNS = ("name", "num_samples", "num_bytes", "sha256")
+SCORE_COLUMNS = ("scores", "score_min", "score_mean", "score_max")  # only in the manifest of a scored cache
 _KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 # webdataset lower-cases extensions and TarWriter drops names starting with "_".
 _ARRAY_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
@@ -82,10 +89,38 @@ class ShardSample:
 
 @dataclass(frozen=True)
 class ShardInfo:
+    """A manifest row; ``scores``: each sample's quality score in shard order (a scored cache), else None."""
+
     name: str
     num_samples: int
     num_bytes: int
     sha256: str
+    scores: tuple[float, ...] | None = None
+
+    def __post_init__(self):
+        if self.scores is not None:  # a list from JSON (a checkpoint's rows) or parquet: a hashable tuple
+            object.__setattr__(self, "scores", tuple(float(s) for s in self.scores))
+
+    def to_dict(self) -> dict:
+        """JSON-able; without ``scores`` when unscored (so such rows are recorded exactly as before scores)."""
+        row = dataclasses.asdict(self)
+        return {k: row[k] for k in MANIFEST_COLUMNS} if self.scores is None else {**row, "scores": list(self.scores)}
+
+
+def sample_scores(metas: list[dict], where) -> tuple[float, ...] | None:
+    """The ``score`` of every sample's metadata, in order; None if no sample has one. ``ValueError`` naming
+    ``where`` if only some have one, or one is not a finite number."""
+    have = ["score" in meta for meta in metas]
+    if not any(have):
+        return None
+    if not all(have):
+        raise ValueError(f"{where}: {have.count(False)} of {len(metas)} samples have no score (a shard is scored "
+                         "whole or not at all)")
+    for meta in metas:
+        score = meta["score"]
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+            raise ValueError(f"{where}: sample {meta.get('sample_id')!r} has score {score!r}, not a finite number")
+    return tuple(float(meta["score"]) for meta in metas)
 
 
 def _check_key(key: object) -> str:
@@ -129,6 +164,7 @@ def write_shard(path: str | Path | Location, samples: Iterable[ShardSample]) -> 
 
     path = location(path)
     seen: set[str] = set()
+    metas: list[dict] = []
     # exclusive: a recorded shard is never rewritten, not even with its own bytes by a job that lost its lease
     with store_for(path.parent).publish(path.name, exclusive=True) as tmp:
         with open(tmp, "wb") as f:
@@ -139,10 +175,11 @@ def write_shard(path: str | Path | Location, samples: Iterable[ShardSample]) -> 
                     if s.key in seen:
                         raise ValueError(f"duplicate sample key {s.key!r} in {path}")
                     seen.add(s.key)
+                    metas.append(s.meta)
                     writer.write(record)
             finally:
                 writer.close()  # on error too, so tarfile never writes to a closed file later
-        info = ShardInfo(path.name, len(seen), tmp.stat().st_size, file_sha256(tmp))
+        info = ShardInfo(path.name, len(seen), tmp.stat().st_size, file_sha256(tmp), sample_scores(metas, path))
     return info
 
 
@@ -257,8 +294,8 @@ def shard_info(path) -> ShardInfo:
     """Count (distinct keys), size and sha256 of an existing shard (parsed and decoded whole)."""
     path = location(path)
     data = store_for(path.parent).read_bytes(path.name)
-    count = sum(1 for _ in iter_samples(data, str(path)))
-    return ShardInfo(path.name, count, len(data), hashlib.sha256(data).hexdigest())
+    metas = [sample.meta for sample in iter_samples(data, str(path))]
+    return ShardInfo(path.name, len(metas), len(data), hashlib.sha256(data).hexdigest(), sample_scores(metas, path))
 
 
 def verify_shard(cache_dir, info: ShardInfo) -> bool:
@@ -278,9 +315,16 @@ def manifest_bytes(infos: list[ShardInfo]) -> bytes:
     names = [i.name for i in rows]
     if len(set(names)) != len(names):
         raise ValueError("duplicate shard names in manifest")
-    schema = pa.schema([("name", pa.string()), ("num_samples", pa.int64()),
-                        ("num_bytes", pa.int64()), ("sha256", pa.string())])
-    table = pa.Table.from_pylist([dataclasses.asdict(i) for i in rows], schema=schema)
+    fields = [("name", pa.string()), ("num_samples", pa.int64()), ("num_bytes", pa.int64()), ("sha256", pa.string())]
+    records = [{k: v for k, v in dataclasses.asdict(i).items() if k != "scores"} for i in rows]
+    if any(i.scores is not None for i in rows):  # a scored cache; an unscored one keeps the four columns
+        fields += [("scores", pa.list_(pa.float64()))] + [(c, pa.float64()) for c in SCORE_COLUMNS[1:]]
+        for record, info in zip(records, rows):
+            scores = list(info.scores) if info.scores is not None else None
+            record.update(scores=scores, score_min=min(scores) if scores else None,
+                          score_mean=math.fsum(scores) / len(scores) if scores else None,
+                          score_max=max(scores) if scores else None)
+    table = pa.Table.from_pylist(records, schema=pa.schema(fields))
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     return sink.getvalue().to_pybytes()
@@ -307,12 +351,18 @@ def parse_manifest(data: bytes | None, where) -> dict[str, ShardInfo]:
     missing = [c for c in MANIFEST_COLUMNS if c not in table.column_names]
     if missing:
         raise ValueError(f"{where}: manifest is missing columns {missing}")
+    columns = list(MANIFEST_COLUMNS) + (["scores"] if "scores" in table.column_names else [])
     out: dict[str, ShardInfo] = {}
-    for r in table.select(list(MANIFEST_COLUMNS)).to_pylist():
+    for r in table.select(columns).to_pylist():
         name = _check_plain_name(r["name"])
         if name in out:
             raise ValueError(f"{where}: duplicate shard name {name!r}")
-        out[name] = ShardInfo(name, int(r["num_samples"]), int(r["num_bytes"]), str(r["sha256"]))
+        scores = r.get("scores")
+        if scores is not None and (len(scores) != int(r["num_samples"]) or not all(
+                s is not None and math.isfinite(s) for s in scores)):
+            raise ValueError(f"{where}: row {name!r} has {len(scores)} scores for {r['num_samples']} samples, or "
+                             "a missing or non-finite one")
+        out[name] = ShardInfo(name, int(r["num_samples"]), int(r["num_bytes"]), str(r["sha256"]), scores)
     return out
 
 

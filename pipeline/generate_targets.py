@@ -38,6 +38,8 @@ from noiserefine.backends import load_backend  # noqa: E402
 from noiserefine.config import config_from_container, parse_cli, to_yaml  # noqa: E402
 from noiserefine.mixture import component_named, components  # noqa: E402
 from noiserefine.performance import apply_levers  # noqa: E402
+from noiserefine.scoring import load_scorer  # noqa: E402
+from noiserefine.shards import read_manifest  # noqa: E402
 from noiserefine.storage.locks import check_lease  # noqa: E402
 from noiserefine.targets.cache import hold_cache, record_shards  # noqa: E402
 from noiserefine.targets.generate import generate_shard  # noqa: E402
@@ -56,13 +58,15 @@ class TargetWorker:
         self.cache_dir, self.key = cache_dir, key
         self.backend = load_backend(self.cfg.model)
         apply_levers(self.backend, self.cfg.performance)
+        self.scorer = load_scorer(self.cfg.scorer, self.backend.device)  # None without scorer.kind
 
     def ready(self) -> bool:
         """Returns once the teacher is loaded (the driver hands out shards only to workers that are up)."""
         return True
 
     def generate(self, shard_index: int, samples: list, name: str):
-        return generate_shard(self.backend, self.cfg, samples, shard_index, self.cache_dir, self.key, name=name)
+        return generate_shard(self.backend, self.cfg, samples, shard_index, self.cache_dir, self.key, name=name,
+                              scorer=self.scorer)
 
 
 def generate_with_ray(cfg, cache_dir, key: str, plan: Plan, missing: dict[int, str]):
@@ -210,8 +214,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"generated {num_samples} samples in {len(state.missing)} shards in {seconds:.1f} s "
           f"({num_samples / seconds if num_samples else 0.0:.1f} samples/s); cache holds {plan.num_samples} "
           f"samples in {plan.num_shards} shards", flush=True)
+    if cfg.scorer.kind:
+        print(score_summary(read_manifest(cache_dir).values()), flush=True)
     print(cache_dir)
     return 0
+
+
+def score_summary(rows) -> str:
+    """One line on the scores of a scored cache: quantiles, to choose data.min_score by."""
+    scores = sorted(s for row in rows for s in (row.scores or ()))
+    if not scores:
+        return "scores: none recorded"
+    quantiles = ", ".join(f"q{int(q * 100)} {scores[min(int(q * len(scores)), len(scores) - 1)]:.6g}"
+                          for q in (0.0, 0.1, 0.2, 0.5, 0.8, 0.9, 1.0))
+    return f"scores of {len(scores)} samples: {quantiles} (data.min_score keeps those >= it)"
 
 
 if __name__ == "__main__":

@@ -42,17 +42,24 @@ def cache_dir_for(cfg) -> Location:
 
 
 def generation_settings(cfg) -> dict:
-    """Settings that change target bits but not the teacher: pinned per cache, not keyed.
+    """Settings that change the shards' bytes but not the teacher: pinned per cache, not keyed.
 
     Batched network calls round differently at another batch size, so a shard made at
     another ``pipeline.batch_size`` would not be byte-identical to its retry; so do the speed levers the
     teacher runs with (``performance.*``, but the refiner's micro-batch), pinned only when one is on (a cache
-    made before levers existed pinned the batch size alone).
+    made before levers existed pinned the batch size alone). The scorer (``scorer_identity``: kind and
+    weights' sha256; only when one is configured, so an unscored cache's record is as before scorers) writes
+    each sample's score into its ``.json``: one cache never mixes scorers, or scored and unscored shards.
     """
+    from ..scoring import scorer_identity
+
     settings: dict = {"batch_size": int(cfg.pipeline.batch_size)}
     levers = {key: value for key, value in teacher_levers(cfg).items() if value}
     if levers:
         settings["performance"] = levers
+    scorer = scorer_identity(cfg.scorer)
+    if scorer is not None:
+        settings["scorer"] = scorer
     return settings
 
 
@@ -187,8 +194,9 @@ def _check_generation(cache_dir, cfg) -> None:
     pinned = check_teacher(cache_dir, cfg).get("generation", {})
     if pinned and pinned != generation_settings(cfg):
         raise ValueError(f"{cache_dir / TEACHER_FILE}: this cache was generated with {pinned}, this run "
-                         f"has {generation_settings(cfg)}; retried shards would not be byte-identical. "
-                         "Use the recorded settings (e.g. pipeline.batch_size) or another data.cache_root")
+                         f"has {generation_settings(cfg)}; retried shards would not be byte-identical (and a "
+                         "cache's scores all come from one scorer). Use the recorded settings (e.g. "
+                         "pipeline.batch_size, scorer.*) or another data.cache_root / data.cache_dir")
 
 
 def _refuse_foreign(cache_dir) -> None:

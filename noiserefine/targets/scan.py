@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ..shards import ShardInfo, iter_samples, parse_shard_name, read_manifest, sample_key, shard_name
+from ..shards import ShardInfo, iter_samples, parse_shard_name, read_manifest, sample_key, sample_scores, shard_name
 from ..storage import location, store_for
 from .cache import read_teacher_record, record_shards
 from ..storage.locks import check_lease
@@ -103,7 +103,11 @@ def check_against_plan(path, plan: Plan, index: int, record: dict) -> ShardInfo:
                              + ("" if target is None or np.isfinite(target).all() else " with non-finite values"))
         if sample.meta.get("noise_fingerprint") != fingerprint(noise_from_seed(planned.seed, target.shape)):
             raise ValueError(f"{where}: its noise fingerprint is not that of seed {planned.seed}")
-    return ShardInfo(path.name, len(samples), len(data), hashlib.sha256(data).hexdigest())
+    scores = sample_scores([sample.meta for sample in samples], path)
+    if (scores is None) != (record.get("generation", {}).get("scorer") is None):
+        raise ValueError(f"{path}: its samples are {'un' if scores is None else ''}scored, the cache's "
+                         f"generation settings {'record a' if scores is None else 'record no'} scorer")
+    return ShardInfo(path.name, len(samples), len(data), hashlib.sha256(data).hexdigest(), scores)
 
 
 def _scan_locked(store, plan: Plan, verify: bool) -> CacheState:

@@ -11,6 +11,10 @@ sample is dropped and every batch is full); rank ``r`` of ``W`` takes the contig
 counts by construction, no collective waits on a rank that ran out of data), the ranks'
 samples are disjoint, and the sequence of global batches is the same for every ``W`` that
 divides ``G``: a run checkpointed on ``W`` ranks continues the same sequence on ``W'``.
+
+Filtered by score (``data.min_score``): a shard's span counts only its kept rows (``kept``: the shard
+rows whose score passes, in shard order), so positions, epochs and batches are those of the kept
+samples alone; the reader maps a kept position back to its shard row (:meth:`GlobalOrder.rows`).
 """
 
 from __future__ import annotations
@@ -57,9 +61,14 @@ class ShardSpan:
 class GlobalOrder:
     """The world-size-independent sample order of a cache (see the module docstring)."""
 
-    def __init__(self, names: list[str], counts: dict[str, int], seed: int, global_batch_size: int):
+    def __init__(self, names: list[str], counts: dict[str, int], seed: int, global_batch_size: int,
+                 kept: dict[str, tuple[int, ...]] | None = None):
+        """``kept`` None: every row of every shard; else each shard's kept rows (its count is their number)."""
         if global_batch_size < 1:
             raise ValueError(f"global_batch_size must be >= 1, got {global_batch_size}")
+        self.kept = None if kept is None else {name: tuple(kept[name]) for name in names}
+        if self.kept is not None:
+            counts = {name: len(rows) for name, rows in self.kept.items()}
         self.names, self.counts, self.seed = list(names), dict(counts), int(seed)
         self.global_batch_size = int(global_batch_size)
         self.samples_per_epoch = sum(self.counts[name] for name in self.names)
@@ -86,6 +95,10 @@ class GlobalOrder:
         lo, hi = rank * size, (rank + 1) * size
         return [i for i in range(max(first - span.start, 0), span.count)
                 if lo <= (span.start + i) % self.global_batch_size < hi]
+
+    def rows(self, name: str, indices: list[int]) -> tuple[int, ...]:
+        """The shard rows of the kept samples at ``indices`` of shard ``name`` (themselves when unfiltered)."""
+        return tuple(indices) if self.kept is None else tuple(self.kept[name][i] for i in indices)
 
     def epoch_of(self, position: int) -> int:
         return position // self.samples_per_epoch

@@ -42,11 +42,16 @@ class _ShardDamaged(Exception):
 
 @dataclass(frozen=True)
 class ReadItem:
-    """Read shard ``name`` (positions from ``start``) and keep the samples at ``indices`` (this rank's)."""
+    """Read shard ``name`` (positions from ``start``) and keep the samples at ``indices`` (this rank's).
+
+    ``rows``: the shard row of each index, for a shard filtered by score (index ``i`` is its ``i``-th kept
+    sample, at position ``start + i``); None: index = row.
+    """
 
     name: str
     start: int
     indices: tuple[int, ...]
+    rows: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -103,6 +108,8 @@ class ShardReader:
             part.skip = self._damaged(path, len(wanted), str(damage))
             return part
         samples = iter_samples(data, str(path))
+        rows = item.indices if item.rows is None else item.rows
+        position_of = {row: item.start + index for index, row in zip(item.indices, rows)}
         used = 0
         while True:
             try:
@@ -112,17 +119,21 @@ class ShardReader:
             except ShardFormatError as error:  # the bytes match the manifest, the tar does not
                 part.skip = self._damaged(path, len(wanted) - len(part.samples), f"unreadable tar: {error}")
                 return part
-            if used in wanted:
-                part.samples.append((item.start + used, self.check(sample, path)))  # never skipped
+            if used in position_of:
+                checked = self.check(sample, path, None if info.scores is None else info.scores[used])
+                part.samples.append((position_of[used], checked))  # never skipped
             used += 1
         if used != info.num_samples:
             lost = len(wanted) - len(part.samples)
             part.skip = self._damaged(path, lost, f"holds {used} samples but the manifest says {info.num_samples}")
         return part
 
-    def check(self, sample: ShardSample, path) -> dict:
+    def check(self, sample: ShardSample, path, score: float | None = None) -> dict:
+        """The training sample of ``sample``; ``score``: the one its manifest row records (its ``.json`` must agree)."""
         key, meta, arrays = sample.key, sample.meta, sample.arrays
         where = f"sample {key!r} of shard {path}"
+        if score is not None and meta.get("score") != score:
+            raise ValueError(f"{where}: score {meta.get('score')!r} in its metadata, the manifest records {score}")
         if "target" not in arrays:
             raise ValueError(f"{where} has no target array (members: {sorted(arrays)})")
         for name in ("sample_id", "seed", "prompt", "noise_fingerprint", "teacher_key"):

@@ -15,11 +15,16 @@ other; DataLoader worker ``w`` of ``n`` reads shards ``w, w+n, ...`` of that lis
 batches are assembled in order in the rank's process. With slices shorter than a shard each
 rank reads every shard (``W`` x the bytes of a per-rank split; see docs/scale.md). What is
 checked while reading, and what damage does: ``reader.py``.
+
+Filter: with ``min_score`` (``data.min_score``) only the samples whose score (the manifest row's
+``scores``, written by the teacher job's scorer) is at least ``min_score`` are trained on; the order
+is that of the kept samples alone (``order.py``), so the threshold changes without regenerating
+anything and resume stays exact and elastic. The threshold is part of the stream's state.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -129,8 +134,10 @@ class TeacherStream:
     def __init__(self, cache_dir: str | Location | None, manifest: dict[str, ShardInfo] | None, *,
                  teacher_key: str, seed: int, rank: int, world_size: int, global_batch_size: int,
                  num_workers: int = 0, skip_corrupt: bool = False, shards: list[str] | None = None,
-                 latent_shape: tuple[int, ...] | None = None, opener: CacheOpener | None = None):
+                 latent_shape: tuple[int, ...] | None = None, opener: CacheOpener | None = None,
+                 min_score: float | None = None):
         """``latent_shape``: the backend's (every target must have it; None: the first target's).
+        ``min_score``: train only on samples scored at least this (None: on all).
 
         ``manifest`` None: the cache is opened when first needed, by ``opener(None)``, unless
         :meth:`load_state_dict` opens it first on the rows a checkpoint recorded (``opener(rows)``).
@@ -153,6 +160,7 @@ class TeacherStream:
         self.corrupt_skipped = 0
         self.skip_events: list[SkipEvent] = []
         self._opener = opener
+        self.min_score = None if min_score is None else float(min_score)
         self._rows: _Rows | None = None
         if manifest is not None:
             self._use(cache_dir, manifest, shards)
@@ -171,7 +179,7 @@ class TeacherStream:
         return cls(cache_dir, manifest, teacher_key=teacher_key(cfg), seed=cfg.train.seed, rank=rank,
                    world_size=world_size, global_batch_size=cfg.train.global_batch_size,
                    num_workers=cfg.train.num_loader_workers, skip_corrupt=cfg.train.skip_corrupt_shards,
-                   shards=shards, latent_shape=latent_shape, opener=opener)
+                   shards=shards, latent_shape=latent_shape, opener=opener, min_score=cfg.data.min_score)
 
     def _use(self, cache_dir, manifest: dict[str, ShardInfo], shards: list[str] | None) -> None:
         cache_dir = location(cache_dir)
@@ -180,8 +188,27 @@ class TeacherStream:
         if unknown:
             raise ValueError(f"shards {unknown} are not in the manifest of {cache_dir}")
         rows = {name: manifest[name] for name in names}
-        order = GlobalOrder(names, {n: row.num_samples for n, row in rows.items()}, self.seed, self.global_batch_size)
+        order = GlobalOrder(names, {n: row.num_samples for n, row in rows.items()}, self.seed, self.global_batch_size,
+                            kept=self._kept(cache_dir, rows))
         self._rows = _Rows(cache_dir, rows, order)
+
+    def _kept(self, cache_dir, rows: dict[str, ShardInfo]) -> dict[str, tuple[int, ...]] | None:
+        """Each shard's rows scored at least ``min_score`` (None without a threshold)."""
+        if self.min_score is None:
+            return None
+        unscored = [name for name, row in rows.items() if row.scores is None]
+        if unscored:
+            raise ValueError(f"data.min_score={self.min_score:g} but teacher cache {cache_dir} is not scored "
+                             f"({len(unscored)} of its {len(rows)} shards have no scores, e.g. {unscored[0]}): "
+                             "generate it with a scorer (scorer.kind, scorer.path) or unset data.min_score")
+        kept = {name: tuple(i for i, score in enumerate(row.scores) if score >= self.min_score)
+                for name, row in rows.items()}
+        if not any(kept.values()):
+            scores = [score for row in rows.values() for score in row.scores]
+            raise ValueError(f"data.min_score={self.min_score:g} keeps none of the {len(scores)} samples of teacher "
+                             f"cache {cache_dir} (its highest score is {max(scores, default=math.nan):g}); lower "
+                             "data.min_score")
+        return kept
 
     def _opened(self) -> _Rows:
         if self._rows is None:  # a fresh run: the cache's rows now (a resumed run's come from load_state_dict)
@@ -203,7 +230,10 @@ class TeacherStream:
         return list(self.manifest.values())
 
     def describe(self) -> str:
-        return f"teacher cache {self.cache_dir}: {len(self.manifest)} shards, {self.samples_per_epoch} samples/epoch"
+        kept = "" if self.min_score is None else (f" (scored >= {self.min_score:g}: of "
+                                                  f"{sum(r.num_samples for r in self.manifest.values())})")
+        return (f"teacher cache {self.cache_dir}: {len(self.manifest)} shards, {self.samples_per_epoch} samples/epoch"
+                + kept)
 
     def epoch_shards(self, epoch: int) -> list[str]:
         """The shards this rank reads in ``epoch`` (those holding a position of its slices), in order."""
@@ -236,7 +266,7 @@ class TeacherStream:
         while True:
             spans = [span for span in order.epoch_spans(epoch) if span.start + span.count > first]
             wanted = [order.wanted(span, self.rank, self.world_size, first) for span in spans]
-            parts = iter(self._parts([ReadItem(span.name, span.start, tuple(indices))
+            parts = iter(self._parts([ReadItem(span.name, span.start, tuple(indices), order.rows(span.name, indices))
                                       for span, indices in zip(spans, wanted) if indices]))
             for span, indices in zip(spans, wanted):
                 if indices:
@@ -280,8 +310,9 @@ class TeacherStream:
 
     def state_dict(self) -> dict:
         """Position, this rank's corrupt-sample counter and the shard rows it trains on (JSON-able)."""
-        return {**self.position.to_dict(), "corrupt_skipped": self.corrupt_skipped,
-                "shard_rows": [dataclasses.asdict(row) for row in self.shard_rows()]}
+        threshold = {} if self.min_score is None else {"min_score": self.min_score}  # unfiltered: as before
+        return {**self.position.to_dict(), "corrupt_skipped": self.corrupt_skipped, **threshold,
+                "shard_rows": [row.to_dict() for row in self.shard_rows()]}
 
     def load_state_dict(self, state: dict) -> DataPosition:
         """Continue at ``state``: on exactly its shard rows (each still there, unchanged, else ``ValueError``
@@ -290,6 +321,10 @@ class TeacherStream:
         if not isinstance(state.get("shard_rows"), list):
             raise ValueError(f"data state with keys {sorted(state)} records no list of shard_rows (what the run "
                              "trained on); train in a new train.output_dir")
+        if state.get("min_score") != self.min_score:
+            raise ValueError(f"data state trained with data.min_score={state.get('min_score')}, this run has "
+                             f"{self.min_score}: the order of the kept samples would differ; resume with the "
+                             "recorded threshold, or train in a new train.output_dir")
         rows = [ShardInfo(**row) for row in state["shard_rows"]]
         if self._opener is not None:
             cache_dir, manifest = self._opener(rows)
