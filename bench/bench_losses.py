@@ -23,7 +23,8 @@ CHILD = r"""
 import json, resource, sys, time, torch
 torch.set_num_threads(int(sys.argv[4]))
 from noiserefine.backends.digits import DigitsBackend, SCHEDULER_CONFIG, build_unet
-from noiserefine.config import RefinerConfig, load_config
+from noiserefine.config import load_config
+from noiserefine.config_schema import RefinerConfig
 from noiserefine.losses import build_loss
 from noiserefine.refiner import Refiner
 loss_name, num_steps, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])

@@ -142,7 +142,7 @@ def msd_step(backend, cond, noise, num_steps: int = 1, seed: int = 0) -> tuple[f
     """One refiner training step as ``train.loop.train_step`` runs it, without DeepSpeed: refiner forward (LoRA
     graph), MSD loss against a random target, backward, AdamW. Returns (seconds, loss, FLOPs of one sample's
     forward + backward, counted after the timed step); the refiner stays attached."""
-    from noiserefine.config import RefinerConfig
+    from noiserefine.config_schema import RefinerConfig
     from noiserefine.losses import MSDLoss
     from noiserefine.refiner import Refiner
 

@@ -58,7 +58,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
 
 from .backends.base import Backend, Conditioning
-from .config import RefinerConfig, load_config, save_config
+from .config import load_config, save_config
+from .config_schema import RefinerConfig
 from .files import atomic_path, write_text_atomic
 from .hub_refs import resolve_refiner
 from .model_card import write_model_card

@@ -50,7 +50,8 @@ def cuda_bf16_digits() -> DigitsBackend:
 
 def test_refiner_identity_at_init_and_msd_step_on_cuda_bf16(cuda):
     """x̂_T == x_T bit for bit at init on CUDA in bf16, and one MSD step reaches the LoRA only (float32 noise in)."""
-    from noiserefine.config import RefinerConfig, load_config
+    from noiserefine.config import load_config
+    from noiserefine.config_schema import RefinerConfig
     from noiserefine.losses import build_loss
     from noiserefine.refiner import Refiner
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from conftest import tiny_digits_backend
-from noiserefine.config import RefinerConfig
+from noiserefine.config_schema import RefinerConfig
 from noiserefine.inversion import ddim_invert, inverse_scheduler
 from noiserefine.config import load_config
 from noiserefine.losses import FullGradientLoss, MSDLoss, NoiseSpaceLoss, build_loss

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from conftest import REFINER_PROMPTS as PROMPTS, randomise_lora, refiner_inputs, tiny_digits_backend
 from helpers_cache import REPO, build_cache, tiny_cache, tiny_config, tiny_overrides, tiny_root, tiny_teacher  # noqa: F401
 from noiserefine.backends import load_backend
-from noiserefine.config import RefinerConfig, load_config
+from noiserefine.config import load_config
+from noiserefine.config_schema import RefinerConfig
 from noiserefine.noise import noise_from_seeds
 from noiserefine.refiner import Refiner, adapters_enabled, load_refiner, lora_enabled
 from noiserefine.digits.multi_scale import held_out_scales

@@ -11,7 +11,9 @@ from omegaconf import OmegaConf
 
 from conftest import REFINER_PROMPTS, refiner_inputs, tiny_digits_backend
 from noiserefine.backends.digits import DigitsBackend
-from noiserefine.config import PerformanceConfig, RefinerConfig, load_config
+from noiserefine.config import load_config
+from noiserefine.config_schema import RefinerConfig
+from noiserefine.performance import PerformanceConfig
 from noiserefine.losses import MSDLoss
 from noiserefine.performance import LeverError, apply_levers, refine_in_micro_batches
 from noiserefine.refiner import Refiner

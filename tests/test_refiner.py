@@ -3,7 +3,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import REFINER_PROMPTS as PROMPTS, randomise_lora, refiner_inputs, tiny_digits_backend
-from noiserefine.config import RefinerConfig, load_config
+from noiserefine.config import load_config
+from noiserefine.config_schema import RefinerConfig
 from noiserefine.refiner import (CONFIG_FILE, SAMPLER_FILE, WEIGHTS_FILE, Refiner, adapters_enabled, load_refiner,
                                  lora_enabled, save_refiner)
 from noiserefine.sampling import rollout

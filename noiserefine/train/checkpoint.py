@@ -63,7 +63,7 @@ def resume_mismatch(stored: dict, current: dict) -> list[str]:
     """Config keys that differ between a checkpoint and this run and would change the training. A key one side
     lacks (a checkpoint's config written before the key existed) counts as its default: what that trainer did
     (e.g. no ``data.mixture``)."""
-    from ..config import Config  # the schema's defaults (config imports no stage)
+    from ..config_schema import Config  # the schema's defaults (config imports no stage)
 
     defaults = _flatten({k: v for k, v in OmegaConf.to_container(OmegaConf.structured(Config)).items()
                          if k in COMPARED_SECTIONS})
