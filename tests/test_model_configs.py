@@ -126,7 +126,7 @@ def test_config_loads_and_names_the_missing_model(name):
     assert cfg.model.backend == backend and cfg.model.init == "pretrained" and cfg.teacher.guidance == guidance
     if guidance == "cfg_pag":  # text-to-image teachers: CFG+PAG, the PAG pipeline defaults
         assert cfg.teacher.pag_scale == 3.0 and list(cfg.teacher.pag_layers) == ["mid"]
-    if name in ("sd21", "sdxl"):  # the paper's COCO component until data.mixture lands (tests/test_recipe.py)
+    if name in ("sd21", "sdxl"):  # the paper's COCO component; the full mixture is configs/paper_data.yaml (tests/test_recipe.py)
         assert [s.kind for s in cfg.data.sources] == ["coco"]
     elif backend != "sit":
         assert sorted(s.kind for s in cfg.data.sources) == ["coco", "pickapic"]

@@ -97,13 +97,42 @@ def test_every_recipe_value_carries_its_source(name):
     assert not uncommented, f"configs/{name}.yaml: recipe values without a source comment: {uncommented}"
 
 
+# The full data recipe (arXiv v1 D.2), configs/paper_data.yaml layered on sd21/sdxl: two components in the kept
+# shares 20K : 30K, each with its teacher, and the aesthetic filter at 6.0.
+PAPER_DATA = {
+    "coco": {"weight": 2.0, "teacher": {"guidance": "cfg", "guidance_scale": 7.5}, "sources": [("coco", 1.0)]},
+    "pickapic": {"weight": 3.0, "teacher": {"guidance": "cfg_pag", "guidance_scale": 3.0, "pag_scale": 2.0},
+                 "sources": [("pickapic", 1.0)]},
+}
+
+
 @pytest.mark.parametrize("name", ["sd21", "sdxl"])
-def test_the_full_data_recipe_waits_commented_out(name):
-    """Until data.mixture and data.min_score exist, the Pick-a-Pic component and the filter are a commented block."""
-    text = (REPO / "configs" / f"{name}.yaml").read_text()
-    assert "enable once data.mixture lands" in text
-    for line in ("guidance_scale: 3.0, pag_scale: 2.0", "min_score: 6.0", "guidance: cfg, guidance_scale: 7.5"):
-        assert line in text, line
+def test_the_full_data_recipe_layers_on_the_model_config(name):
+    """``--config <model>.yaml --config paper_data.yaml`` is the paper's mixture, filter and scorer, each component's
+    merged config carrying its teacher (the checks a training run makes at load time pass)."""
+    from noiserefine.mixture import components
+
+    cfg = load_config([REPO / "configs" / f"{name}.yaml", REPO / "configs" / "paper_data.yaml"])
+    assert cfg.data.min_score == 6.0 and cfg.scorer.kind == "aesthetic"
+    merged = {component.name: component for component in components(cfg)}
+    assert sorted(merged) == sorted(PAPER_DATA)
+    for component_name, expected in PAPER_DATA.items():
+        entry = next(e for e in cfg.data.mixture if e.name == component_name)
+        assert float(entry.weight) == expected["weight"]
+        component_cfg = merged[component_name].cfg
+        for key, value in expected["teacher"].items():
+            assert component_cfg.teacher[key] == value, (component_name, key)
+        assert value_of(component_cfg, "data.sources") == expected["sources"]
+        assert component_cfg.teacher.num_steps == 20 and component_cfg.student.num_steps == 10
+
+
+def test_every_paper_data_value_carries_its_source():
+    text = (REPO / "configs" / "paper_data.yaml").read_text()
+    for key in ("weight: 2.0", "weight: 3.0", "guidance_scale: 7.5", "guidance_scale: 3.0, pag_scale: 2.0",
+                "min_score: 6.0", "kind: aesthetic", "num_samples: 80000", "num_samples: 120000"):
+        line = next(line for line in text.splitlines() if key in line)
+        above = text.splitlines()[text.splitlines().index(line) - 1]
+        assert "#" in line or above.lstrip().startswith("#"), f"configs/paper_data.yaml: {key!r} without a source"
 
 
 def test_a_drifted_config_is_caught():
