@@ -21,6 +21,7 @@ from ..evaluation.comparison import save_comparison_grid
 from ..evaluation.grids import save_rows_grid
 from ..evaluation.rows import Row, eval_set, metrics_markdown, sample_row, score_rows
 from ..evaluation.scores import gap_closed
+from .recipe import recipe_table
 from ..files import write_text_atomic
 from ..noise import noise_from_seeds, sample_seed
 from ..refiner import load_refiner
@@ -299,6 +300,9 @@ def write_report(cfg, results: dict, run_dir: Path) -> None:
         f"{cfg.eval.grid_columns} held-out seeds (a fixed rule; same seed and prompt in every column):", "",
         "![comparison](comparison.png)", "",
         f"All rows, first {cfg.eval.grid_columns * 2} seeds:", "", "![samples](samples.png)", "",
+        "## The paper's recipe: what this run follows", "",
+        "The paper's SD 2.1 values (README \"The paper's recipe\") against this run's config "
+        "(`noiserefine/digits/recipe.py`).", "", recipe_table(cfg), "",
         "## Goals (measured, not tuned)", "",
         "Judged from `metrics.json` by `noiserefine.digits.report.judge_goals`; thresholds fixed before the run.", "",
         "| group | goal | measured | met |", "|---|---|---|---|",
