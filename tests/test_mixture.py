@@ -234,7 +234,6 @@ def test_a_multi_scale_checkpoint_of_format_4_resumes_as_the_mixture_of_its_scal
                                                                                     tiny_cache):
     """Format 4's multi-scale data state (rows keyed by repr(w), a position in global batches), as its
     MultiScaleStream wrote it, continues where that stream would have (batch b: scale b % 2, its batch b // 2)."""
-    from dataclasses import asdict
 
     from noiserefine.mixture import at_guidance_scale
     from noiserefine.targets.cache import open_cache
@@ -242,7 +241,7 @@ def test_a_multi_scale_checkpoint_of_format_4_resumes_as_the_mixture_of_its_scal
 
     cfg = tiny_config(tiny_root, tiny_teacher, ["data.guidance_scales=[1.5,3.0]", "refiner.guidance_timestep_slope=200"])
     build_cache(at_guidance_scale(cfg, 1.5))
-    rows = {repr(w): [asdict(r) for r in open_cache(at_guidance_scale(cfg, w))[1].values()] for w in (1.5, 3.0)}
+    rows = {repr(w): [r.to_dict() for r in open_cache(at_guidance_scale(cfg, w))[1].values()] for w in (1.5, 3.0)}
     stream = open_stream(cfg, 0, 1)
     batches = list(itertools.islice(stream.batches(stream.load_state_dict(
         {"batches": 5, "corrupt_skipped": 2, "shard_rows": rows})), 2))

@@ -162,8 +162,11 @@ def test_wandb_offline_run_is_resumed_under_its_stored_id(tracked):
     files = sorted(killed.glob("wandb/offline-run-*/run-*.wandb"))
     assert len(files) == 2 and all(f.name == f"run-{run_id}.wandb" for f in files)
     first, second = (wandb_records(f) for f in files)
-    runs = [next(r["run"] for r in records if r["type"] == "run") for records in (first, second)]
-    assert [r["run_id"] for r in runs] == [run_id, run_id] and all(r.get("resume") for r in runs)
+    # the killed attempt's file holds what wandb's service had flushed before the kill (every 15 s): on a fast
+    # machine possibly not even its run record, so its records are checked only as far as they go
+    runs = [next((r["run"] for r in records if r["type"] == "run"), None) for records in (first, second)]
+    assert runs[1] is not None and runs[1]["run_id"] == run_id and runs[1].get("resume")
+    assert runs[0] is None or (runs[0]["run_id"] == run_id and runs[0].get("resume"))
     assert runs[1]["config"]["update"]["train"]["report_to"] == ["tensorboard", "wandb"]
     # the killed attempt: what wandb's service had flushed to the file (every 15 s) before the kill, in order
     before = [h["_step"] for h in wandb_history(files[0])]
