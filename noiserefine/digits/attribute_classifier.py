@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .classifier import TRAIN_THREADS, digit_split
+from .classifier import digit_split, training_threads
 from .compose import ATTRIBUTES, sklearn_digits, random_attributes, render
 
 
@@ -62,12 +62,8 @@ def train_attribute_classifier(canvas: int, *, seed: int = 0, num_steps: int = 5
                                ) -> tuple[AttributeClassifier, dict[str, float]]:
     """Train on the fixed 85% split; return the eval-mode model and its held-out accuracy per attribute
     (on the held-out 15%, each digit drawn once with attributes from ``seed``)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(TRAIN_THREADS)
-    try:
+    with training_threads():
         return _train(canvas, seed, num_steps, batch_size)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _train(canvas: int, seed: int, num_steps: int, batch_size: int) -> tuple[AttributeClassifier, dict[str, float]]:

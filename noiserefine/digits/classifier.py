@@ -12,6 +12,7 @@ Generated images are float tensors in [0, 1] of shape (B, 1, 16, 16); real digit
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Sequence
@@ -92,10 +93,17 @@ def train_digit_classifier(
     *, seed: int = 0, num_steps: int = DEFAULT_NUM_STEPS, batch_size: int = 64, device="cpu"
 ) -> tuple[DigitClassifier, float]:
     """Train on the fixed 85% split (with augmentation); return (eval-mode model, held-out acc)."""
+    with training_threads():
+        return _train_digit_classifier(seed, num_steps, batch_size, device)
+
+
+@contextlib.contextmanager
+def training_threads():
+    """Torch's intra-op threads pinned to :data:`TRAIN_THREADS` while a classifier trains (then restored)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(TRAIN_THREADS)
     try:
-        return _train_digit_classifier(seed, num_steps, batch_size, device)
+        yield
     finally:
         torch.set_num_threads(threads)
 
