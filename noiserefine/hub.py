@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .hub_refs import CARD_FILE, REFINER_FILES, hub_repo_id, resolve_refiner  # noqa: F401  (the public names)
+from .hub_refs import CARD_FILE, REFINER_FILES
 
 
 def check_refiner_dir(directory: Path) -> None:

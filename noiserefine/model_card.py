@@ -108,7 +108,7 @@ python -m noiserefine.sample --refiner {repo_hint} --prompt "a prompt" --seeds 0
 ```python
 from noiserefine.backends import load_backend
 from noiserefine.config import load_config
-from noiserefine.hub import resolve_refiner
+from noiserefine.hub_refs import resolve_refiner
 from noiserefine.refiner import load_refiner
 
 directory = resolve_refiner("{repo_hint}")  # a Hub repo id, or a local directory given as a path

@@ -333,7 +333,7 @@ def load_refiner(directory: str | Path, backend: Backend, check_sampler: bool = 
     whose sampler differs (a refiner trained against one sampler must not silently meet
     another). A same-architecture model (a fine-tune, or the model with a style LoRA)
     loads it: zero-shot transfer. The backend is left as it was on any error. ``directory`` may be a Hub
-    repo id (a string; ``noiserefine.hub.resolve_refiner``'s rule), checked the same way once downloaded.
+    repo id (a string; ``noiserefine.hub_refs.resolve_refiner``'s rule), checked the same way once downloaded.
     """
     directory = resolve_refiner(directory)
     weights = directory / WEIGHTS_FILE

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import REFINER_PROMPTS as PROMPTS, randomise_lora, refiner_inputs, tiny_digits_backend
-from noiserefine import hub
+from noiserefine import hub, hub_refs
 from noiserefine.config import load_config, refiner_run_config
 from noiserefine.refiner import Refiner, load_refiner, save_refiner
 
@@ -132,7 +132,7 @@ def test_repo_id_not_in_the_cache_offline_says_it_is_not_cached(offline_cache):
     ("someone/refiner/", None), ("../refiner", None), ("some one/refiner", None), ("a--b/c", None),
     (Path("someone/refiner"), None)])
 def test_repo_id_or_directory_rule(reference, repo_id):
-    assert hub.hub_repo_id(reference) == repo_id
+    assert hub_refs.hub_repo_id(reference) == repo_id
 
 
 def test_a_directory_given_as_a_path_never_asks_the_hub(exported, monkeypatch, tmp_path):
@@ -143,11 +143,11 @@ def test_a_directory_given_as_a_path_never_asks_the_hub(exported, monkeypatch, t
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", no_hub)
     monkeypatch.chdir(exported["dir"].parent.parent)  # run/refiner exists here
-    assert hub.resolve_refiner("./run/refiner") == Path("./run/refiner")
+    assert hub_refs.resolve_refiner("./run/refiner") == Path("./run/refiner")
     assert load_refiner("./run/refiner", tiny_digits_backend()) is not None
     # the same folder written as a repo id is ambiguous: refused, neither the folder nor the Hub is used
     with pytest.raises(ValueError, match=r"both a Hub repo id and a local path; write ./run/refiner"):
-        hub.resolve_refiner("run/refiner")
+        hub_refs.resolve_refiner("run/refiner")
 
 
 class FakeHub(BaseHTTPRequestHandler):
