@@ -27,7 +27,8 @@ _CHOICES = {
     "model.architecture": ("", *architecture_names()),
     "data.target_dtype": ("float16", "float32"),
     "train.loss": ("msd", "full_gradient", "noise_space"),
-    "refiner.form": ("difference", "single_call"),  # noiserefine.refiner.FORMS
+    "refiner.form": ("difference", "single_call"),
+    "model.digits.task": ("digits", "compose"),  # noiserefine.backends.digits.TASKS  # noiserefine.refiner.FORMS
     "eval.metrics": ("none", "digit_classifier", "text_image"),
     "benchmark.protocol": ("coco", "imagenet", "prompts"),
     "scorer.kind": ("", *scorer_names()),  # "": no scorer (noiserefine/scoring)
@@ -112,6 +113,10 @@ def _check_values(cfg: DictConfig) -> None:
     for key, (low, high, low_inclusive) in _RANGES.items():
         _check_range(key, float(OmegaConf.select(cfg, key)), low, high, low_inclusive)
     _check_guider(cfg)
+    canvas = cfg.model.digits.canvas
+    if canvas < 24 or canvas % 4:  # compose.MIN_CANVAS: a large digit (a quadrant) must differ from a small one (8)
+        raise ConfigValueError(f"config key 'model.digits.canvas' must be a multiple of 4 and >= 24, got {canvas}",
+                               "model.digits.canvas")
     if len(cfg.data.sources) == 0:
         raise ConfigValueError("config key 'data.sources' is empty; list at least one prompt source", "data.sources")
     for index, source in enumerate(cfg.data.sources):

@@ -26,6 +26,10 @@ class DigitsTeacherConfig:
     init_from: str = ""  # fine-tune from this teacher directory instead of training from scratch
     distill_guidance_scale: float = 0.0  # >0: guidance-distillation baseline of the init_from teacher
     prediction_type: str = "v_prediction"  # epsilon | v_prediction (the report measures noise-like samples)
+    # digits: 16x16 digits, the prompt names the digit. compose: a digit on a canvas x canvas image with the
+    # position, size and thickness the prompt names (noiserefine/digits/compose.py; the demo's default task)
+    task: str = "digits"
+    canvas: int = 24  # compose only: the image side (a multiple of 4, >= 24)
 
 
 @dataclass
