@@ -28,7 +28,7 @@ _CHOICES = {
     "data.target_dtype": ("float16", "float32"),
     "train.loss": ("msd", "full_gradient", "noise_space"),
     "refiner.form": ("difference", "single_call"),
-    "model.digits.task": ("digits", "compose"),  # noiserefine.backends.digits.TASKS  # noiserefine.refiner.FORMS
+    "model.digits.task": ("digits", "compose"),  # noiserefine.backends.digits.TASKS
     "eval.metrics": ("none", "digit_classifier", "text_image"),
     "benchmark.protocol": ("coco", "imagenet", "prompts"),
     "scorer.kind": ("", *scorer_names()),  # "": no scorer (noiserefine/scoring)

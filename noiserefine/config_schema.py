@@ -82,7 +82,7 @@ class RefinerConfig:
 
 @dataclass
 class SourceConfig:
-    kind: str = "digits"  # coco | pickapic | text | digits
+    kind: str = "digits"  # coco | pickapic | text | digits | composed_digits
     path: str = ""
     weight: float = 1.0
 

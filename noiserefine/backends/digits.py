@@ -2,17 +2,26 @@
 
 The denoiser is diffusers' ``UNet2DConditionModel`` (self- and cross-attention
 transformer blocks, like Stable Diffusion) so LoRA, PAG and the samplers hit
-the same code as on real models. "Text" conditioning is a learned embedding
-per digit plus one null embedding: a prompt that names a digit ("a handwritten
-seven", "digit 7") gets that digit's embedding, any other prompt the null one.
-The teacher is trained by the project (``noiserefine.digits.teacher``), saved in
-diffusers format and loaded from that directory like any real model.
+the same code as on real models. "Text" conditioning is one learned token per
+attribute the task's prompts name, each from its own embedding table whose last
+row is the null token:
+
+- task ``digits`` (16x16 digits): one token, the digit ("a handwritten seven",
+  "digit 7"); a prompt naming none gets the null token;
+- task ``compose`` (a digit on a larger canvas, ``noiserefine.digits.compose``):
+  four tokens, digit, position, size and thickness ("a small thick seven in the
+  top left"); an attribute the prompt does not name gets its null token.
+
+The unconditional input (CFG's) is every attribute's null token. The teacher is
+trained by the project (``noiserefine.digits.teacher``), saved in diffusers
+format and loaded from that directory like any real model; the task is read
+from the tables saved with it.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -25,6 +34,9 @@ IMAGE_SIZE = 16  # sklearn's 8x8 digits upsampled; the model's latent space is p
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 NULL_INDEX = 10
 EMBEDDING_FILE = "prompt_embedding.safetensors"
+# the attributes each task's prompts name, in token order (the digit table is saved as "embedding", the
+# others under their names: a teacher directory of the plain task is unchanged)
+TASKS = {"digits": ("digit",), "compose": ("digit", "position", "size", "thickness")}
 _DIGIT_PATTERN = re.compile(r"\b(" + "|".join(DIGIT_WORDS) + r"|[0-9])\b", re.IGNORECASE)
 
 # The scheduler the teacher is trained and sampled with (Stable Diffusion's betas;
@@ -43,12 +55,36 @@ def parse_digit(prompt: str) -> int | None:
     return int(token) if token.isdigit() else DIGIT_WORDS.index(token)
 
 
-def build_unet(block_out_channels: Sequence[int], cross_attention_dim: int) -> UNet2DConditionModel:
-    """A ~1M-parameter SD-style UNet for 1x16x16 images (cross-attention in the inner blocks)."""
+def attribute_indices(prompts: Sequence[str], attributes: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Per attribute, the index each prompt names (``parse_digit`` for the digit, the compositional task's
+    words for the others), ``-1`` where it names none."""
+    from ..digits.compose import parse_attributes  # here: compose imports DIGIT_WORDS from this module
+
+    parsed = [parse_attributes(p) for p in prompts] if len(attributes) > 1 else []
+    indices = {}
+    for name in attributes:
+        values = [parse_digit(p) for p in prompts] if name == "digit" else [q[name] for q in parsed]
+        indices[name] = torch.tensor([-1 if v is None else v for v in values], dtype=torch.long)
+    return indices
+
+
+def attribute_tokens(tables: Mapping[str, torch.Tensor], indices: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """``(B, A, D)``: each attribute's row of its ``(n + 1, 1, D)`` table, in table order; its last row (the
+    null token) where the index is ``-1``."""
+    tokens = []
+    for name, table in tables.items():
+        index = indices[name].to(table.device)
+        tokens.append(table[torch.where(index < 0, table.shape[0] - 1, index)])
+    return torch.cat(tokens, dim=1)
+
+
+def build_unet(block_out_channels: Sequence[int], cross_attention_dim: int,
+               sample_size: int = IMAGE_SIZE) -> UNet2DConditionModel:
+    """A ~1M-parameter SD-style UNet for 1 x sample_size x sample_size images (cross-attention in the inner blocks)."""
     channels = tuple(int(c) for c in block_out_channels)
     depth = len(channels)
     return UNet2DConditionModel(
-        sample_size=IMAGE_SIZE, in_channels=1, out_channels=1,
+        sample_size=sample_size, in_channels=1, out_channels=1,
         down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (depth - 1),
         up_block_types=("CrossAttnUpBlock2D",) * (depth - 1) + ("UpBlock2D",),
         block_out_channels=channels, layers_per_block=1, norm_num_groups=8,
@@ -57,20 +93,36 @@ def build_unet(block_out_channels: Sequence[int], cross_attention_dim: int) -> U
 
 
 class DigitsBackend(Backend):
+    """``embedding``: the digit table ``(11, 1, D)`` (digits 0..9, then null); ``attributes``: the other
+    attributes' tables of the ``compose`` task (:data:`TASKS`), none for the plain one."""
+
     name = "digits"
-    latent_shape = (1, IMAGE_SIZE, IMAGE_SIZE)
     scheduler_class = DDIMScheduler
 
     def __init__(self, unet: UNet2DConditionModel, embedding: torch.Tensor, scheduler_config: dict,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 attributes: Mapping[str, torch.Tensor] | None = None):
         self.device = torch.device(device)
         self.dtype = dtype
         unet = unet.to(self.device)
         if dtype != torch.float32:  # passing dtype at all makes diffusers warn, so only when casting
             unet = unet.to(dtype=dtype)
         self.denoiser = unet.eval().requires_grad_(False)
-        self.embedding = embedding.to(self.device, dtype)  # (11, 1, D): digits 0..9, then null
+        self.embedding = embedding.to(self.device, dtype)
+        attributes = dict(attributes or {})
+        self.task = "compose" if attributes else "digits"
+        if sorted(attributes) != sorted(TASKS[self.task][1:]):
+            raise ValueError(f"attribute tables {sorted(attributes)}: expected none (task digits) or "
+                             f"{list(TASKS['compose'][1:])} (task compose)")
+        self.attribute_tables = {name: attributes[name].to(self.device, dtype) for name in TASKS[self.task][1:]}
+        size = int(unet.config.sample_size)
+        self.latent_shape = (1, size, size)
         self.scheduler_config = dict(scheduler_config)
+
+    @property
+    def tables(self) -> dict[str, torch.Tensor]:
+        """Every attribute's token table, in token order."""
+        return {"digit": self.embedding, **self.attribute_tables}
 
     @classmethod
     def from_pretrained(cls, path: str | Path, revision: str = "", device: str = "cpu",
@@ -82,20 +134,17 @@ class DigitsBackend(Backend):
                                     f"{EMBEDDING_FILE}); train one with `python -m noiserefine.digits.train_teacher`")
         unet = UNet2DConditionModel.from_pretrained(path / "unet")
         scheduler = DDIMScheduler.from_pretrained(path / "scheduler")
-        embedding = load_file(str(path / EMBEDDING_FILE))["embedding"]
-        return cls(unet, embedding, dict(scheduler.config), device, dtype)
-
-    def labels_for(self, prompts: Sequence[str]) -> torch.Tensor:
-        digits = [parse_digit(p) for p in prompts]
-        return torch.tensor([NULL_INDEX if d is None else d for d in digits], dtype=torch.long)
+        tables = load_file(str(path / EMBEDDING_FILE))
+        embedding = tables.pop("embedding")
+        return cls(unet, embedding, dict(scheduler.config), device, dtype, attributes=tables)
 
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
-        labels = self.labels_for(prompts).to(self.device)
-        return {"encoder_hidden_states": self.embedding[labels]}
+        indices = attribute_indices(prompts, TASKS[self.task])
+        return {"encoder_hidden_states": attribute_tokens(self.tables, indices)}
 
     def null_conditioning(self, batch_size: int) -> Conditioning:
-        labels = torch.full((batch_size,), NULL_INDEX, dtype=torch.long, device=self.device)
-        return {"encoder_hidden_states": self.embedding[labels]}
+        none = torch.full((batch_size,), -1, dtype=torch.long)
+        return {"encoder_hidden_states": attribute_tokens(self.tables, {name: none for name in self.tables})}
 
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         # In the model's dtype, out in the caller's (the MSD student rollout runs in float32), as the SD backends do.
@@ -111,4 +160,6 @@ class DigitsBackend(Backend):
         directory = Path(directory)
         self.denoiser.save_pretrained(directory / "unet")
         DDIMScheduler.from_config(self.scheduler_config).save_pretrained(directory / "scheduler")
-        save_file({"embedding": self.embedding.detach().cpu().contiguous()}, str(directory / EMBEDDING_FILE))
+        tables = {"embedding": self.embedding, **self.attribute_tables}
+        save_file({name: table.detach().cpu().contiguous() for name, table in tables.items()},
+                  str(directory / EMBEDDING_FILE))

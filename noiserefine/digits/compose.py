@@ -19,6 +19,7 @@ model's latent space, as on the plain task).
 from __future__ import annotations
 
 import functools
+import itertools
 import re
 from collections.abc import Mapping, Sequence
 
@@ -44,6 +45,13 @@ def attribute_prompt(attributes: Mapping[str, int]) -> str:
     """The prompt naming ``attributes`` (indices into :data:`ATTRIBUTES`), e.g. "a small thick seven in the top left"."""
     words = {name: ATTRIBUTES[name][_index(attributes, name)] for name in ATTRIBUTES}
     return f"a {words['size']} {words['thickness']} {words['digit']} in the {words['position']}"
+
+
+def all_prompts() -> list[str]:
+    """Every prompt of the task, one per combination of attribute values (160), in a fixed order."""
+    names = list(ATTRIBUTES)
+    return [attribute_prompt(dict(zip(names, values)))
+            for values in itertools.product(*(range(len(ATTRIBUTES[name])) for name in names))]
 
 
 def parse_attributes(prompt: str) -> dict[str, int | None]:

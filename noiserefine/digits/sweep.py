@@ -46,6 +46,38 @@ def compared_guider(name: str, scale: float) -> BaseGuidance:
     return make_guider(teacher)
 
 
+# The compositional task's rule (model.digits.task=compose): what guidance buys there is prompt adherence, and
+# it must not be bought with image quality. Fixed before any target or refiner existed (issue 25).
+ADHERENCE_RULE = ("among the guidance scales w > 1 whose guided samples from the teacher alone have an FID no "
+                  "higher than the unguided samples' (w = 1), the one with the highest prompt adherence (every "
+                  "attribute right); scales within {tol:g} of that adherence count as ties and the smaller w wins; "
+                  "if no w > 1 keeps FID, the w > 1 with the lowest FID")
+ADHERENCE_TIE = 0.01
+
+
+def pick_adherence_scale(rows: dict[float, dict]) -> float:
+    """:data:`ADHERENCE_RULE` on sweep rows (each with ``fid`` and ``adherence``; ``rows[1.0]``: unguided)."""
+    if 1.0 not in rows:
+        raise ValueError(f"the adherence rule compares with the unguided row: demo.sweep_scales needs w = 1 "
+                         f"(got {sorted(rows)})")
+    guided = {w: m for w, m in rows.items() if w > 1 and math.isfinite(m.get("fid", math.nan))}
+    if not guided:
+        raise ValueError(f"no sweep row of a guidance scale w > 1 has a finite FID: {rows}")
+    keeps_fid = {w: m for w, m in guided.items() if m["fid"] <= rows[1.0]["fid"]
+                 and math.isfinite(m.get("adherence", math.nan))}
+    if not keeps_fid:
+        return min(sorted(guided), key=lambda w: guided[w]["fid"])
+    best = max(m["adherence"] for m in keeps_fid.values())
+    return min(w for w, m in keeps_fid.items() if m["adherence"] >= best - ADHERENCE_TIE)
+
+
+def sweep_rule(cfg) -> tuple[str, str]:
+    """``(rule text, the metric it reads first)`` of this config's task."""
+    if cfg.model.digits.task == "compose":
+        return ADHERENCE_RULE.format(tol=ADHERENCE_TIE), "adherence"
+    return RULE, RULE_METRIC
+
+
 def pick_scale(rows: dict[float, dict], metric: str = RULE_METRIC) -> float:
     """:data:`RULE`: the scale w > 1 with the lowest finite ``metric``; ties go to the smaller scale.
 
@@ -78,7 +110,8 @@ def _scored_row(cfg, backend, metric_fn: MetricFn, name: str, guider: BaseGuidan
     row = sample_row(name, backend, evals, cfg.student.num_steps, guidance=guider, batch_size=cfg.eval.batch_size)
     score_rows([row], backend, evals, metric_fn)
     print(f"sweep {name}: " + ", ".join(
-        f"{k} {row.metrics[k]:.3f}" for k in ("fid", RULE_METRIC, "accuracy") if k in row.metrics), flush=True)
+        f"{k} {row.metrics[k]:.3f}" for k in ("fid", RULE_METRIC, "accuracy", "adherence") if k in row.metrics),
+        flush=True)
     return row.metrics
 
 
@@ -108,21 +141,23 @@ def ensure_sweep(cfg, backend, metric_fn: MetricFn, scales: list[float], run_dir
         except (OSError, ValueError, KeyError):
             pass  # damaged: recompute
     rows = run_sweep(cfg, backend, metric_fn, scales)
-    chosen = pick_scale(rows)
-    record = {"identity": identity, "rule": RULE, "metric": RULE_METRIC,
+    rule, metric = sweep_rule(cfg)
+    chosen = pick_adherence_scale(rows) if metric == "adherence" else pick_scale(rows)
+    record = {"identity": identity, "rule": rule, "metric": metric,
               "rows": [{"scale": w, **metrics} for w, metrics in rows.items()], "chosen_scale": chosen,
               "guider_rows": [{"guider": name, "class": COMPARED_GUIDERS[name][0], "args": COMPARED_GUIDERS[name][1],
                                "scale": chosen, **_scored_row(cfg, backend, metric_fn, f"{name} w={chosen:g}",
                                                               compared_guider(name, chosen))}
                               for name in COMPARED_GUIDERS]}
     write_text_atomic(path, json.dumps(record, indent=2))
-    print(f"sweep: chose w = {record['chosen_scale']:g} by the rule: {RULE}", flush=True)
+    print(f"sweep: chose w = {record['chosen_scale']:g} by the rule: {rule}", flush=True)
     return record
 
 
 SWEEP_PANELS = (("fid", "FID (classifier features)", "lower is better"),
                 ("fid_class", "class-conditional FID", "lower is better"),
                 ("accuracy", "accuracy (prompted digit)", "higher is better"),
+                ("adherence", "prompt adherence (all attributes)", "higher is better"),
                 ("precision", "precision (k-NN, per digit)", "higher is better"),
                 ("recall", "recall (k-NN, per digit)", "higher is better"))
 
@@ -140,9 +175,10 @@ def plot_sweep(record: dict, others: dict[str, dict], path: Path) -> None:
     nfe = {("unguided" if row["scale"] == 1 else "guided"): row.get("nfe", "?") for row in record["rows"]}
     teacher_label = f"teacher, CFG (NFE {nfe.get('guided', '?')})" + (
         f"; w=1 is unguided (NFE {nfe['unguided']})" if "unguided" in nfe else "")
-    fig, axes = plt.subplots(1, len(SWEEP_PANELS), figsize=(4.2 * len(SWEEP_PANELS), 3.6))
+    panels = [panel for panel in SWEEP_PANELS if any(panel[0] in row for row in record["rows"])]  # the task's
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
     styles = ["tab:red", "tab:green", "tab:purple", "tab:brown", "tab:gray", "tab:olive"]
-    for ax, (key, title, hint) in zip(axes, SWEEP_PANELS):
+    for ax, (key, title, hint) in zip(axes, panels):
         ax.plot(scales, [row.get(key, math.nan) for row in record["rows"]], "o-", color="tab:blue",
                 label=teacher_label)
         ax.axvline(record["chosen_scale"], color="tab:blue", linestyle=":", label=f"chosen w = {record['chosen_scale']:g}")

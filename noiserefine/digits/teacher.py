@@ -21,14 +21,15 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from tqdm.auto import tqdm
 
-from ..backends.digits import NULL_INDEX, SCHEDULER_CONFIG, DigitsBackend, build_unet
+from ..backends.digits import SCHEDULER_CONFIG, TASKS, DigitsBackend, attribute_tokens, build_unet
 from ..files import apply_default_modes, refuse_foreign_directory
+from .compose import ATTRIBUTES, random_attributes, render, sklearn_digits
 from .data import load_digit_images, thicken_strokes
 
 TRAINING_FILE = "training.json"
 
 
-def _save_teacher(out_dir: Path, unet: UNet2DConditionModel, embedding: torch.Tensor,
+def _save_teacher(out_dir: Path, unet: UNet2DConditionModel, tables: dict[str, torch.Tensor],
                   training: dict) -> None:
     """Write the teacher to a temp dir, then rename: a crash never leaves a half model."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -36,7 +37,9 @@ def _save_teacher(out_dir: Path, unet: UNet2DConditionModel, embedding: torch.Te
     tmp = out_dir.parent / f".{out_dir.name}.{os.getpid()}-{secrets.token_hex(6)}.tmp"
     tmp.mkdir()
     try:
-        DigitsBackend(unet, embedding.detach(), teacher_scheduler_config(training["settings"])).save_pretrained(tmp)
+        others = {name: table for name, table in tables.items() if name != "digit"}
+        DigitsBackend(unet, tables["digit"], teacher_scheduler_config(training["settings"]),
+                      attributes=others).save_pretrained(tmp)
         (tmp / TRAINING_FILE).write_text(json.dumps(training, indent=2, sort_keys=True))
         apply_default_modes(tmp)  # safetensors writes its files 0600
         if out_dir.exists():
@@ -61,6 +64,35 @@ def training_settings(settings) -> dict:
             for k, v in dict(settings).items()}
 
 
+class TrainingImages:
+    """The teacher's training batches: ``(x0 in [-1, 1], {attribute: index})`` for ``settings.task``.
+
+    ``digits``: the 1,797 digits at 16x16 (strokes thickened by ``settings.thicken``). ``compose``: each
+    batch draws digits and fresh attributes from the generator and renders them (every digit is seen at
+    every position, size and thickness; ``thicken`` dilates the rendered strokes, the transfer style).
+    """
+
+    def __init__(self, settings: dict):
+        self.task = settings.get("task", "digits")
+        self.thicken = int(settings["thicken"])
+        if self.task == "digits":
+            self.images, self.labels = load_digit_images()
+            self.images = thicken_strokes(self.images, self.thicken)
+            self.size = self.images.shape[-1]
+        else:
+            self.digits, self.labels = sklearn_digits()
+            self.size = int(settings["canvas"])
+
+    def batch(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        index = torch.randint(0, len(self.labels), (batch_size,), generator=generator)
+        if self.task == "digits":
+            return self.images[index], {"digit": self.labels[index].clone()}
+        attributes = random_attributes(self.labels[index], generator)
+        images = torch.stack([render(self.digits[i], {k: int(v[n]) for k, v in attributes.items()}, self.size)
+                              for n, i in enumerate(index.tolist())])
+        return thicken_strokes(images, self.thicken), attributes
+
+
 def train_digits_teacher(settings, out_dir: str | Path, *, progress: bool = True) -> Path:
     """Train (or fine-tune, if ``settings.init_from``) the digit teacher; save it in diffusers format.
 
@@ -78,8 +110,7 @@ def train_digits_teacher(settings, out_dir: str | Path, *, progress: bool = True
     refuse_foreign_directory(out_dir, TRAINING_FILE, "a digits teacher directory (model.path)")
     generator = torch.Generator().manual_seed(int(settings["seed"]))
     torch.manual_seed(int(settings["seed"]))
-    images, labels = load_digit_images()
-    images = thicken_strokes(images, int(settings["thicken"]))
+    data = TrainingImages(settings)
 
     scheduler_config = teacher_scheduler_config(settings)
     guidance_teacher = None
@@ -89,20 +120,25 @@ def train_digits_teacher(settings, out_dir: str | Path, *, progress: bool = True
         guidance_teacher = DigitsBackend.from_pretrained(settings["init_from"])
     if settings["init_from"]:
         base = DigitsBackend.from_pretrained(settings["init_from"])
-        unet, embedding = base.denoiser.requires_grad_(True).train(), base.embedding.clone()
+        if base.task != data.task:
+            raise ValueError(f"model.digits.init_from {settings['init_from']} is a teacher of task {base.task!r}; "
+                             f"model.digits.task is {data.task!r}")
+        unet, tables = base.denoiser.requires_grad_(True).train(), {k: v.clone() for k, v in base.tables.items()}
     else:
-        unet = build_unet(settings["block_out_channels"], int(settings["cross_attention_dim"]))
-        embedding = torch.randn(NULL_INDEX + 1, 1, int(settings["cross_attention_dim"]),
-                                generator=generator) * 0.5
-    embedding = torch.nn.Parameter(embedding)
+        unet = build_unet(settings["block_out_channels"], int(settings["cross_attention_dim"]), data.size)
+        dim = int(settings["cross_attention_dim"])
+        # the digit table first: a plain-task teacher draws exactly what it drew before the compose task existed
+        tables = {name: torch.randn(len(ATTRIBUTES[name]) + 1, 1, dim, generator=generator) * 0.5
+                  for name in TASKS[data.task]}
+    tables = torch.nn.ParameterDict({name: torch.nn.Parameter(table) for name, table in tables.items()})
     unet.train()
     ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
-    ema_embedding = embedding.detach().clone()
+    ema_tables = {name: table.detach().clone() for name, table in tables.items()}
     noise_scheduler = DDPMScheduler(**{k: v for k, v in scheduler_config.items()
                                        if k not in ("set_alpha_to_one", "timestep_spacing")})
     prediction_type = scheduler_config["prediction_type"]
     steps, batch_size = int(settings["train_steps"]), int(settings["batch_size"])
-    optimizer = torch.optim.AdamW(list(unet.parameters()) + [embedding],
+    optimizer = torch.optim.AdamW(list(unet.parameters()) + list(tables.values()),
                                   lr=float(settings["learning_rate"]), weight_decay=0.0)
     warmup = min(50, steps // 10)
 
@@ -115,19 +151,19 @@ def train_digits_teacher(settings, out_dir: str | Path, *, progress: bool = True
     started = time.perf_counter()
     bar = tqdm(range(steps), desc="train digit teacher", disable=not progress)
     for step in bar:
-        index = torch.randint(0, len(images), (batch_size,), generator=generator)
-        x0, y = images[index], labels[index].clone()
-        y[torch.rand(batch_size, generator=generator) < float(settings["cond_dropout"])] = NULL_INDEX
+        x0, indices = data.batch(batch_size, generator)
+        dropped = torch.rand(batch_size, generator=generator) < float(settings["cond_dropout"])
+        indices = {name: torch.where(dropped, -1, index) for name, index in indices.items()}  # -1: null token
         noise = torch.randn(x0.shape, generator=generator)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
         x_t = noise_scheduler.add_noise(x0, noise, t)
-        prediction = unet(x_t, t, encoder_hidden_states=embedding[y], return_dict=False)[0]
+        prediction = unet(x_t, t, encoder_hidden_states=attribute_tokens(tables, indices), return_dict=False)[0]
         target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(x0, noise, t)
         if guidance_teacher is not None:
             with torch.no_grad():
                 w = float(settings["distill_guidance_scale"])
-                cond = guidance_teacher.embedding[y]
-                uncond = guidance_teacher.embedding[torch.full_like(y, NULL_INDEX)]
+                cond = attribute_tokens(guidance_teacher.tables, indices)
+                uncond = guidance_teacher.null_conditioning(batch_size)["encoder_hidden_states"]
                 both = guidance_teacher.denoise(torch.cat([x_t, x_t]), torch.cat([t, t]),
                                                 {"encoder_hidden_states": torch.cat([uncond, cond])})
                 eps_u, eps_c = both.chunk(2)
@@ -142,13 +178,14 @@ def train_digits_teacher(settings, out_dir: str | Path, *, progress: bool = True
             decay = min(0.995, (1 + step) / (10 + step))  # not bar.n: tqdm updates it only when it redraws
             for key, value in unet.state_dict().items():
                 ema[key].lerp_(value, 1 - decay) if value.is_floating_point() else ema[key].copy_(value)
-            ema_embedding.lerp_(embedding.detach(), 1 - decay)
+            for name, table in tables.items():
+                ema_tables[name].lerp_(table.detach(), 1 - decay)
         bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
     unet.load_state_dict(ema)
     training = {"settings": settings, "seconds": round(time.perf_counter() - started, 1),
                 "num_parameters": sum(p.numel() for p in unet.parameters()),
                 "final_loss": round(loss.item(), 5)}
-    _save_teacher(out_dir, unet.eval(), ema_embedding, training)
+    _save_teacher(out_dir, unet.eval(), ema_tables, training)
     return out_dir
 
 

@@ -6,6 +6,7 @@ Sources (see :func:`load_prompt_source`):
 * ``pickapic`` -- Pick-a-Pic parquet shards; only the ``caption`` column is read.
 * ``text``     -- UTF-8 text file, one prompt per line.
 * ``digits``   -- fixed prompts for the embedded handwritten-digit model.
+* ``composed_digits`` -- every prompt of its compositional task ("a small thick seven in the top left").
 
 Every source goes through :func:`normalize_prompts`.
 """
@@ -24,7 +25,7 @@ import pyarrow.parquet as pq
 
 from ..backends.digits import DIGIT_WORDS
 
-PROMPT_KINDS = ("coco", "pickapic", "text", "digits")
+PROMPT_KINDS = ("coco", "pickapic", "text", "digits", "composed_digits")
 
 
 @dataclass
@@ -177,12 +178,16 @@ def load_prompt_source(kind: str, path: str | os.PathLike | None, *, dedup: bool
                        max_chars: int = 300) -> tuple[list[str], PromptStats]:
     """Read and normalise prompts of ``kind`` (one of :data:`PROMPT_KINDS`).
 
-    ``path`` is ignored for ``digits`` and required otherwise.
+    ``path`` is ignored for ``digits`` and ``composed_digits`` and required otherwise.
     """
     if kind not in PROMPT_KINDS:
         raise ValueError(f"unknown prompt source kind {kind!r}; valid kinds: {', '.join(PROMPT_KINDS)}")
     if kind == "digits":
         raw: list[str | None] = list(digit_prompts())
+    elif kind == "composed_digits":
+        from ..digits.compose import all_prompts
+
+        raw = all_prompts()
     else:
         if path is None:
             raise ValueError(f"prompt source kind {kind!r} needs a path")
