@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from noiserefine.digits.compose import (ATTRIBUTES, attribute_prompt, composed_images,
-                                        parse_attributes, render)
+from noiserefine.backends.digits import ATTRIBUTES, attribute_prompt, parse_attributes
+from noiserefine.digits.compose import composed_images, render
 from noiserefine.evaluation.scores import attribute_adherence
 
 

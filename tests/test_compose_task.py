@@ -11,7 +11,7 @@ import torch
 from conftest import REPO, tiny_digits_backend
 from noiserefine.backends.digits import SCHEDULER_CONFIG, DigitsBackend, build_unet
 from noiserefine.config import load_config
-from noiserefine.digits.compose import ATTRIBUTES, all_prompts, parse_attributes
+from noiserefine.backends.digits import ATTRIBUTES, all_prompts, parse_attributes
 from noiserefine.digits.demo import run_setup
 from noiserefine.digits.report import GUIDED, NOISE_SPACE, REFINED, UNGUIDED, judge_goals
 from noiserefine.digits.sweep import pick_adherence_scale, sweep_rule

@@ -11,6 +11,7 @@ from conftest import REPO
 import pytest
 
 from noiserefine.config import load_config
+from noiserefine.digits.sweep import pick_adherence_scale
 
 pytestmark = pytest.mark.slow  # subprocesses, Ray, DeepSpeed or teacher training: `make test` only
 
@@ -32,21 +33,24 @@ def test_quick_demo_writes_report(tmp_path):
     sweep = json.loads((run_dir / "sweep.json").read_text())
     assert [row["scale"] for row in sweep["rows"]] == [1.0, 1.5, 3.0]
     chosen = sweep["chosen_scale"]
-    assert chosen == min((row for row in sweep["rows"] if row["scale"] > 1), key=lambda row: row["fid_class"])["scale"]
+    assert sweep["metric"] == "adherence"  # the default task is the compositional one: its rule
+    assert chosen == pick_adherence_scale({row["scale"]: row for row in sweep["rows"]})
     assert metrics["sweep"]["chosen_scale"] == metrics["sweep"]["teacher_guidance_scale"] == chosen
     assert "guidance_scale: " + str(float(chosen)) in (run_dir / "config.yaml").read_text()
     cache_teacher = (run_dir / "cache").glob("*/teacher.yaml")
     assert all(f"guidance_scale: {float(chosen)}" in path.read_text() for path in cache_teacher)
-    for key in ("fid_class", "precision", "recall", "noise_share"):
+    for key in ("fid_class", "precision", "recall", "noise_share", "adherence", "acc_position"):
         assert key in refined and key in unguided, key
+    assert metrics["task"] == "compose" and metrics["gap_metric"] == "adherence"
     assert refined["gap_closed"] == pytest.approx(
-        (unguided["fid_class"] - refined["fid_class"])
-        / (unguided["fid_class"] - main["Gaussian noise, guided (CFG)"]["fid_class"]), nan_ok=True)
+        (unguided["adherence"] - refined["adherence"])
+        / (unguided["adherence"] - main["Gaussian noise, guided (CFG)"]["adherence"]), nan_ok=True)
     goals = metrics["goals"]
     assert len(goals) >= 7 and all(isinstance(goal["met"], bool) for goal in goals)
     report = (run_dir / "report.md").read_text()
     for heading in ("## Goals (measured, not tuned)", "## Guidance sweep of the teacher (chooses w)",
-                    "class-cond. FID", "![comparison](comparison.png)", "![sweep](sweep.png)"):
+                    "class-cond. FID", "![comparison](comparison.png)", "![sweep](sweep.png)",
+                    "unguided samples miss prompts", "Per attribute"):
         assert heading in report, heading
     assert metrics["spectrum"]["refinement_rms"] > 0
     assert refined["fid"] != unguided["fid"], "refined noise must change the samples"

@@ -20,10 +20,12 @@ from the tables saved with it.
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
@@ -37,6 +39,50 @@ EMBEDDING_FILE = "prompt_embedding.safetensors"
 # the attributes each task's prompts name, in token order (the digit table is saved as "embedding", the
 # others under their names: a teacher directory of the plain task is unchanged)
 TASKS = {"digits": ("digit",), "compose": ("digit", "position", "size", "thickness")}
+# The compositional task's vocabulary: each attribute's words, in index order (noiserefine/digits/compose.py
+# renders them)
+ATTRIBUTES: dict[str, tuple[str, ...]] = {
+    "digit": DIGIT_WORDS,
+    "position": ("top left", "top right", "bottom left", "bottom right"),
+    "size": ("small", "large"),
+    "thickness": ("thin", "thick"),
+}
+_PATTERNS = {name: re.compile(r"\b(" + "|".join(re.escape(v) for v in values) + r")\b", re.IGNORECASE)
+             for name, values in ATTRIBUTES.items()}
+
+
+def attribute_prompt(attributes: Mapping[str, int]) -> str:
+    """The prompt naming ``attributes`` (indices into :data:`ATTRIBUTES`), e.g. "a small thick seven in the top left"."""
+    words = {name: ATTRIBUTES[name][attribute_index(attributes, name)] for name in ATTRIBUTES}
+    return f"a {words['size']} {words['thickness']} {words['digit']} in the {words['position']}"
+
+
+def all_prompts() -> list[str]:
+    """Every prompt of the task, one per combination of attribute values (160), in a fixed order."""
+    names = list(ATTRIBUTES)
+    return [attribute_prompt(dict(zip(names, values)))
+            for values in itertools.product(*(range(len(ATTRIBUTES[name])) for name in names))]
+
+
+def parse_attributes(prompt: str) -> dict[str, int | None]:
+    """The attribute indices a prompt names (first match of each attribute's words), ``None`` where it names none."""
+    parsed = {}
+    for name, pattern in _PATTERNS.items():
+        match = pattern.search(prompt)
+        parsed[name] = None if match is None else ATTRIBUTES[name].index(match.group(1).lower())
+    return parsed
+
+
+def attribute_index(attributes: Mapping[str, int], name: str) -> int:
+    """``attributes[name]`` checked to be an index into ``ATTRIBUTES[name]`` (ValueError naming it otherwise)."""
+    if name not in attributes:
+        raise ValueError(f"attributes {dict(attributes)} lack {name!r} (expected {sorted(ATTRIBUTES)})")
+    value = attributes[name]
+    if not isinstance(value, (int, np.integer)) or not 0 <= int(value) < len(ATTRIBUTES[name]):
+        raise ValueError(f"attribute {name}={value!r} is not an index into {ATTRIBUTES[name]}")
+    return int(value)
+
+
 _DIGIT_PATTERN = re.compile(r"\b(" + "|".join(DIGIT_WORDS) + r"|[0-9])\b", re.IGNORECASE)
 
 # The scheduler the teacher is trained and sampled with (Stable Diffusion's betas;
@@ -58,8 +104,6 @@ def parse_digit(prompt: str) -> int | None:
 def attribute_indices(prompts: Sequence[str], attributes: Sequence[str]) -> dict[str, torch.Tensor]:
     """Per attribute, the index each prompt names (``parse_digit`` for the digit, the compositional task's
     words for the others), ``-1`` where it names none."""
-    from ..digits.compose import parse_attributes  # here: compose imports DIGIT_WORDS from this module
-
     parsed = [parse_attributes(p) for p in prompts] if len(attributes) > 1 else []
     indices = {}
     for name in attributes:
@@ -80,13 +124,19 @@ def attribute_tokens(tables: Mapping[str, torch.Tensor], indices: Mapping[str, t
 
 def build_unet(block_out_channels: Sequence[int], cross_attention_dim: int,
                sample_size: int = IMAGE_SIZE) -> UNet2DConditionModel:
-    """A ~1M-parameter SD-style UNet for 1 x sample_size x sample_size images (cross-attention in the inner blocks)."""
+    """A ~1M-parameter SD-style UNet for 1 x sample_size x sample_size images.
+
+    Attention (self and cross) only in the blocks whose feature map is at most 8x8 (64 tokens), and always in
+    the deepest: at 16x16 that is every block but the first, as before; on the 24x24 canvas the 12x12 level would cost 2.25x the
+    attention of the whole 16x16 model for what a convolution sees anyway (a quadrant).
+    """
     channels = tuple(int(c) for c in block_out_channels)
-    depth = len(channels)
+    attends = [sample_size // 2 ** level <= 8 for level in range(len(channels))]
+    attends[-1] = True  # the deepest level always: a UNet without cross-attention would ignore the prompt
     return UNet2DConditionModel(
         sample_size=sample_size, in_channels=1, out_channels=1,
-        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (depth - 1),
-        up_block_types=("CrossAttnUpBlock2D",) * (depth - 1) + ("UpBlock2D",),
+        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attends),
+        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attends)),
         block_out_channels=channels, layers_per_block=1, norm_num_groups=8,
         cross_attention_dim=cross_attention_dim, attention_head_dim=4,
     )

@@ -13,63 +13,23 @@ by the prompt ("a small thick seven in the top left"):
 An unguided conditional model tends to get some attributes of a prompt wrong (each is a separate
 thing to follow); prompt adherence, the share of samples with every attribute right, is what
 guidance buys, as on real text-to-image models. Images are float32 in [-1, 1] (pixel space is the
-model's latent space, as on the plain task).
+model's latent space, as on the plain task). The prompt vocabulary (ATTRIBUTES, attribute_prompt,
+parse_attributes) lives with the model that reads it, in ``noiserefine.backends.digits``.
 """
 
 from __future__ import annotations
 
 import functools
-import itertools
-import re
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..backends.digits import DIGIT_WORDS
+from ..backends.digits import ATTRIBUTES, attribute_index
 
-ATTRIBUTES: dict[str, tuple[str, ...]] = {
-    "digit": DIGIT_WORDS,
-    "position": ("top left", "top right", "bottom left", "bottom right"),
-    "size": ("small", "large"),
-    "thickness": ("thin", "thick"),
-}
 SMALL_SIZE = 8  # sklearn's digits are 8x8: "small" is the digit as scanned
 MIN_CANVAS = 24  # "large" fills a quadrant: at least 12x12, so that it differs from "small"
-_PATTERNS = {name: re.compile(r"\b(" + "|".join(re.escape(v) for v in values) + r")\b", re.IGNORECASE)
-             for name, values in ATTRIBUTES.items()}
-
-
-def attribute_prompt(attributes: Mapping[str, int]) -> str:
-    """The prompt naming ``attributes`` (indices into :data:`ATTRIBUTES`), e.g. "a small thick seven in the top left"."""
-    words = {name: ATTRIBUTES[name][_index(attributes, name)] for name in ATTRIBUTES}
-    return f"a {words['size']} {words['thickness']} {words['digit']} in the {words['position']}"
-
-
-def all_prompts() -> list[str]:
-    """Every prompt of the task, one per combination of attribute values (160), in a fixed order."""
-    names = list(ATTRIBUTES)
-    return [attribute_prompt(dict(zip(names, values)))
-            for values in itertools.product(*(range(len(ATTRIBUTES[name])) for name in names))]
-
-
-def parse_attributes(prompt: str) -> dict[str, int | None]:
-    """The attribute indices a prompt names (first match of each attribute's words), ``None`` where it names none."""
-    parsed = {}
-    for name, pattern in _PATTERNS.items():
-        match = pattern.search(prompt)
-        parsed[name] = None if match is None else ATTRIBUTES[name].index(match.group(1).lower())
-    return parsed
-
-
-def _index(attributes: Mapping[str, int], name: str) -> int:
-    if name not in attributes:
-        raise ValueError(f"attributes {dict(attributes)} lack {name!r} (expected {sorted(ATTRIBUTES)})")
-    value = attributes[name]
-    if not isinstance(value, (int, np.integer)) or not 0 <= int(value) < len(ATTRIBUTES[name]):
-        raise ValueError(f"attribute {name}={value!r} is not an index into {ATTRIBUTES[name]}")
-    return int(value)
 
 
 @functools.lru_cache(maxsize=1)
@@ -88,13 +48,13 @@ def render(digit01: torch.Tensor, attributes: Mapping[str, int], canvas: int) ->
         raise ValueError(f"canvas must be a multiple of 4 and >= {MIN_CANVAS} (a large digit's quadrant must be "
                          f"visibly larger than a small digit), got {canvas}")
     quadrant = canvas // 2
-    side = SMALL_SIZE if _index(attributes, "size") == 0 else quadrant
+    side = SMALL_SIZE if attribute_index(attributes, "size") == 0 else quadrant
     glyph = digit01.unsqueeze(0)
     if side != SMALL_SIZE:
         glyph = F.interpolate(glyph, size=(side, side), mode="bilinear", align_corners=False)
-    if _index(attributes, "thickness") == 1:
+    if attribute_index(attributes, "thickness") == 1:
         glyph = F.max_pool2d(glyph, kernel_size=3, stride=1, padding=1)
-    row, col = divmod(_index(attributes, "position"), 2)
+    row, col = divmod(attribute_index(attributes, "position"), 2)
     top = row * quadrant + (quadrant - side) // 2
     left = col * quadrant + (quadrant - side) // 2
     image = torch.zeros(1, 1, canvas, canvas)

@@ -23,7 +23,7 @@ from typing import Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..backends.digits import DIGIT_WORDS
+from ..backends.digits import DIGIT_WORDS, all_prompts
 
 PROMPT_KINDS = ("coco", "pickapic", "text", "digits", "composed_digits")
 
@@ -185,8 +185,6 @@ def load_prompt_source(kind: str, path: str | os.PathLike | None, *, dedup: bool
     if kind == "digits":
         raw: list[str | None] = list(digit_prompts())
     elif kind == "composed_digits":
-        from ..digits.compose import all_prompts
-
         raw = all_prompts()
     else:
         if path is None:
