@@ -8,9 +8,7 @@ penultimate activations for FID and precision/recall, its digit head for the inc
 
 - FID, ``fid_class``, precision/recall: every sklearn digit drawn :data:`REFERENCE_DRAWS` times with
   position, size and thickness drawn from :data:`REFERENCE_SEED` (the task's data distribution, as
-  :func:`~noiserefine.digits.compose.composed_images` draws it). One draw (1,797 images) left the
-  reference statistics depending on the seed: two seeds' references were FID ~1.3 apart, two draws
-  ~0.6 apart (bench figures in the module's tests' docstring); see :data:`REFERENCE_DRAWS`.
+  :func:`~noiserefine.digits.compose.composed_images` draws it); see :data:`REFERENCE_DRAWS`.
 - ``noise_share``: the real composed images are every sklearn digit in all 16 position/size/thickness
   combinations (no seed); a sample is noise-like if it is farther (pixel L2, in [0, 1]) from all of them
   than any held-out digit of the FID reference is from the train split's digits in all 16 combinations
