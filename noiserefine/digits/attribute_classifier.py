@@ -10,12 +10,18 @@ give per-attribute predictions for prompt adherence
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .classifier import digit_split, training_threads
+from .classifier_common import digit_split, load_or_train_cached, training_threads
 from .compose import ATTRIBUTES, sklearn_digits, random_attributes, render
+
+FORMAT_VERSION = 1  # bump when the architecture, the training or the rendering changes (invalidates caches)
+DEFAULT_NUM_STEPS = 500
+CACHE_NAME = "attribute_classifier"  # next to the digit classifier's files in eval.classifier_dir
 
 
 class AttributeClassifier(nn.Module):
@@ -58,12 +64,22 @@ def _batch(indices: torch.Tensor, canvas: int, generator: torch.Generator
     return (images + 1) / 2, attributes
 
 
-def train_attribute_classifier(canvas: int, *, seed: int = 0, num_steps: int = 500, batch_size: int = 64
+def train_attribute_classifier(canvas: int, *, seed: int = 0, num_steps: int = DEFAULT_NUM_STEPS, batch_size: int = 64
                                ) -> tuple[AttributeClassifier, dict[str, float]]:
     """Train on the fixed 85% split; return the eval-mode model and its held-out accuracy per attribute
     (on the held-out 15%, each digit drawn once with attributes from ``seed``)."""
     with training_threads():
         return _train(canvas, seed, num_steps, batch_size)
+
+
+def load_or_train_attribute_classifier(cache_dir: Path, canvas: int, *, seed: int = 0,
+                                       num_steps: int = DEFAULT_NUM_STEPS) -> AttributeClassifier:
+    """The classifier of ``canvas`` cached in ``cache_dir`` (``attribute_classifier.safetensors`` + ``.json``):
+    loaded if the json records these settings (format version, canvas, seed, num_steps, thread pin), else
+    trained and cached atomically, as :func:`~noiserefine.digits.classifier.load_or_train_classifier`."""
+    settings = {"format_version": FORMAT_VERSION, "canvas": int(canvas), "seed": seed, "num_steps": num_steps}
+    return load_or_train_cached(cache_dir, CACHE_NAME, settings, lambda: AttributeClassifier(canvas),
+                                lambda: train_attribute_classifier(canvas, seed=seed, num_steps=num_steps))
 
 
 def _train(canvas: int, seed: int, num_steps: int, batch_size: int) -> tuple[AttributeClassifier, dict[str, float]]:

@@ -12,9 +12,6 @@ Generated images are float tensors in [0, 1] of shape (B, 1, 16, 16); real digit
 
 from __future__ import annotations
 
-import contextlib
-import json
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,20 +21,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..backends.digits import parse_digit
-from ..evaluation.scores import (class_conditional_fid, conditional_accuracy, feature_statistics, frechet_distance,
-                                 inception_score, precision_recall)
-from ..files import atomic_path, write_text_atomic
+from ..evaluation.scores import conditional_accuracy, feature_statistics
+from .classifier_common import digit_scores, digit_split, load_or_train_cached, training_threads
 from .data import IMAGE_SIZE, load_digit_images
 
 FORMAT_VERSION = 1
 DEFAULT_NUM_STEPS = 500
-# The trained weights depend on the intra-op thread count (it splits the reductions), and the
-# classifier is shared: pinned, so the demo (2 threads) and a DeepSpeed rank (1) train the same one.
-TRAIN_THREADS = 2
-WEIGHTS_FILENAME = "classifier.safetensors"
-META_FILENAME = "classifier.json"
-TRAIN_FRACTION = 0.85
-SPLIT_SEED = 20240601  # the train/held-out split is fixed, independent of the training seed
+CACHE_NAME = "classifier"  # the cache files: <name>.safetensors and <name>.json (load_or_train_cached)
+WEIGHTS_FILENAME = f"{CACHE_NAME}.safetensors"
+META_FILENAME = f"{CACHE_NAME}.json"
 
 
 class DigitClassifier(nn.Module):
@@ -61,14 +53,6 @@ class DigitClassifier(nn.Module):
 
     def forward(self, images01: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.features(images01))
-
-
-def digit_split() -> tuple[torch.Tensor, torch.Tensor]:
-    """The fixed (train, held-out) index split of the 1,797 digits (85% / 15%)."""
-    n = load_digit_images()[1].shape[0]
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))
-    n_train = int(round(TRAIN_FRACTION * n))
-    return perm[:n_train], perm[n_train:]
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -95,17 +79,6 @@ def train_digit_classifier(
     """Train on the fixed 85% split (with augmentation); return (eval-mode model, held-out acc)."""
     with training_threads():
         return _train_digit_classifier(seed, num_steps, batch_size, device)
-
-
-@contextlib.contextmanager
-def training_threads():
-    """Torch's intra-op threads pinned to :data:`TRAIN_THREADS` while a classifier trains (then restored)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(TRAIN_THREADS)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _train_digit_classifier(seed: int, num_steps: int, batch_size: int, device) -> tuple[DigitClassifier, float]:
@@ -138,27 +111,9 @@ def load_or_train_classifier(
 ) -> DigitClassifier:
     """Load ``classifier.safetensors`` from cache_dir if its ``classifier.json`` matches the
     settings (format version, seed, num_steps); otherwise train and cache atomically."""
-    from safetensors.torch import load_file, save_file
-
-    cache_dir = Path(cache_dir)
-    weights, meta_path = cache_dir / WEIGHTS_FILENAME, cache_dir / META_FILENAME
-    wanted = {"format_version": FORMAT_VERSION, "seed": seed, "num_steps": num_steps, "train_threads": TRAIN_THREADS}
-    try:
-        meta = json.loads(meta_path.read_text())
-        if all(meta.get(k) == v for k, v in wanted.items()):
-            model = DigitClassifier()
-            model.load_state_dict(load_file(str(weights)))
-            return model.eval()
-    except Exception:  # missing, stale or corrupt (e.g. SafetensorError) cache: retrain
-        pass
-    model, acc = train_digit_classifier(seed=seed, num_steps=num_steps)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(weights) as tmp:
-        save_file(state, str(tmp))
-    meta = {**wanted, "heldout_accuracy": acc}
-    write_text_atomic(meta_path, json.dumps(meta, indent=2) + "\n")
-    return model
+    settings = {"format_version": FORMAT_VERSION, "seed": seed, "num_steps": num_steps}
+    return load_or_train_cached(cache_dir, CACHE_NAME, settings, DigitClassifier,
+                                lambda: train_digit_classifier(seed=seed, num_steps=num_steps))
 
 
 class DigitMetrics:
@@ -205,32 +160,24 @@ class DigitMetrics:
         if images01.ndim != 4 or images01.shape[1] != 1:
             raise ValueError(f"expected (B, 1, H, W) images in [0, 1], got {tuple(images01.shape)}")
         feats, logits = self._run(images01.detach())
-        fid = frechet_distance(*feature_statistics(feats), self.ref_mu, self.ref_sigma)
-        digits = [parse_digit(p) for p in prompts] if prompts is not None else []
-        named = [i for i, d in enumerate(digits) if d is not None]
-        wanted = np.array([digits[i] for i in named], dtype=np.int64)
-        probs = torch.softmax(logits.double(), dim=1)
-        scores = {"fid": fid, "inception_score": inception_score(probs), "accuracy": math.nan,
-                  "fid_class": math.nan, "precision": math.nan, "recall": math.nan}
-        if named:
-            scores["accuracy"] = conditional_accuracy(logits[named], torch.from_numpy(wanted))
-            scores["fid_class"] = class_conditional_fid(feats[named], wanted, self.ref_features,
-                                                        self.real_labels)["mean"]
-            per_class = [precision_recall(self.ref_features[self.real_labels == d], feats[named][wanted == d], self.k)
-                         for d in sorted(set(wanted.tolist())) if (wanted == d).sum() > self.k]
-            if per_class:
-                scores["precision"] = float(np.mean([pr["precision"] for pr in per_class]))
-                scores["recall"] = float(np.mean([pr["recall"] for pr in per_class]))
-        overall = precision_recall(self.ref_features, feats, self.k)
-        scores.update(precision_all=overall["precision"], recall_all=overall["recall"],
-                      noise_share=float((self.nearest_real_distance(images01) > self.noise_threshold).double().mean()),
-                      low_confidence_share=float((probs.max(dim=1).values < 0.9).double().mean()),
-                      num_samples=int(images01.shape[0]))
+        digits = [parse_digit(p) for p in prompts] if prompts is not None else [None] * len(feats)
+        scores = digit_scores(feats, logits, np.array([-1 if d is None else d for d in digits], dtype=np.int64),
+                              self.ref_features, self.real_labels, (self.ref_mu, self.ref_sigma), self.k)
+        scores["noise_share"] = float((self.nearest_real_distance(images01) > self.noise_threshold).double().mean())
         return scores
 
 
-def digit_metrics(cfg) -> DigitMetrics:
-    """The scores of ``eval.metrics=digit_classifier``: the classifier cached in ``eval.classifier_dir``."""
+def digit_metrics(cfg):
+    """The scores of ``eval.metrics=digit_classifier``: the classifier cached in ``eval.classifier_dir``;
+    :class:`DigitMetrics` on the plain task, :class:`~noiserefine.digits.attribute_metrics.AttributeMetrics`
+    on the compositional one (``model.digits.task=compose``)."""
     if not cfg.eval.classifier_dir:
         raise ValueError("eval.metrics=digit_classifier needs eval.classifier_dir (where the classifier is cached)")
-    return DigitMetrics(load_or_train_classifier(Path(cfg.eval.classifier_dir).expanduser()))
+    cache_dir = Path(cfg.eval.classifier_dir).expanduser()
+    if cfg.model.digits.task == "compose":
+        from .attribute_classifier import load_or_train_attribute_classifier
+        from .attribute_metrics import AttributeMetrics  # imported here: they import this module
+
+        canvas = int(cfg.model.digits.canvas)
+        return AttributeMetrics(load_or_train_attribute_classifier(cache_dir, canvas), canvas)
+    return DigitMetrics(load_or_train_classifier(cache_dir))
