@@ -71,8 +71,8 @@ _AT_LEAST_ONE = ("teacher.num_steps", "student.num_steps", "refiner.lora_rank", 
                  "benchmark.num_classes", "benchmark.num_samples", "benchmark.batch_size",
                  "benchmark.feature_batch_size", "benchmark.shard_size", "benchmark.grid_columns")
 _AT_LEAST_ZERO = ("pipeline.num_workers", "pipeline.max_retries", "data.io_retries", "train.log_every",
-                  "train.eval_every", "train.num_loader_workers", "eval.seed_offset", "benchmark.seed_offset",
-                  "benchmark.resolution", "benchmark.num_steps")
+                  "train.eval_every", "train.num_loader_workers", "eval.classifier_steps", "eval.seed_offset",
+                  "benchmark.seed_offset", "benchmark.resolution", "benchmark.num_steps")
 
 
 def _check_range(key: str, value: float, low: float, high: float, low_inclusive: bool) -> None:

@@ -17,7 +17,8 @@ from noiserefine.digits.attribute_classifier import AttributeClassifier, load_or
 from noiserefine.digits.attribute_metrics import (AttributeMetrics, every_rendering, fid_reference, nearest_distance,
                                                  wanted_attributes)
 from noiserefine.digits.classifier import digit_split
-from noiserefine.digits.compose import ATTRIBUTES, attribute_prompt, composed_images, render, sklearn_digits
+from noiserefine.backends.digits import ATTRIBUTES, attribute_prompt
+from noiserefine.digits.compose import composed_images, render, sklearn_digits
 
 REPO = Path(__file__).resolve().parents[1]
 CANVAS = 24
@@ -217,3 +218,8 @@ def test_digit_metrics_dispatches_on_the_task(tmp_path, fake_trainer, monkeypatc
     monkeypatch.setattr(classifier, "train_digit_classifier", lambda **kwargs: (DigitClassifier().eval(), 0.5))
     plain = load_config(REPO / "configs" / "digits.yaml", [*overrides, "model.digits.task=digits"])
     assert isinstance(digit_metrics(plain), DigitMetrics)
+    # eval.classifier_steps > 0 replaces the classifier's default
+    fake_trainer.clear()
+    digit_metrics(load_config(REPO / "configs" / "digits.yaml", [f"eval.classifier_dir={tmp_path / 'other'}",
+                                                                 "model.digits.task=compose", "eval.classifier_steps=9"]))
+    assert fake_trainer == [(compose.model.digits.canvas, 0, 9)]

@@ -25,7 +25,8 @@ import torch
 from ..evaluation.scores import attribute_adherence, feature_statistics
 from .attribute_classifier import AttributeClassifier
 from .classifier_common import digit_scores, digit_split
-from .compose import ATTRIBUTES, parse_attributes, random_attributes, render, sklearn_digits
+from ..backends.digits import ATTRIBUTES, parse_attributes
+from .compose import random_attributes, render, sklearn_digits
 
 REFERENCE_SEED = 20261207  # the FID reference's attribute draws: fixed, independent of every training seed
 REFERENCE_DRAWS = 2  # per digit: 3,594 reference images (stable statistics, see the module docstring)

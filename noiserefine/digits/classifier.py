@@ -179,5 +179,7 @@ def digit_metrics(cfg):
         from .attribute_metrics import AttributeMetrics  # imported here: they import this module
 
         canvas = int(cfg.model.digits.canvas)
-        return AttributeMetrics(load_or_train_attribute_classifier(cache_dir, canvas), canvas)
-    return DigitMetrics(load_or_train_classifier(cache_dir))
+        steps = {"num_steps": cfg.eval.classifier_steps} if cfg.eval.classifier_steps else {}
+        return AttributeMetrics(load_or_train_attribute_classifier(cache_dir, canvas, **steps), canvas)
+    return DigitMetrics(load_or_train_classifier(cache_dir, **(
+        {"num_steps": cfg.eval.classifier_steps} if cfg.eval.classifier_steps else {})))

@@ -48,7 +48,7 @@ QUICK = ["model.digits.train_steps=30", "data.num_samples=64", "data.shard_size=
          "train.max_steps=4", "train.global_batch_size=16", "train.checkpoint_every=2", "train.eval_every=1000",
          "train.log_every=1", "eval.num_samples=40", "eval.batch_size=40", "demo.full_gradient_steps=2",
          "demo.distill_steps=4", "demo.transfer_steps=4", "teacher.num_steps=4", "student.num_steps=4",
-         "demo.sweep_scales=[1,1.5,3]"]
+         "demo.sweep_scales=[1,1.5,3]", "eval.classifier_steps=300"]
 
 
 def parse_args(argv: list[str] | None):

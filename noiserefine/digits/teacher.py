@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from tqdm.auto import tqdm
 
-from ..backends.digits import SCHEDULER_CONFIG, TASKS, DigitsBackend, attribute_tokens, build_unet
+from ..backends.digits import ATTRIBUTES, SCHEDULER_CONFIG, TASKS, DigitsBackend, attribute_tokens, build_unet
 from ..files import apply_default_modes, refuse_foreign_directory
-from .compose import ATTRIBUTES, random_attributes, render, sklearn_digits
+from .compose import random_attributes, render, sklearn_digits
 from .data import load_digit_images, thicken_strokes
 
 TRAINING_FILE = "training.json"
