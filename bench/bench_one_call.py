@@ -1,6 +1,6 @@
 """The refiner's two forms at equal budget on the digits default: ``difference`` (2 calls) vs ``single_call`` (1).
 
-    python bench/bench_one_call.py --out runs/one-call [key=value ...]
+    python bench/bench_one_call.py --out runs/one-call [--config configs/compose.yaml] [key=value ...]
 
 Trains (or reuses, under --out) the digit teacher, the teacher-target cache (Ray) and one refiner per form
 (``trainer/train.py``, one rank, the same cache, seeds, steps, batch and learning rate), with
@@ -36,7 +36,8 @@ from noiserefine.evaluation.rows import eval_set, sample_row, score_rows  # noqa
 from noiserefine.noise import noise_from_seeds  # noqa: E402
 
 FORMS = ("difference", "single_call")
-KEYS = ("nfe", "fid", "fid_class", "accuracy", "precision", "recall", "noise_share", "seconds_per_sample")
+KEYS = ("nfe", "fid", "fid_class", "accuracy", "adherence", "precision", "recall", "noise_share",
+        "seconds_per_sample")  # adherence: the compositional task's only
 
 
 def time_refiners(refiners: dict, evals, repeats: int) -> dict[str, float]:
@@ -57,10 +58,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "one-call")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--config", action="append", default=[], help="YAML on top of configs/digits.yaml "
+                        "(configs/compose.yaml: the compositional default)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     out = args.out.resolve()
-    config_files = [str(REPO / "configs" / "digits.yaml")]
+    config_files = [str(REPO / "configs" / "digits.yaml"), *[str(Path(c).resolve()) for c in args.config]]
     overrides = [f"model.path={out / 'teacher'}", f"eval.classifier_dir={out / 'classifier'}",
                  f"data.cache_root={out / 'cache'}", "train.eval_every=1000000", *args.overrides]
     cfg = load_config(config_files, overrides)
@@ -92,13 +95,14 @@ def main() -> int:
     record = {"overrides": overrides, "seconds": {k: round(v, 1) for k, v in seconds.items()},
               "load_average": {k: [round(x, 2) for x in v] for k, v in load.items()}, "cpus": os.cpu_count(),
               "refiner_forward_ms_per_sample": {k: round(v * 1000, 4) for k, v in refiner_seconds.items()},
-              "rows": {row.name: {k: row.metrics[k] for k in KEYS} for row in rows}}
+              "rows": {row.name: {k: row.metrics[k] for k in KEYS if k in row.metrics} for row in rows}}
     print(json.dumps(record, indent=2))
-    print("\n| row | calls | FID | class-cond. FID | accuracy | precision | recall | noise-like | ms/sample |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| row | calls | FID | class-cond. FID | accuracy | adherence | precision | recall | noise-like | ms/sample |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         m = row.metrics
         print(f"| {row.name} | {m['nfe']} | {m['fid']:.2f} | {m['fid_class']:.2f} | {m['accuracy']:.3f} | "
+              f"{m.get('adherence', float('nan')):.3f} | "
               f"{m['precision']:.3f} | {m['recall']:.3f} | {m['noise_share']:.1%} | "
               f"{m['seconds_per_sample'] * 1000:.2f} |")
     return 0

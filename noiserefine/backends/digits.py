@@ -124,19 +124,15 @@ def attribute_tokens(tables: Mapping[str, torch.Tensor], indices: Mapping[str, t
 
 def build_unet(block_out_channels: Sequence[int], cross_attention_dim: int,
                sample_size: int = IMAGE_SIZE) -> UNet2DConditionModel:
-    """A ~1M-parameter SD-style UNet for 1 x sample_size x sample_size images.
-
-    Attention (self and cross) only in the blocks whose feature map is at most 8x8 (64 tokens), and always in
-    the deepest: at 16x16 that is every block but the first, as before; on the 24x24 canvas the 12x12 level would cost 2.25x the
-    attention of the whole 16x16 model for what a convolution sees anyway (a quadrant).
-    """
+    """A ~1M-parameter SD-style UNet for 1 x sample_size x sample_size images (cross-attention in the inner
+    blocks). On the 24x24 canvas, dropping the 12x12 level's attention made training 1.35x faster but left the
+    digit the prompt names too weak to follow (adherence at most 0.87 at any w vs ... with it; 2026-12-07)."""
     channels = tuple(int(c) for c in block_out_channels)
-    attends = [sample_size // 2 ** level <= 8 for level in range(len(channels))]
-    attends[-1] = True  # the deepest level always: a UNet without cross-attention would ignore the prompt
+    depth = len(channels)
     return UNet2DConditionModel(
         sample_size=sample_size, in_channels=1, out_channels=1,
-        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attends),
-        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attends)),
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (depth - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (depth - 1) + ("UpBlock2D",),
         block_out_channels=channels, layers_per_block=1, norm_num_groups=8,
         cross_attention_dim=cross_attention_dim, attention_head_dim=4,
     )

@@ -2,7 +2,7 @@
 
 The paper's values are SD 2.1's (arXiv 2412.03895v1, Supplement D.1/D.2; README "The paper's recipe").
 A row "follows" when the run's config holds the paper's value; the reason column says why the demo
-cannot or does not where it does not (at 16x16, on 2 CPU cores).
+cannot or does not where it does not (16x16 or 24x24 images, 2 CPU cores).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ PAPER_RECIPE = [
     ("teacher.num_steps", 20, "D.1: N' = 20 guided steps", "kept at 10: changing it changes every demo number"),
     ("teacher.guidance", "cfg", "D.2: COCO component at CFG 7.5", ""),
     ("teacher.guidance_scale", 7.5, "D.2: COCO component at CFG 7.5",
-     "w is chosen by the guidance sweep on the digits teacher (CFG 7.5 wrecks 16x16 digits)"),
+     "w is chosen by the guidance sweep on the digits teacher (CFG 7.5 wrecks its samples)"),
     ("data.mixture", "COCO + Pick-a-Pic", "D.2: 20K COCO at CFG 7.5 + 30K Pick-a-Pic at CFG 3 + PAG 2",
-     "one prompt source (the ten digit classes): nothing to mix"),
+     "one prompt source (the task's own prompts): nothing to mix"),
     ("data.min_score", 6.0, "D.2: LAION aesthetic score > 6",
      "an aesthetic score means nothing on digits; the classifier-confidence filter made no measurable difference "
      "(bench/results/2026-12-07-score-filter.md)"),
