@@ -92,6 +92,25 @@ def test_w_missing_or_not_expected_is_an_error(tiny_backend):
     assert not adapters_enabled(told.denoiser)
 
 
+def test_the_correction_gain_multiplies_the_correction_by_w_minus_1(tiny_backend):
+    """refiner.guidance_correction_gain: the same LoRA's correction times (w - 1), per sample; zero at w = 1."""
+    gained = Refiner(tiny_backend, RefinerConfig(guidance_timestep_slope=SLOPE, guidance_correction_gain=True))
+    noise, cond = refiner_inputs(tiny_backend)
+    assert torch.equal(gained(noise, cond, guidance_scale=2.0), noise)  # zero at init
+    randomise_lora(gained)
+    plain = Refiner(tiny_digits_backend(), RefinerConfig(guidance_timestep_slope=SLOPE))
+    randomise_lora(plain)  # the same weights (same seed, same shapes)
+    scales = torch.tensor([1.0, 1.25, 2.0, 3.0])
+    with torch.no_grad():
+        expected = (plain(noise, cond, guidance_scale=scales) - noise) * (scales - 1).view(-1, 1, 1, 1)
+        got = gained(noise, cond, guidance_scale=scales) - noise
+    assert expected.abs().max() > 1e-3
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(got[0], torch.zeros_like(got[0]))
+    with pytest.raises(ValueError, match="guidance_correction_gain needs a refiner told w"):
+        Refiner(tiny_digits_backend(), RefinerConfig(guidance_correction_gain=True))
+
+
 def test_config_rules_for_several_scales():
     with pytest.raises(ValueError, match="refiner.guidance_timestep_slope is 0"):
         load_config(overrides=["data.guidance_scales=[1.5,2.0]"])
