@@ -269,3 +269,19 @@ def test_multi_scale_training_resumes_exactly_from_its_checkpoint(multi_cfg, tin
     assert refiner.guidance_conditioned
     with pytest.raises(ValueError, match="give the guidance scale w"):
         refiner.refine(noise_from_seeds([0], refiner.backend.latent_shape), ["a handwritten one"])
+
+
+def test_goal_lines_compare_with_per_w_at_trained_and_the_teacher_at_held_out_scales():
+    from noiserefine.digits.multi_scale import goal_lines
+
+    def m(fid, fid_class, accuracy):
+        return {"fid": fid, "fid_class": fid_class, "accuracy": accuracy}
+
+    results = {"rows": [{"scale": 1.1, "per_scale": m(10.0, 40.0, 1.0), "multi_scale": m(10.4, 41.0, 0.99),
+                         "teacher": m(1.0, 1.0, 1.0)}],
+               "held_out": [{"scale": 1.25, "teacher": m(10.0, 40.0, 1.0), "multi_scale": m(10.0, 40.0, 1.0)}]}
+    lines = goal_lines(results)
+    assert "Goal (every metric within 5%): met; largest difference 4.0%" in lines
+    assert "- w = 1.1 vs per-w: fid 4.0%, fid_class 2.5%, accuracy 1.0%" in lines
+    results["held_out"][0]["multi_scale"]["fid_class"] = 43.0  # 7.5% from the teacher at the held-out w
+    assert "Goal (every metric within 5%): NOT met; largest difference 7.5%" in goal_lines(results)

@@ -160,7 +160,26 @@ def summary_lines(results: dict) -> list[str]:
         lines.append(f"- mean distance to the teacher's class-cond. FID over the trained scales: per-w "
                      f"{sum(d[0] for d in distances) / len(distances):.2f}, multi-w "
                      f"{sum(d[1] for d in distances) / len(distances):.2f}")
-    return lines
+    return lines + goal_lines(results)
+
+
+GOAL_METRICS, GOAL = ("fid", GAP_METRIC, "accuracy"), 0.05  # issue 25: within 5% of per-w (trained w), teacher (held out)
+
+
+def goal_lines(results: dict) -> list[str]:
+    """The multi-w refiner's relative difference on FID, class-cond. FID and accuracy: to the per-w refiner at each
+    trained w, to the teacher at each held-out w; the goal is met when every one is within :data:`GOAL`."""
+    pairs = [(f"w = {e['scale']:g} vs per-w", e["multi_scale"], e["per_scale"]) for e in results["rows"]]
+    pairs += [(f"w = {e['scale']:g} (held out) vs teacher", e["multi_scale"], e["teacher"])
+              for e in results.get("held_out", [])]
+    lines, worst = [], 0.0
+    for name, ours, reference in pairs:
+        relative = {k: abs(ours[k] - reference[k]) / abs(reference[k]) for k in GOAL_METRICS}
+        worst = max(worst, *relative.values())
+        lines.append(f"- {name}: " + ", ".join(f"{k} {100 * v:+.1f}%".replace("+", "") for k, v in relative.items()))
+    verdict = "met" if worst <= GOAL else "NOT met"
+    return ["", f"Goal (every metric within {100 * GOAL:g}%): {verdict}; largest difference {100 * worst:.1f}%",
+            *lines]
 
 
 def write_table(results: dict, path: Path) -> None:
