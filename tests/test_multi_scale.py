@@ -285,3 +285,15 @@ def test_goal_lines_compare_with_per_w_at_trained_and_the_teacher_at_held_out_sc
     assert "- w = 1.1 vs per-w: fid 4.0%, fid_class 2.5%, accuracy 1.0%" in lines
     results["held_out"][0]["multi_scale"]["fid_class"] = 43.0  # 7.5% from the teacher at the held-out w
     assert "Goal (every metric within 5%): NOT met; largest difference 7.5%" in goal_lines(results)
+
+
+def test_each_multi_w_setting_trains_its_own_refiner_and_the_default_keeps_its_name(tmp_path):
+    from noiserefine.digits.multi_scale import multi_dir, multi_overrides
+
+    base = ["demo.multi_scale_guidance_scales=[1.1,2]"]
+    default = load_config(overrides=base)
+    assert multi_dir(tmp_path, default).name == "refiner-multi-w1.1-2"  # as before the knobs
+    assert "train.max_steps=300" in multi_overrides(default)  # 0: the run's train.max_steps (the schema's 300)
+    both = load_config(overrides=[*base, "demo.multi_scale_max_steps=600", "demo.multi_scale_correction_gain=true"])
+    assert multi_dir(tmp_path, both).name == "refiner-multi-w1.1-2-600steps-gain"
+    assert {"train.max_steps=600", "refiner.guidance_correction_gain=True"} <= set(multi_overrides(both))
