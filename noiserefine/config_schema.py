@@ -75,6 +75,7 @@ class RefinerConfig:
     form: str = "difference"  # difference (f_LoRA - f: 2 calls) | single_call (zero-init head on 1 LoRA call)
     timestep: float = 999.0  # the denoiser's time input for the refiner forward
     guidance_timestep_slope: float = 0.0  # > 0: a refiner of several scales (data.guidance_scales), told w
+    guidance_correction_gain: bool = False  # a refiner told w: its correction times (w - 1) (zero at w = 1)
     lora_rank: int = 8
     lora_alpha: float = 8.0
     target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"])
@@ -233,6 +234,8 @@ class DemoConfig:
     multi_scale_guidance_scales: list[float] = field(default_factory=lambda: [1.1, 1.5, 2.0])
     multi_scale_held_out_scales: list[float] = field(default_factory=lambda: [1.25])
     multi_scale_timestep_slope: float = 200.0  # its refiner.guidance_timestep_slope
+    multi_scale_max_steps: int = 0  # the multi-w refiner's train.max_steps; 0: train.max_steps (one per-w budget)
+    multi_scale_correction_gain: bool = False  # its refiner.guidance_correction_gain
 
 
 @dataclass

@@ -5,6 +5,7 @@
     enable_refiner(pipe, "runs/sd21/refiner")
     images = pipe(prompts, generator=[torch.Generator().manual_seed(s) for s in seeds]).images
     disable_refiner(pipe)  # the pipeline as it was
+    enable_refiner(pipe, "runs/sd21/refiner-multi-w", guidance_scale=5.0)  # a refiner for a range of scales: its w
 
 What :func:`enable_refiner` changes until :func:`disable_refiner`:
 
@@ -45,14 +46,20 @@ import torch
 from . import pipelines
 from .pipelines import attach_refiner, unguided_call_kwargs
 from .refiner import detach_refiner
+from .refiner_scales import refiner_guidance_scale, saved_refiner_config
 
 _STATE = "_noiserefine_enabled"  # pipeline attribute: what enable_refiner changed, for disable_refiner
 _SUBCLASSES: dict[type, type] = {}  # original pipeline class -> its refining subclass (one per class)
 
 
-def enable_refiner(pipe, refiner_dir: str | Path):
+def enable_refiner(pipe, refiner_dir: str | Path, guidance_scale: float | None = None):
     """Make every later ``pipe(...)`` start from noise refined by ``refiner_dir`` (see the module docstring).
-    Enabling again (another refiner) first disables the previous one. Returns ``pipe``."""
+
+    ``guidance_scale``: the w a refiner trained for a range of scales refines for (required for such a refiner;
+    a refiner of one scale takes none or its own: ``noiserefine.refiner_scales``). It is the refiner's w, not
+    the pipeline call's CFG scale, which stays 1. Enabling again (another refiner, or another w) first
+    disables the previous one. Returns ``pipe``."""
+    w = refiner_guidance_scale(saved_refiner_config(refiner_dir), guidance_scale, refiner_dir)  # before any change
     if getattr(pipe, _STATE, None) is not None:
         disable_refiner(pipe)
     refiner_dir = Path(refiner_dir).resolve()
@@ -63,7 +70,7 @@ def enable_refiner(pipe, refiner_dir: str | Path):
     except BaseException:
         pipe.scheduler = state["scheduler"]  # set before a refusal of the refiner's architecture
         raise
-    state.update(refiner=refiner, defaults=unguided_call_kwargs(pipe, refiner_dir))
+    state.update(refiner=refiner, defaults=unguided_call_kwargs(pipe, refiner_dir), guidance_scale=w)
     setattr(pipe, _STATE, state)
     pipe.__class__ = _refining_subclass(state["class"])
     return pipe
@@ -151,5 +158,6 @@ def _prepare_latents(self, *args, **kwargs):
 
     noise = randn_tensor(shape, generator=given["generator"], device=backend.device, dtype=torch.float32)
     with torch.no_grad():  # as noiserefine.pipelines.refined_latents
-        given["latents"] = state["refiner"].refine(noise, prompts).to(backend.dtype)
+        given["latents"] = state["refiner"].refine(noise, prompts, guidance_scale=state["guidance_scale"]).to(
+            backend.dtype)
     return original(*bound.args, **bound.kwargs)

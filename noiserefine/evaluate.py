@@ -1,7 +1,7 @@
 """The paper's table: FID / IS / CLIPScore / PickScore of four settings on the same seeds and prompts.
 
     python -m noiserefine.evaluate --config configs/sd21.yaml --refiner runs/sd21/refiner \
-        [--num-samples 30000] [--out DIR] [--store DIR] [--distilled PATH] [key=value ...]
+        [--num-samples 30000] [--out DIR] [--store DIR] [--distilled PATH] [--guidance-scale W] [key=value ...]
 
 Settings (rows), all with ``benchmark.num_steps`` (default ``student.num_steps``) sampler steps:
 
@@ -10,6 +10,10 @@ Settings (rows), all with ``benchmark.num_steps`` (default ``student.num_steps``
 3. ``guidance-distilled``: a guidance-distilled model of the same family (``--distilled`` or
    ``benchmark.distilled_path``), unguided; left out when none is given;
 4. ``refined, unguided``: ``x̂_T = refiner(x_T)``, no guidance (the refiner's forwards counted in NFE: 2, or 1 for refiner.form=single_call).
+   A refiner trained for a range of guidance scales refines for the guided row's w, ``teacher.guidance_scale``.
+
+``--guidance-scale W`` is ``teacher.guidance_scale=W``: the guided row's scale and, for a refiner told w, the
+refiner's; a refiner of one scale takes only its own (``noiserefine.refiner_scales``: the rules and errors).
 
 The protocol (COCO captions, ImageNet classes or a prompts file; seeds; the FID reference and image
 rule) is ``noiserefine.evaluation.protocols``; the networks are ``evaluation.features`` (torch-fidelity's
@@ -46,6 +50,7 @@ import sys
 from .config import refiner_run_config
 from .evaluation.benchmark import Evaluation
 from .evaluation.paper_report import markdown_table
+from .refiner_scales import refiner_guidance_scale, saved_refiner_config
 
 
 def evaluate(cfg, refiner_dir, **kwargs) -> dict:
@@ -65,6 +70,9 @@ def parser() -> argparse.ArgumentParser:
                                                       "benchmark.distilled_path)")
     p.add_argument("--worker", default="0/1", help="I/K: sample every K-th shard from the I-th (one process per "
                                                    "GPU, same --out); the last to finish writes the report")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="w of the guided row and of a refiner trained for a range of scales (teacher.guidance_scale"
+                        "=W); a refiner of one scale takes only its own")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, applied last")
     return p
@@ -72,7 +80,11 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    refiner_dir, cfg = refiner_run_config(args.refiner, args.config, args.overrides)
+    at_w = [] if args.guidance_scale is None else [f"teacher.guidance_scale={args.guidance_scale!r}"]
+    refiner_dir, cfg = refiner_run_config(args.refiner, args.config, args.overrides + at_w)
+    if args.guidance_scale is not None:  # a refiner of one scale: refused unless W is its own (before any sampling)
+        refiner_guidance_scale(saved_refiner_config(refiner_dir), args.guidance_scale,
+                               f"--refiner {refiner_dir} --guidance-scale")
     try:
         worker = tuple(int(part) for part in args.worker.split("/"))
         assert len(worker) == 2

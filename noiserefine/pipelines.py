@@ -7,6 +7,7 @@
     pipe = StableDiffusionPipeline.from_pretrained("/models/sd21", torch_dtype=torch.float16).to("cuda")
     prompts = ["a photo of an astronaut riding a horse"] * 4
     latents = refined_latents(pipe, "runs/sd21/refiner", prompts, seeds=[0, 1, 2, 3])
+    # a refiner trained for a range of guidance scales: refined_latents(..., guidance_scale=5.0)
     images = pipe(prompts, latents=latents, **unguided_call_kwargs(pipe)).images
     # unguided_call_kwargs: num_inference_steps of the refiner's student, guidance_scale=1.0
     # (0.0 works the same: CFG is off for any scale <= 1; SD-Turbo's own examples use 0.0), pag_scale=0.0 on
@@ -57,6 +58,7 @@ from .backends.registry import family_for_pipeline
 from .noise import noise_from_seeds
 from .hashing import file_sha256, tree_sha256
 from .refiner import CONFIG_FILE, Refiner, detach_refiner, load_refiner
+from .refiner_scales import refiner_guidance_scale, saved_refiner_config
 from .sampler_record import SAMPLER_FILE, check_model_schedule, read_sampler_record
 
 _ATTACHED = "_noiserefine_refiner"  # pipeline attribute: (refiner directory, Refiner, its files' sha256)
@@ -132,10 +134,13 @@ def attach_refiner(pipe, refiner_dir: str | Path) -> Refiner:
 
 
 def refined_latents(pipe, refiner_dir: str | Path, prompts: str | Sequence[str | int],
-                    seeds: Sequence[int]) -> torch.Tensor:
+                    seeds: Sequence[int], guidance_scale: float | None = None) -> torch.Tensor:
     """Refined ``x_T`` for ``pipe(prompts, latents=..., **unguided_call_kwargs(pipe))``: one per seed.
 
     ``prompts``: one prompt for every seed, or one per seed (DiT: class ids or names).
+    ``guidance_scale``: the w to refine for, needed by a refiner trained for a range of scales; a refiner of
+    one scale takes none or its own (``noiserefine.refiner_scales``: the rules and errors). It is the
+    refiner's w: the pipeline call itself stays unguided (``unguided_call_kwargs``).
     Returned on the denoiser's device in its dtype, shape ``(len(seeds), C, H, W)``.
     Sets the pipeline's scheduler and attaches the refiner (see the module docstring).
     """
@@ -145,11 +150,12 @@ def refined_latents(pipe, refiner_dir: str | Path, prompts: str | Sequence[str |
     prompts = [prompts] * len(seeds) if isinstance(prompts, (str, int)) else [str(p) for p in prompts]
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts for {len(seeds)} seeds; give one prompt, or one per seed")
+    w = refiner_guidance_scale(saved_refiner_config(refiner_dir), guidance_scale, refiner_dir)
     refiner = attach_refiner(pipe, refiner_dir)
     backend = refiner.backend
     noise = noise_from_seeds(seeds, backend.latent_shape).to(backend.device)
     with torch.no_grad():
-        latents = refiner.refine(noise, [str(p) for p in prompts])
+        latents = refiner.refine(noise, [str(p) for p in prompts], guidance_scale=w)
     return latents.to(backend.dtype)
 
 

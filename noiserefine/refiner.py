@@ -14,7 +14,8 @@ recorded in the saved ``config.yaml``; a refiner saved before forms existed has 
 
 A refiner for a range of guidance scales (``refiner.guidance_timestep_slope`` k > 0, trained
 on ``data.guidance_scales``) is told each sample's scale w through the denoiser's time input:
-``t_ref(w) = refiner.timestep - k (w - 1)`` (still zero at initialisation, for every w). It
+``t_ref(w) = refiner.timestep - k (w - 1)`` (still zero at initialisation, for every w); with
+``refiner.guidance_correction_gain`` its correction is also multiplied by ``w - 1``. It
 must be given w (``refiner(x_T, c, guidance_scale=w)``); a refiner with k = 0 was trained for
 one scale and refuses a w. The adapter "refiner"
 is active only inside the refiner forward (:func:`lora_enabled`); every other
@@ -170,6 +171,9 @@ class Refiner(torch.nn.Module):
         self.form = str(self.cfg.get("form", LEGACY_FORM))
         if self.form not in FORMS:
             raise ValueError(f"refiner.form is {self.form!r}; expected one of {sorted(FORMS)}")
+        self.gain = bool(self.cfg.get("guidance_correction_gain", False))  # the correction times (w - 1)
+        if self.gain and not self.guidance_conditioned:
+            raise ValueError("refiner.guidance_correction_gain needs a refiner told w (guidance_timestep_slope > 0)")
         self.denoiser = denoiser
         _attach_adapter(denoiser, LoraConfig(r=int(self.cfg["lora_rank"]), lora_alpha=float(self.cfg["lora_alpha"]),
                                              target_modules=list(self.cfg["target_modules"]), init_lora_weights=True))
@@ -238,14 +242,16 @@ class Refiner(torch.nn.Module):
         time = self.refiner_time(guidance_scale, noise.shape[0])
         noise = noise.to(backend.device)
         x = noise.to(backend.dtype)
+        gain = 1.0 if not self.gain else (torch.as_tensor(guidance_scale, dtype=noise.dtype, device=noise.device)
+                                          .expand(noise.shape[0]).view(-1, *[1] * (noise.ndim - 1)) - 1)
         if self.head is not None:  # one call: the head's output is the correction
             with lora_enabled(self.denoiser), head_replaces_output(self.denoiser, self.head):
-                return noise + backend.denoise(x, time, cond).to(noise.dtype)
+                return noise + gain * backend.denoise(x, time, cond).to(noise.dtype)
         with torch.no_grad():
             base = backend.denoise(x, time, cond)
         with lora_enabled(self.denoiser):
             adapted = backend.denoise(x, time, cond)
-        return noise + (adapted - base).to(noise.dtype)
+        return noise + gain * (adapted - base).to(noise.dtype)
 
     @torch.no_grad()
     def refine(self, noise: torch.Tensor, prompts: Sequence[str],

@@ -1,7 +1,7 @@
 """Sample images with a trained refiner: refined noise -> unguided sampler -> PNG.
 
     python -m noiserefine.sample --refiner runs/sd21/refiner --prompt "a corgi on a beach" --seeds 0-7 \
-        --out samples/corgi [--compare] [--config configs/sd21.yaml] [key=value ...]
+        --out samples/corgi [--compare] [--guidance-scale W] [--config configs/sd21.yaml] [key=value ...]
 
 The model and sampler come from ``--config`` (repeatable) or, without it, from the
 refiner's own ``config.yaml`` (the resolved training config); ``key=value``
@@ -19,6 +19,10 @@ Written to ``--out``: ``refined/<prompt index>_<seed>.png`` (refined noise, ungu
 and ``config.yaml`` (the resolved config). ``--out`` must be new, empty or a folder of this command (it holds
 ``sample.json``): a user's other folder is refused before anything in it is replaced. ``--seeds`` gives at most
 :data:`MAX_IMAGES` seeds (prompts x seeds images), counted before they are listed.
+
+``--guidance-scale W``: the w a refiner trained for a range of scales refines for (required for one; a refiner of
+one scale takes none or its own: ``noiserefine.refiner_scales`` has the rules). With ``--compare`` the guided
+row uses the same w (``teacher.guidance_scale=W``). Recorded in ``sample.json``.
 """
 
 from __future__ import annotations
@@ -96,6 +100,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="0-3", help="seeds: N, N-M, or a comma list of those (default 0-3)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--compare", action="store_true", help="also sample guided and unguided from the same noise")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="w to refine for: required by a refiner trained for a range of guidance scales; with "
+                        "--compare also the guided row's scale")
     p.add_argument("--steps", type=int, default=0, help="sampler steps (default: the refiner's student steps)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--no-progress", action="store_true")
@@ -113,7 +120,13 @@ def main(argv: list[str] | None = None) -> int:
                          f"most {MAX_IMAGES} per command")
     out = Path(args.out)
     refuse_foreign_directory(out, SAMPLE_FILE, "an output folder of python -m noiserefine.sample (--out)")
-    refiner_dir, cfg = refiner_run_config(args.refiner, args.config, args.overrides)
+    # the guided row of --compare at the refiner's w
+    at_w = [] if args.guidance_scale is None else [f"teacher.guidance_scale={args.guidance_scale!r}"]
+    refiner_dir, cfg = refiner_run_config(args.refiner, args.config, args.overrides + at_w)
+    from .refiner_scales import refiner_guidance_scale, saved_refiner_config
+
+    guidance_scale = refiner_guidance_scale(saved_refiner_config(refiner_dir), args.guidance_scale,
+                                            f"--refiner {refiner_dir} --guidance-scale")
 
     from .backends import load_backend
     from .noise import noise_from_seeds
@@ -130,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     # sample.json first: it marks the folder as this command's (see files.refuse_foreign_directory)
     write_text_atomic(out / SAMPLE_FILE, json.dumps({
         "refiner": str(refiner_dir.resolve()), "seeds": seeds, "steps": steps, "compare": args.compare,
+        "refiner_guidance_scale": guidance_scale,
         "nfe_per_image": {"refined": steps + refiner.network_calls, "unguided": steps, "guided": network_calls(guidance, steps)},
         "guidance": guider_identity(guidance)}, indent=2) + "\n")
     save_config(cfg, out / "config.yaml")
@@ -144,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         cond = backend.encode_prompts(batch_prompts)
         rows = {}
         with torch.no_grad():
-            refined = refiner.refine(noise, batch_prompts).to(backend.dtype)
+            refined = refiner.refine(noise, batch_prompts, guidance_scale=guidance_scale).to(backend.dtype)
             rows["refined"] = backend.decode(rollout(backend, refined, cond, steps))
             if args.compare:
                 rows["guided"] = backend.decode(rollout(backend, noise, cond, steps, guidance))

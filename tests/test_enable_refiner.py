@@ -155,3 +155,34 @@ def test_a_refused_refiner_leaves_the_pipeline_as_it_was(models):
     assert pipe.scheduler is scheduler and type(pipe) is cls
     assert not [k for k in vars(pipe) if k.startswith("_noiserefine")]
     assert "refiner" not in (getattr(pipe.unet, "peft_config", None) or {})
+
+
+@pytest.fixture(scope="module")
+def multi_w_refiner(models, tmp_path_factory):
+    """A refiner told w (data.guidance_scales [1.5, 3], slope 200; random LoRA) on the tiny SD model."""
+    cfg = load_config(overrides=["model.backend=stable_diffusion", f"model.path={models['sd15'][0]}",
+                                 "student.num_steps=2", "refiner.lora_rank=4", "refiner.lora_alpha=4.0",
+                                 "data.guidance_scales=[1.5,3.0]", "refiner.guidance_timestep_slope=200"])
+    return save_tiny_refiner(cfg, tmp_path_factory.mktemp("multi-w") / "refiner", seed=2)
+
+
+def test_a_refiner_told_w_takes_its_scale_in_both_helpers(models, multi_w_refiner):
+    """refined_latents and enable_refiner refine for the given w (another w: other latents; the enabled pipeline
+    equals the refined_latents path bit for bit at each w); a missing w is named before the pipeline changes."""
+    pipe = load("sd15", models)
+    low, high = (refined_latents(pipe, multi_w_refiner, PROMPTS, SEEDS, guidance_scale=w) for w in (1.5, 3.0))
+    assert (low - high).abs().max() > 1e-4, "the refiner's w must change the refined noise"
+    kwargs = dict(output_type="latent", **unguided_call_kwargs(pipe))
+    for w, latents in ((1.5, low), (3.0, high)):
+        enabled = enable_refiner(load("sd15", models), multi_w_refiner, guidance_scale=w)
+        ours = enabled(PROMPTS, generator=generators(), output_type="latent").images
+        assert torch.equal(ours, pipe(PROMPTS, latents=latents, **kwargs).images)
+    fresh = load("sd15", models)
+    scheduler, cls = fresh.scheduler, type(fresh)
+    with pytest.raises(ValueError, match=r"range of guidance scales \(1\.5, 3"):
+        enable_refiner(fresh, multi_w_refiner)
+    assert fresh.scheduler is scheduler and type(fresh) is cls
+    with pytest.raises(ValueError, match=r"range of guidance scales \(1\.5, 3"):
+        refined_latents(fresh, multi_w_refiner, PROMPTS, SEEDS)
+    with pytest.raises(ValueError, match=r"trained for guidance scale .* only.*guidance_scale=5"):
+        refined_latents(fresh, models["sd15"][1], PROMPTS, SEEDS, guidance_scale=5.0)

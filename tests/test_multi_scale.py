@@ -92,6 +92,25 @@ def test_w_missing_or_not_expected_is_an_error(tiny_backend):
     assert not adapters_enabled(told.denoiser)
 
 
+def test_the_correction_gain_multiplies_the_correction_by_w_minus_1(tiny_backend):
+    """refiner.guidance_correction_gain: the same LoRA's correction times (w - 1), per sample; zero at w = 1."""
+    gained = Refiner(tiny_backend, RefinerConfig(guidance_timestep_slope=SLOPE, guidance_correction_gain=True))
+    noise, cond = refiner_inputs(tiny_backend)
+    assert torch.equal(gained(noise, cond, guidance_scale=2.0), noise)  # zero at init
+    randomise_lora(gained)
+    plain = Refiner(tiny_digits_backend(), RefinerConfig(guidance_timestep_slope=SLOPE))
+    randomise_lora(plain)  # the same weights (same seed, same shapes)
+    scales = torch.tensor([1.0, 1.25, 2.0, 3.0])
+    with torch.no_grad():
+        expected = (plain(noise, cond, guidance_scale=scales) - noise) * (scales - 1).view(-1, 1, 1, 1)
+        got = gained(noise, cond, guidance_scale=scales) - noise
+    assert expected.abs().max() > 1e-3
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(got[0], torch.zeros_like(got[0]))
+    with pytest.raises(ValueError, match="guidance_correction_gain needs a refiner told w"):
+        Refiner(tiny_digits_backend(), RefinerConfig(guidance_correction_gain=True))
+
+
 def test_config_rules_for_several_scales():
     with pytest.raises(ValueError, match="refiner.guidance_timestep_slope is 0"):
         load_config(overrides=["data.guidance_scales=[1.5,2.0]"])
@@ -250,3 +269,31 @@ def test_multi_scale_training_resumes_exactly_from_its_checkpoint(multi_cfg, tin
     assert refiner.guidance_conditioned
     with pytest.raises(ValueError, match="give the guidance scale w"):
         refiner.refine(noise_from_seeds([0], refiner.backend.latent_shape), ["a handwritten one"])
+
+
+def test_goal_lines_compare_with_per_w_at_trained_and_the_teacher_at_held_out_scales():
+    from noiserefine.digits.multi_scale import goal_lines
+
+    def m(fid, fid_class, accuracy):
+        return {"fid": fid, "fid_class": fid_class, "accuracy": accuracy}
+
+    results = {"rows": [{"scale": 1.1, "per_scale": m(10.0, 40.0, 1.0), "multi_scale": m(10.4, 41.0, 0.99),
+                         "teacher": m(1.0, 1.0, 1.0)}],
+               "held_out": [{"scale": 1.25, "teacher": m(10.0, 40.0, 1.0), "multi_scale": m(10.0, 40.0, 1.0)}]}
+    lines = goal_lines(results)
+    assert "Goal (every metric within 5%): met; largest difference 4.0%" in lines
+    assert "- w = 1.1 vs per-w: fid 4.0%, fid_class 2.5%, accuracy 1.0%" in lines
+    results["held_out"][0]["multi_scale"]["fid_class"] = 43.0  # 7.5% from the teacher at the held-out w
+    assert "Goal (every metric within 5%): NOT met; largest difference 7.5%" in goal_lines(results)
+
+
+def test_each_multi_w_setting_trains_its_own_refiner_and_the_default_keeps_its_name(tmp_path):
+    from noiserefine.digits.multi_scale import multi_dir, multi_overrides
+
+    base = ["demo.multi_scale_guidance_scales=[1.1,2]"]
+    default = load_config(overrides=base)
+    assert multi_dir(tmp_path, default).name == "refiner-multi-w1.1-2"  # as before the knobs
+    assert "train.max_steps=300" in multi_overrides(default)  # 0: the run's train.max_steps (the schema's 300)
+    both = load_config(overrides=[*base, "demo.multi_scale_max_steps=600", "demo.multi_scale_correction_gain=true"])
+    assert multi_dir(tmp_path, both).name == "refiner-multi-w1.1-2-600steps-gain"
+    assert {"train.max_steps=600", "refiner.guidance_correction_gain=True"} <= set(multi_overrides(both))

@@ -8,8 +8,11 @@ per-w refiner on it (the DeepSpeed job, the main run's config otherwise: ``train
 steps each; the main job's own refiner, ``refiner-msd/``, is reused for the w it was trained at
 when its finished config is this one). Then it trains ONE refiner on all these caches, told w through its time input
 (``refiner.guidance_timestep_slope = demo.multi_scale_timestep_slope``; global batch ``b``
-comes from scale ``b % S``), for the same ``train.max_steps``: the budget of one per-w
-refiner, i.e. 1/S of the per-w refiners' total (about ``max_steps / S`` steps per scale).
+comes from scale ``b % S``), for ``demo.multi_scale_max_steps`` steps (0: the same ``train.max_steps``, the
+budget of one per-w refiner, i.e. 1/S of the per-w refiners' total; S x ``train.max_steps``: the budget of
+all of them), its correction times ``w - 1`` with ``demo.multi_scale_correction_gain``
+(``refiner.guidance_correction_gain``). Each such setting trains its own multi-w refiner beside the others
+(:func:`multi_dir`); the caches and per-w refiners are shared.
 
 It evaluates, on the main job's held-out seeds and with its digit metrics, the teacher guided
 at every w (and unguided, w = 1; kept in ``multi_scale/sweep.json``, reused while its identity
@@ -69,9 +72,20 @@ def held_out_scales(cfg) -> list[float]:
     return held_out
 
 
-def multi_dir(out: Path, scales: list[float]) -> Path:
-    """The multi-w refiner's run, named by its scales: a re-run with other scales trains a new one beside it."""
-    return out / ("refiner-multi-w" + "-".join(f"{float(w):g}" for w in scales))
+def multi_steps(cfg) -> int:
+    """The multi-w refiner's training steps: ``demo.multi_scale_max_steps``, or (0) ``train.max_steps``."""
+    return int(cfg.demo.multi_scale_max_steps) or int(cfg.train.max_steps)
+
+
+def multi_dir(out: Path, cfg) -> Path:
+    """The multi-w refiner's run, named by its scales, and its steps and gain where they are not the defaults: a
+    re-run with other settings trains a new one beside it (the per-w refiners are shared)."""
+    name = "refiner-multi-w" + "-".join(f"{float(w):g}" for w in cfg.demo.multi_scale_guidance_scales)
+    if multi_steps(cfg) != int(cfg.train.max_steps):
+        name += f"-{multi_steps(cfg)}steps"
+    if cfg.demo.multi_scale_correction_gain:
+        name += "-gain"
+    return out / name
 
 
 def reusable_main_refiner(run_dir: Path, cfg) -> Path | None:
@@ -89,7 +103,9 @@ def multi_overrides(cfg) -> list[str]:
     """What turns the main run's config into the multi-w refiner's."""
     scales = ",".join(f"{float(w)!r}" for w in cfg.demo.multi_scale_guidance_scales)
     return [f"data.guidance_scales=[{scales}]",
-            f"refiner.guidance_timestep_slope={float(cfg.demo.multi_scale_timestep_slope)!r}"]
+            f"refiner.guidance_timestep_slope={float(cfg.demo.multi_scale_timestep_slope)!r}",
+            f"refiner.guidance_correction_gain={bool(cfg.demo.multi_scale_correction_gain)}",
+            f"train.max_steps={multi_steps(cfg)}"]
 
 
 def evaluate_scales(cfg, backend, metric_fn, sweep: dict, out: Path, per_scale_dirs: dict[float, Path]) -> dict:
@@ -98,7 +114,7 @@ def evaluate_scales(cfg, backend, metric_fn, sweep: dict, out: Path, per_scale_d
     evals = eval_set(cfg)
     teacher = {float(row["scale"]): {k: v for k, v in row.items() if k != "scale"} for row in sweep["rows"]}
     unguided = teacher[1.0]
-    multi = refiner_on_fresh_backend(cfg, multi_dir(out, cfg.demo.multi_scale_guidance_scales) / "refiner")
+    multi = refiner_on_fresh_backend(cfg, multi_dir(out, cfg) / "refiner")
     rows = []
     for w in tqdm([float(w) for w in cfg.demo.multi_scale_guidance_scales], desc="evaluate refiners", unit="w"):
         per_w = refiner_on_fresh_backend(cfg, per_scale_dirs[w] / "refiner")
@@ -144,7 +160,26 @@ def summary_lines(results: dict) -> list[str]:
         lines.append(f"- mean distance to the teacher's class-cond. FID over the trained scales: per-w "
                      f"{sum(d[0] for d in distances) / len(distances):.2f}, multi-w "
                      f"{sum(d[1] for d in distances) / len(distances):.2f}")
-    return lines
+    return lines + goal_lines(results)
+
+
+GOAL_METRICS, GOAL = ("fid", GAP_METRIC, "accuracy"), 0.05  # issue 25: within 5% of per-w (trained w), teacher (held out)
+
+
+def goal_lines(results: dict) -> list[str]:
+    """The multi-w refiner's relative difference on FID, class-cond. FID and accuracy: to the per-w refiner at each
+    trained w, to the teacher at each held-out w; the goal is met when every one is within :data:`GOAL`."""
+    pairs = [(f"w = {e['scale']:g} vs per-w", e["multi_scale"], e["per_scale"]) for e in results["rows"]]
+    pairs += [(f"w = {e['scale']:g} (held out) vs teacher", e["multi_scale"], e["teacher"])
+              for e in results.get("held_out", [])]
+    lines, worst = [], 0.0
+    for name, ours, reference in pairs:
+        relative = {k: abs(ours[k] - reference[k]) / abs(reference[k]) for k in GOAL_METRICS}
+        worst = max(worst, *relative.values())
+        lines.append(f"- {name}: " + ", ".join(f"{k} {100 * v:+.1f}%".replace("+", "") for k, v in relative.items()))
+    verdict = "met" if worst <= GOAL else "NOT met"
+    return ["", f"Goal (every metric within {100 * GOAL:g}%): {verdict}; largest difference {100 * worst:.1f}%",
+            *lines]
 
 
 def write_table(results: dict, path: Path) -> None:
@@ -164,7 +199,9 @@ def write_table(results: dict, path: Path) -> None:
         f"{results['refiner_timestep']:g} - {results['timestep_slope']:g} (w - 1).", "",
         f"Budget: each per-w refiner {budget['per_scale_steps']} steps ({budget['per_scale_total_steps']} for all "
         f"{len(results['scales'])}); the multi-w refiner {budget['multi_scale_steps']} steps in all (about "
-        f"{budget['multi_scale_steps'] // len(results['scales'])} per scale): the budget of ONE per-w refiner. "
+        f"{budget['multi_scale_steps'] // len(results['scales'])} per scale): the budget of "
+        f"{budget['multi_scale_steps'] / budget['per_scale_steps']:g} per-w refiner(s)"
+        f"{'; its correction times (w - 1)' if results.get('correction_gain') else ''}. "
         f"Global batch {budget['global_batch_size']}. Every row: the same {results['num_eval_samples']} held-out "
         f"seeds, {results['num_steps']} sampler steps; gap closed on class-cond. FID between unguided and the "
         "teacher at the same w.", "",
@@ -248,18 +285,19 @@ def main(argv: list[str] | None = None) -> int:
                                               run_dir)
 
     stage("multi-w refiner")
-    train_refiner(config_files, overrides + NO_EVAL + multi_overrides(cfg), multi_dir(out, scales),
+    train_refiner(config_files, overrides + NO_EVAL + multi_overrides(cfg), multi_dir(out, cfg),
                   cfg.demo.num_ranks, run_dir)
 
     stage("evaluation")
     results = {"scales": scales, "held_out_scales": held_out,
                "timestep_slope": float(cfg.demo.multi_scale_timestep_slope),
+               "correction_gain": bool(cfg.demo.multi_scale_correction_gain),
                "refiner_timestep": float(cfg.refiner.timestep), "caches": {repr(w): c for w, c in caches.items()},
                "per_scale_refiners": {repr(w): str(d) for w, d in per_scale_dirs.items()},
                "num_eval_samples": int(cfg.eval.num_samples), "num_steps": int(cfg.student.num_steps),
                "budget": {"per_scale_steps": int(cfg.train.max_steps),
                           "per_scale_total_steps": int(cfg.train.max_steps) * len(scales),
-                          "multi_scale_steps": int(cfg.train.max_steps),
+                          "multi_scale_steps": multi_steps(cfg),
                           "global_batch_size": int(cfg.train.global_batch_size)},
                **evaluate_scales(cfg, backend, metric_fn, sweep, out, per_scale_dirs)}
     timings["end"] = time.perf_counter()

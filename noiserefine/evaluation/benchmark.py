@@ -149,7 +149,7 @@ class Evaluation:
                 noise = noise_from_seeds(seeds, backend.latent_shape, backend.device, backend.dtype)
                 cond = backend.encode_prompts(prompts)
                 if refiner is not None:
-                    noise = refiner(noise, cond).to(device=backend.device, dtype=backend.dtype)
+                    noise = refiner(noise, cond, row.refiner_scale).to(device=backend.device, dtype=backend.dtype)
                 latents = rollout(backend, noise, cond, self.steps, row.guidance)
                 _sync(self.device)
                 t1 = time.perf_counter()

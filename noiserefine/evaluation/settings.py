@@ -32,6 +32,7 @@ class Setting:
     model_cfg: object
     refine: bool = False
     identity: dict = field(default_factory=dict)
+    refiner_scale: float | None = None  # the w a refiner told w refines for (None: a refiner of one scale)
 
 
 def guidance_record(guidance: BaseGuidance | None) -> dict:
@@ -52,6 +53,7 @@ def build_settings(cfg, backend, steps: int, refiner_dir: Path, distilled_path: 
     from ..backends import load_backend
     from ..hashing import file_sha256
     from ..refiner import FORMS, saved_form
+    from ..refiner_scales import refiner_guidance_scale, saved_refiner_config
     from ..targets.identity import model_identity
 
     teacher = make_guider(cfg.teacher)
@@ -68,6 +70,12 @@ def build_settings(cfg, backend, steps: int, refiner_dir: Path, distilled_path: 
     refiner = {"weights_sha256": file_sha256(refiner_dir / "refiner.safetensors"),
                "config": OmegaConf.to_container(load_config(refiner_dir / "config.yaml").refiner, resolve=True)}
     refiner_calls = FORMS[saved_form(refiner_dir)]  # 2 (difference) or 1 (single_call)
+    # a refiner told w refines for the guided row's scale (as the trainer's periodic evaluation does)
+    saved = saved_refiner_config(refiner_dir)
+    told = float(saved.refiner.guidance_timestep_slope) > 0
+    scale = refiner_guidance_scale(saved, float(cfg.teacher.guidance_scale) if told else None, refiner_dir)
+    if scale is not None:  # only then: the run keys of refiners of one scale stay as they were
+        refiner["guidance_scale"] = scale
     rows.append(Setting(REFINED_ROW, "refined, unguided", steps + refiner_calls, None, lambda: backend, cfg.model,
-                        refine=True, identity={"refiner": refiner}))
+                        refine=True, identity={"refiner": refiner}, refiner_scale=scale))
     return rows
