@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -46,17 +47,33 @@ def trained_teacher_dir(tmp_path_factory) -> Path:
     if existing:
         return Path(existing)
     cfg = load_config(REPO / "configs" / "digits.yaml", ["model.digits.train_steps=200"])
-    return ensure_digits_teacher(cfg.model.digits, tmp_path_factory.mktemp("teacher") / "digits",
-                                 progress=False)
+    with one_intra_op_thread():
+        return ensure_digits_teacher(cfg.model.digits, tmp_path_factory.mktemp("teacher") / "digits",
+                                     progress=False)
+
+
+@contextlib.contextmanager
+def one_intra_op_thread():
+    """Torch's intra-op threads pinned to 1 for the block (then restored).
+
+    Small networks: one thread is faster, and much faster on a shared 2-core machine. The session's teachers
+    train under it: in a whole run the in-process teacher-target job (``pipeline.cpus_per_worker=1``, first
+    in tests/faults/test_cache.py) has set 1 thread for the rest of the session before any teacher trains, so
+    pinned they are the same weights in a whole run and in a run of one module (where 2 threads on a busy
+    machine made the tiny teacher's 30 steps cost ~6x the CPU time)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny networks: one intra-op thread is faster, and much faster on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_intra_op_thread():
+        yield
 
 
 # prompts that name different digits (and one that names none), for refiner tests

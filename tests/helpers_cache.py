@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import one_intra_op_thread
 from noiserefine.backends import load_backend
 from noiserefine.digits.teacher import ensure_digits_teacher
 from noiserefine.targets.cache import prepare_cache_dir, record_shards
@@ -29,6 +30,9 @@ DIGITS_YAML = REPO / "configs" / "digits.yaml"
 NUM_SHARDS = 4
 SHARD_SIZE = 16
 # Everything small: 3 sampler steps, 64 cached samples, a 4-rank-LoRA.
+# The tiny teacher's recipe. epsilon: a 30-step v-prediction teacher's guided and unguided rollouts are so close
+# (MSD loss ~0.005) that the trainer tests' "loss falls by 30% in 32 steps" has nothing to learn.
+TINY_TEACHER = ["model.digits.train_steps=30", "model.digits.prediction_type=epsilon"]
 TINY = ["model.digits.train_steps=30", "teacher.num_steps=3", "student.num_steps=3",
         f"data.num_samples={NUM_SHARDS * SHARD_SIZE}", f"data.shard_size={SHARD_SIZE}",
         "pipeline.batch_size=16", "refiner.lora_rank=4", "refiner.lora_alpha=4.0",
@@ -67,11 +71,9 @@ def copy_cache(cache_dir: Path, destination: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory) -> Path:
     path = tmp_path_factory.getbasetemp() / "tiny-teacher"
-    # epsilon: a 30-step v-prediction teacher's guided and unguided rollouts are so close (MSD loss ~0.005)
-    # that the trainer tests' "loss falls by 30% in 32 steps" has nothing to learn
-    settings = load_config(DIGITS_YAML, ["model.digits.train_steps=30", "model.digits.prediction_type=epsilon"]
-                           ).model.digits
-    return ensure_digits_teacher(settings, path, progress=False)
+    settings = load_config(DIGITS_YAML, TINY_TEACHER).model.digits
+    with one_intra_op_thread():  # the weights of a whole run, also in a run of one module (see there)
+        return ensure_digits_teacher(settings, path, progress=False)
 
 
 @pytest.fixture(scope="session")
@@ -79,7 +81,8 @@ def tiny_root(tmp_path_factory, tiny_teacher) -> Path:
     """Session directory holding the tiny cache (``cache/``) and the digit classifier."""
     root = tmp_path_factory.getbasetemp() / "tiny-root"
     root.mkdir(exist_ok=True)
-    build_cache(tiny_config(root, tiny_teacher))
+    with one_intra_op_thread():
+        build_cache(tiny_config(root, tiny_teacher))
     return root
 
 
