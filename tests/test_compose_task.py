@@ -121,12 +121,13 @@ def _row(adherence, fid, fid_class, nfe, gap, noise=0.0):
 
 def _compose_results(unguided_adherence=0.6, guided_adherence=0.95, refined_adherence=0.945, refined_fid_class=52.0):
     gap = (refined_adherence - unguided_adherence) / (guided_adherence - unguided_adherence)
-    return {"task": "compose",
+    return {"task": "compose", "gap_metric": "adherence",
             "main": {UNGUIDED: _row(unguided_adherence, 20.0, 80.0, 10, 0.0),
                      GUIDED: _row(guided_adherence, 18.0, 50.0, 20, 1.0),
                      REFINED: _row(refined_adherence, 17.0, refined_fid_class, 12, gap)},
             "noise_space": {NOISE_SPACE: _row(0.7, 19.0, 70.0, 12, 0.3)},
-            "transfer": {REFINED + " [thick, zero-shot]": _row(0.5, 0, 0, 12, 0.4)},
+            "transfer": {UNGUIDED + " [thick]": _row(0.5, 0, 0, 10, 0.0), GUIDED + " [thick]": _row(0.8, 0, 0, 20, 1.0),
+                         REFINED + " [thick, zero-shot]": _row(0.62, 0, 0, 12, 0.4)},
             "sweep": {"teacher_guidance_scale": 2.0}}
 
 
@@ -155,3 +156,15 @@ def test_demo_task_selects_its_configs_and_quick_artifacts(tmp_path):
     _, files, overrides = run_setup(args("digits", True))
     assert [p.split("/")[-1] for p in files] == ["digits.yaml"]
     assert f"model.path={tmp_path / 'digits' / 'artifacts' / 'digits-teacher'}" in overrides
+
+
+def test_transfer_is_not_met_when_the_fine_tuned_teacher_shows_no_guidance_gap():
+    # the thick teacher's guided and unguided rows barely differ (0.166 vs 0.186 adherence, as a broken
+    # fine-tune gave): "gap closed" 3.1 is then noise, not transfer
+    results = _compose_results()
+    results["transfer"] = {UNGUIDED + " [thick]": _row(0.166, 0, 0, 10, 0.0), GUIDED + " [thick]": _row(0.186, 0, 0, 20, 1.0),
+                           REFINED + " [thick, zero-shot]": _row(0.228, 0, 0, 12, 3.1)}
+    assert not _met(judge_goals(results), "zero-shot transfer")
+    results["transfer"][GUIDED + " [thick]"] = _row(0.9, 0, 0, 20, 1.0)  # a real gap (0.73 of the base's 0.35)
+    results["transfer"][REFINED + " [thick, zero-shot]"] = _row(0.5, 0, 0, 12, 0.45)
+    assert _met(judge_goals(results), "zero-shot transfer")

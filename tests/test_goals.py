@@ -18,7 +18,9 @@ def _results(refined_fid_class=40.0, refined_accuracy=0.95, refined_noise=0.0, g
     refined = _row(refined_fid_class, refined_accuracy, 12, refined_noise, gap)
     return {"main": {UNGUIDED: unguided, GUIDED: guided, DISTILLED: _row(60.0, 0.9, 10, 0.0, 0.8), REFINED: refined},
             "noise_space": {NOISE_SPACE: _row(90.0, 0.86, 12, 0.0, 0.2)},
-            "transfer": {REFINED + " [thick, zero-shot]": _row(0, 0, 12, 0, 0.5)},
+            "transfer": {UNGUIDED + " [thick]": _row(110.0, 0.8, 10, 0.0, 0.0),
+                         GUIDED + " [thick]": _row(70.0, 0.9, 20, 0.0, 1.0),
+                         REFINED + " [thick, zero-shot]": _row(0, 0, 12, 0, 0.5)},
             "sweep": {"teacher_guidance_scale": 1.5}}
 
 
