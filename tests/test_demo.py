@@ -3,6 +3,7 @@ multi-scale experiment (``noiserefine.digits.multi_scale --quick``) on the same 
 classifier and the demo's cache of one of its scales are reused, as a user would run them)."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -42,9 +43,9 @@ def test_quick_demo_writes_report(tmp_path):
     for key in ("fid_class", "precision", "recall", "noise_share", "adherence", "acc_position"):
         assert key in refined and key in unguided, key
     assert metrics["task"] == "compose" and metrics["gap_metric"] == "adherence"
-    assert refined["gap_closed"] == pytest.approx(
-        (unguided["adherence"] - refined["adherence"])
-        / (unguided["adherence"] - main["Gaussian noise, guided (CFG)"]["adherence"]), nan_ok=True)
+    u, r, g = unguided["adherence"], refined["adherence"], main["Gaussian noise, guided (CFG)"]["adherence"]
+    # a smoke teacher may show no gap at all (u == g): then it is undefined
+    assert refined["gap_closed"] == pytest.approx((u - r) / (u - g) if u != g else math.nan, nan_ok=True)
     goals = metrics["goals"]
     assert len(goals) >= 7 and all(isinstance(goal["met"], bool) for goal in goals)
     report = (run_dir / "report.md").read_text()
