@@ -13,7 +13,7 @@ from noiserefine.backends.digits import SCHEDULER_CONFIG, DigitsBackend, build_u
 from noiserefine.config import load_config
 from noiserefine.backends.digits import ATTRIBUTES, all_prompts, parse_attributes
 from noiserefine.digits.demo import run_setup
-from noiserefine.digits.report import GUIDED, NOISE_SPACE, REFINED, UNGUIDED, judge_goals
+from noiserefine.digits.goals import GUIDED, NOISE_SPACE, REFINED, UNGUIDED, judge_goals
 from noiserefine.digits.sweep import pick_adherence_scale, sweep_rule
 from noiserefine.digits.teacher import train_digits_teacher
 from noiserefine.targets.prompts import load_prompt_source

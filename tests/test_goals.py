@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from noiserefine.digits.report import (DISTILLED, GUIDED, NOISE_SPACE, REFINED, UNGUIDED, judge_goals)
+from noiserefine.digits.goals import DISTILLED, GUIDED, NOISE_SPACE, REFINED, UNGUIDED, judge_goals
 
 
 def _row(fid_class, accuracy, nfe, noise_share, gap_closed):

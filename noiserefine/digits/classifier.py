@@ -174,12 +174,11 @@ def digit_metrics(cfg):
     if not cfg.eval.classifier_dir:
         raise ValueError("eval.metrics=digit_classifier needs eval.classifier_dir (where the classifier is cached)")
     cache_dir = Path(cfg.eval.classifier_dir).expanduser()
+    steps = {"num_steps": cfg.eval.classifier_steps} if cfg.eval.classifier_steps else {}  # 0: the default
     if cfg.model.digits.task == "compose":
         from .attribute_classifier import load_or_train_attribute_classifier
         from .attribute_metrics import AttributeMetrics  # imported here: they import this module
 
         canvas = int(cfg.model.digits.canvas)
-        steps = {"num_steps": cfg.eval.classifier_steps} if cfg.eval.classifier_steps else {}
         return AttributeMetrics(load_or_train_attribute_classifier(cache_dir, canvas, **steps), canvas)
-    return DigitMetrics(load_or_train_classifier(cache_dir, **(
-        {"num_steps": cfg.eval.classifier_steps} if cfg.eval.classifier_steps else {})))
+    return DigitMetrics(load_or_train_classifier(cache_dir, **steps))

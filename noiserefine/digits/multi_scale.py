@@ -44,7 +44,8 @@ from ..targets.identity import model_identity
 from ..train.checkpoint import finished_run
 from .classifier import digit_metrics
 from .demo import QUICK, generate_cache, parse_args, run_setup, train_refiner
-from .report import COLUMNS, GAP, GAP_METRIC, refined_row, refiner_on_fresh_backend
+from .goals import GAP_METRIC
+from .report import COLUMNS, GAP, refined_row, refiner_on_fresh_backend
 from .sweep import ensure_sweep
 from .teacher import ensure_digits_teacher
 
