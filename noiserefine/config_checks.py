@@ -117,6 +117,14 @@ def _check_values(cfg: DictConfig) -> None:
     if canvas < 24 or canvas % 4:  # compose.MIN_CANVAS: a large digit (a quadrant) must differ from a small one (8)
         raise ConfigValueError(f"config key 'model.digits.canvas' must be a multiple of 4 and >= 24, got {canvas}",
                                "model.digits.canvas")
+    for key in ("model.digits.slant", "demo.transfer_slant"):  # compose.slant_glyph: the compose task's style
+        if OmegaConf.select(cfg, key) and cfg.model.digits.task != "compose":
+            raise ConfigValueError(f"config key '{key}' is a style of model.digits.task=compose; the task is "
+                                   f"{cfg.model.digits.task!r}", key)
+    if cfg.demo.transfer_thicken < 0 or not (cfg.demo.transfer_thicken or cfg.demo.transfer_slant):
+        raise ConfigValueError("config keys 'demo.transfer_thicken' (>= 0) and 'demo.transfer_slant' make the "
+                               "transfer experiment's style: at least one must be set, got "
+                               f"{cfg.demo.transfer_thicken} and {cfg.demo.transfer_slant}", "demo.transfer_thicken")
     if len(cfg.data.sources) == 0:
         raise ConfigValueError("config key 'data.sources' is empty; list at least one prompt source", "data.sources")
     for index, source in enumerate(cfg.data.sources):

@@ -22,7 +22,8 @@ class DigitsTeacherConfig:
     seed: int = 0
     block_out_channels: list[int] = field(default_factory=lambda: [16, 32, 64])
     cross_attention_dim: int = 64
-    thicken: int = 0  # >0: train on thickened strokes (the transfer experiment's style)
+    thicken: int = 0  # >0: train on thickened strokes (the transfer experiment's style on the digits task)
+    slant: float = 0.0  # compose only, != 0: train on slanted digits (the transfer style there; compose.slant_glyph)
     init_from: str = ""  # fine-tune from this teacher directory instead of training from scratch
     distill_guidance_scale: float = 0.0  # >0: guidance-distillation baseline of the init_from teacher
     prediction_type: str = "v_prediction"  # epsilon | v_prediction (the report measures noise-like samples)
@@ -225,8 +226,9 @@ class DemoConfig:
     num_ranks: int = 2  # DeepSpeed ranks for the refiner training
     full_gradient_steps: int = 50  # MSD vs full-gradient ablation (MSD: the main run's snapshot)
     distill_steps: int = 150  # guidance-distillation baseline fine-tuning
-    transfer_steps: int = 150  # fine-tuning the teacher to thick strokes
-    transfer_thicken: int = 1
+    transfer_steps: int = 150  # fine-tuning the teacher to the transfer style:
+    transfer_thicken: int = 1  # strokes dilated by this many pixels (model.digits.thicken), and/or
+    transfer_slant: float = 0.0  # digits slanted by this much (model.digits.slant; compose only)
     # guidance sweep of the teacher alone (w = 1: unguided); pick_guidance: sets teacher.guidance_scale (sweep.RULE)
     sweep_scales: list[float] = field(default_factory=lambda: [1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0])
     pick_guidance: bool = True

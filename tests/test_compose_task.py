@@ -13,7 +13,7 @@ from noiserefine.backends.digits import SCHEDULER_CONFIG, DigitsBackend, build_u
 from noiserefine.config import load_config
 from noiserefine.backends.digits import ATTRIBUTES, all_prompts, parse_attributes
 from noiserefine.digits.demo import run_setup
-from noiserefine.digits.goals import GUIDED, NOISE_SPACE, REFINED, UNGUIDED, judge_goals
+from noiserefine.digits.goals import FINE_TUNED, GUIDED, NOISE_SPACE, REFINED, UNGUIDED, ZERO_SHOT, judge_goals
 from noiserefine.digits.sweep import pick_adherence_scale, sweep_rule
 from noiserefine.digits.teacher import train_digits_teacher
 from noiserefine.targets.prompts import load_prompt_source
@@ -126,8 +126,8 @@ def _compose_results(unguided_adherence=0.6, guided_adherence=0.95, refined_adhe
                      GUIDED: _row(guided_adherence, 18.0, 50.0, 20, 1.0),
                      REFINED: _row(refined_adherence, 17.0, refined_fid_class, 12, gap)},
             "noise_space": {NOISE_SPACE: _row(0.7, 19.0, 70.0, 12, 0.3)},
-            "transfer": {UNGUIDED + " [thick]": _row(0.5, 0, 0, 10, 0.0), GUIDED + " [thick]": _row(0.8, 0, 0, 20, 1.0),
-                         REFINED + " [thick, zero-shot]": _row(0.62, 0, 0, 12, 0.4)},
+            "transfer": {UNGUIDED + FINE_TUNED: _row(0.5, 0, 0, 10, 0.0), GUIDED + FINE_TUNED: _row(0.8, 0, 0, 20, 1.0),
+                         ZERO_SHOT: _row(0.62, 0, 0, 12, 0.4)},
             "sweep": {"teacher_guidance_scale": 2.0}}
 
 
@@ -162,9 +162,32 @@ def test_transfer_is_not_met_when_the_fine_tuned_teacher_shows_no_guidance_gap()
     # the thick teacher's guided and unguided rows barely differ (0.166 vs 0.186 adherence, as a broken
     # fine-tune gave): "gap closed" 3.1 is then noise, not transfer
     results = _compose_results()
-    results["transfer"] = {UNGUIDED + " [thick]": _row(0.166, 0, 0, 10, 0.0), GUIDED + " [thick]": _row(0.186, 0, 0, 20, 1.0),
-                           REFINED + " [thick, zero-shot]": _row(0.228, 0, 0, 12, 3.1)}
+    results["transfer"] = {UNGUIDED + FINE_TUNED: _row(0.166, 0, 0, 10, 0.0), GUIDED + FINE_TUNED: _row(0.186, 0, 0, 20, 1.0),
+                           ZERO_SHOT: _row(0.228, 0, 0, 12, 3.1)}
     assert not _met(judge_goals(results), "zero-shot transfer")
-    results["transfer"][GUIDED + " [thick]"] = _row(0.9, 0, 0, 20, 1.0)  # a real gap (0.73 of the base's 0.35)
-    results["transfer"][REFINED + " [thick, zero-shot]"] = _row(0.5, 0, 0, 12, 0.45)
+    results["transfer"][GUIDED + FINE_TUNED] = _row(0.9, 0, 0, 20, 1.0)  # a real gap (0.73 of the base's 0.35)
+    results["transfer"][ZERO_SHOT] = _row(0.5, 0, 0, 12, 0.45)
     assert _met(judge_goals(results), "zero-shot transfer")
+
+
+def test_the_compose_transfer_style_keeps_the_attributes_the_prompt_names():
+    # The compose demo fine-tuned its transfer teacher on strokes dilated by one pixel: a thin digit dilated
+    # IS the "thick" attribute, so that teacher drew "thin" prompts thick and lost the prompt adherence the
+    # transfer goal is measured on (guided 0.186 vs unguided 0.166). The style must change how each prompt
+    # looks while keeping what the prompt names: here, that a thin stroke stays thin and a thick one thick.
+    from noiserefine.digits.demo import transfer_teacher_settings
+    from noiserefine.digits.teacher import TrainingImages
+
+    cfg = load_config([REPO / "configs" / "digits.yaml", REPO / "configs" / "compose.yaml"])
+    plain = TrainingImages(dict(cfg.model.digits))
+    styled = TrainingImages({**cfg.model.digits, **transfer_teacher_settings(cfg)})
+    index = torch.arange(40)
+    for thickness in (0, 1):
+        attributes = {"digit": plain.labels[index], "position": index % 4, "size": (index // 4) % 2,
+                      "thickness": torch.full_like(index, thickness)}
+        before, after = plain.render_batch(index, attributes), styled.render_batch(index, attributes)
+        changed = (before != after).flatten(1).any(1)
+        assert bool(changed.all()), "the style must be visible on every image"
+        ink_before, ink_after = (before > 0).flatten(1).sum(1).float(), (after > 0).flatten(1).sum(1).float()
+        ratio = (ink_after / ink_before).mean().item()
+        assert 0.8 < ratio < 1.25, f"thickness {thickness}: the style changes the inked area by {ratio:.2f}x"

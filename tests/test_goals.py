@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from noiserefine.digits.goals import DISTILLED, GUIDED, NOISE_SPACE, REFINED, UNGUIDED, judge_goals
+from noiserefine.digits.goals import DISTILLED, FINE_TUNED, GUIDED, NOISE_SPACE, REFINED, UNGUIDED, ZERO_SHOT, judge_goals
 
 
 def _row(fid_class, accuracy, nfe, noise_share, gap_closed):
@@ -18,9 +18,9 @@ def _results(refined_fid_class=40.0, refined_accuracy=0.95, refined_noise=0.0, g
     refined = _row(refined_fid_class, refined_accuracy, 12, refined_noise, gap)
     return {"main": {UNGUIDED: unguided, GUIDED: guided, DISTILLED: _row(60.0, 0.9, 10, 0.0, 0.8), REFINED: refined},
             "noise_space": {NOISE_SPACE: _row(90.0, 0.86, 12, 0.0, 0.2)},
-            "transfer": {UNGUIDED + " [thick]": _row(110.0, 0.8, 10, 0.0, 0.0),
-                         GUIDED + " [thick]": _row(70.0, 0.9, 20, 0.0, 1.0),
-                         REFINED + " [thick, zero-shot]": _row(0, 0, 12, 0, 0.5)},
+            "transfer": {UNGUIDED + FINE_TUNED: _row(110.0, 0.8, 10, 0.0, 0.0),
+                         GUIDED + FINE_TUNED: _row(70.0, 0.9, 20, 0.0, 1.0),
+                         ZERO_SHOT: _row(0, 0, 12, 0, 0.5)},
             "sweep": {"teacher_guidance_scale": 1.5}}
 
 

@@ -41,9 +41,22 @@ def sklearn_digits() -> tuple[torch.Tensor, torch.Tensor]:
     return images, torch.from_numpy(digits.target.astype(np.int64))
 
 
-def render(digit01: torch.Tensor, attributes: Mapping[str, int], canvas: int) -> torch.Tensor:
+def slant_glyph(glyph: torch.Tensor, slant: float) -> torch.Tensor:
+    """``glyph`` ``(1, 1, s, s)`` sheared like italic type: a row at height ``y`` (-1 top .. 1 bottom of the
+    glyph box) moves right by ``-slant * y`` half-widths, so ``slant > 0`` leans right; bilinear, zero outside.
+    The transfer experiment's style on the compositional task: unlike dilation it keeps stroke thickness,
+    position and size, the attributes a prompt names."""
+    if slant == 0:
+        return glyph
+    theta = torch.tensor([[[1.0, slant, 0.0], [0.0, 1.0, 0.0]]], dtype=glyph.dtype)
+    grid = F.affine_grid(theta, list(glyph.shape), align_corners=False)
+    return F.grid_sample(glyph, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def render(digit01: torch.Tensor, attributes: Mapping[str, int], canvas: int, slant: float = 0.0) -> torch.Tensor:
     """One ``(1, canvas, canvas)`` image in [-1, 1]: ``digit01`` (an ``(1, 8, 8)`` digit in [0, 1]) drawn with
-    ``attributes`` (its ``digit`` entry is not looked at: the caller pairs image and label)."""
+    ``attributes`` (its ``digit`` entry is not looked at: the caller pairs image and label), slanted by
+    ``slant`` (:func:`slant_glyph`; 0: upright, as every prompt is drawn outside the transfer experiment)."""
     if canvas < MIN_CANVAS or canvas % 4:
         raise ValueError(f"canvas must be a multiple of 4 and >= {MIN_CANVAS} (a large digit's quadrant must be "
                          f"visibly larger than a small digit), got {canvas}")
@@ -52,6 +65,7 @@ def render(digit01: torch.Tensor, attributes: Mapping[str, int], canvas: int) ->
     glyph = digit01.unsqueeze(0)
     if side != SMALL_SIZE:
         glyph = F.interpolate(glyph, size=(side, side), mode="bilinear", align_corners=False)
+    glyph = slant_glyph(glyph, slant)
     if attribute_index(attributes, "thickness") == 1:
         glyph = F.max_pool2d(glyph, kernel_size=3, stride=1, padding=1)
     row, col = divmod(attribute_index(attributes, "position"), 2)

@@ -51,6 +51,13 @@ QUICK = ["model.digits.train_steps=30", "data.num_samples=64", "data.shard_size=
          "demo.sweep_scales=[1,1.5,3]", "eval.classifier_steps=300"]
 
 
+def transfer_teacher_settings(cfg) -> dict:
+    """What the transfer experiment's fine-tune changes in ``model.digits``: the style (``demo.transfer_thicken``,
+    ``demo.transfer_slant``) and its budget; the base teacher is its starting point."""
+    return {"init_from": cfg.model.path, "thicken": cfg.demo.transfer_thicken, "slant": cfg.demo.transfer_slant,
+            "train_steps": cfg.demo.transfer_steps}
+
+
 def parse_args(argv: list[str] | None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", default="runs/demo")
@@ -167,12 +174,11 @@ def main(argv: list[str] | None = None) -> int:
 
     stage("fine-tuned teachers (guidance distillation, transfer)")
     distilled_path = Path(f"{cfg.model.path}-distilled")
-    thick_path = Path(f"{cfg.model.path}-thick")
+    transfer_path = Path(f"{cfg.model.path}-transfer")
     ensure_digits_teacher({**cfg.model.digits, "init_from": cfg.model.path, "cond_dropout": 0.0,
                            "distill_guidance_scale": cfg.teacher.guidance_scale,
                            "train_steps": cfg.demo.distill_steps}, distilled_path)
-    ensure_digits_teacher({**cfg.model.digits, "init_from": cfg.model.path, "thicken": cfg.demo.transfer_thicken,
-                           "train_steps": cfg.demo.transfer_steps}, thick_path)
+    ensure_digits_teacher({**cfg.model.digits, **transfer_teacher_settings(cfg)}, transfer_path)
 
     stage("teacher-target cache (Ray)")
     cache_dir = generate_cache(config_files, overrides, run_dir)
@@ -201,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
 
     stage("evaluation")
     results = evaluate(cfg, backend, metric_fn, run_dir, sweep=sweep, refiner_dir=main_dir / "refiner",
-                       distilled_path=distilled_path, thick_path=thick_path,
+                       distilled_path=distilled_path, transfer_path=transfer_path,
                        noise_space_dir=noise_space_dir,
                        gradient_dirs={"msd": main_dir, "full_gradient": full_gradient_dir}, gradient_steps=short)
     timings["end"], cpu_timings["end"] = time.perf_counter(), _cpu_seconds()

@@ -26,7 +26,7 @@ from ..files import write_text_atomic
 from ..noise import noise_from_seeds, sample_seed
 from ..refiner import load_refiner
 from ..guidance import make_guider
-from .goals import DISTILLED, GAP_METRICS, GUIDED, NOISE_SPACE, REFINED, UNGUIDED, judge_goals
+from .goals import DISTILLED, FINE_TUNED, GAP_METRICS, GUIDED, NOISE_SPACE, REFINED, UNGUIDED, ZERO_SHOT, judge_goals
 from .sweep import plot_sweep
 
 COLUMNS = [("nfe", "NFE", "d"), ("fid", "FID", ".2f"), ("fid_class", "class-cond. FID", ".2f"),
@@ -85,7 +85,7 @@ def _with_gap(metrics: dict, unguided: str, guided: str, metric: str) -> dict:
 
 
 def evaluate(cfg, backend, digit_metrics, run_dir: Path, *, sweep: dict, refiner_dir: Path, distilled_path: Path,
-             thick_path: Path, noise_space_dir: Path, gradient_dirs: dict[str, Path], gradient_steps: int) -> dict:
+             transfer_path: Path, noise_space_dir: Path, gradient_dirs: dict[str, Path], gradient_steps: int) -> dict:
     """All rows of the report. ``noise_space_dir``: the noise-space run, trained as long as the main
     run. ``gradient_dirs``: a run per loss, each compared at its refiner snapshot of step
     ``gradient_steps`` (the MSD run trained further)."""
@@ -147,13 +147,13 @@ def evaluate(cfg, backend, digit_metrics, run_dir: Path, *, sweep: dict, refiner
     results["training_curves"] = plot_training_curves(gradient_dirs, gradient_steps,
                                                       run_dir / "msd_vs_full_gradient.png")
 
-    # transfer: the base model's refiner, zero-shot, in front of the fine-tuned (thick-stroke) model
-    thick = _backend_at(cfg, thick_path)
-    transfer_rows = _gaussian_rows(thick, evals, cfg, " [thick]")
-    transfer_rows.append(refined_row(REFINED + " [thick, zero-shot]", thick, refiner, evals, cfg))
-    score_rows(transfer_rows, thick, evals, digit_metrics)
-    save_rows_grid(transfer_rows, thick, columns, run_dir / "transfer.png")
-    results["transfer"] = with_gap(_metrics(transfer_rows), UNGUIDED + " [thick]", GUIDED + " [thick]")
+    # transfer: the base model's refiner, zero-shot, in front of the fine-tuned (restyled) model
+    fine_tuned = _backend_at(cfg, transfer_path)
+    transfer_rows = _gaussian_rows(fine_tuned, evals, cfg, FINE_TUNED)
+    transfer_rows.append(refined_row(ZERO_SHOT, fine_tuned, refiner, evals, cfg))
+    score_rows(transfer_rows, fine_tuned, evals, digit_metrics)
+    save_rows_grid(transfer_rows, fine_tuned, columns, run_dir / "transfer.png")
+    results["transfer"] = with_gap(_metrics(transfer_rows), UNGUIDED + FINE_TUNED, GUIDED + FINE_TUNED)
     results["transfer_table"] = table(results["transfer"])
 
     # analysis: spectrum of the refinement vs the difference of two independent noises
@@ -220,6 +220,13 @@ def plot_training_curves(dirs: dict[str, Path], up_to_step: int, path: Path) -> 
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return summary
+
+
+def transfer_style(demo) -> str:
+    """The transfer fine-tune's style in words (``demo.transfer_thicken``, ``demo.transfer_slant``)."""
+    styles = [f"strokes thickened by {demo.transfer_thicken} px"] if demo.transfer_thicken else []
+    styles += [f"digits slanted by {demo.transfer_slant:g}"] if demo.transfer_slant else []
+    return ", ".join(styles)
 
 
 def _sweep_table(results: dict) -> str:
@@ -307,7 +314,7 @@ def write_report(cfg, results: dict, run_dir: Path) -> None:
         "| loss | final loss | wall-clock (s) | peak RSS (MB) |", "|---|---|---|---|",
         *[f"| {n} | {s['final_loss']} | {s['seconds']} | {s['peak_rss_mb']} |" for n, s in curves.items()], "",
         "![MSD vs full gradient](msd_vs_full_gradient.png)", "",
-        "## Transfer to a fine-tuned teacher (thick strokes), refiner applied zero-shot", "",
+        f"## Transfer to a fine-tuned teacher ({transfer_style(cfg.demo)}), refiner applied zero-shot", "",
         results["transfer_table"], "", "![transfer](transfer.png)", "",
         "## Spectrum of the refinement (paper Fig. 3)", "",
         f"Energy share below 0.25 x Nyquist: refinement {spectrum['refinement_low_fraction']:.3f}, "
