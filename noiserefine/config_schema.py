@@ -73,7 +73,9 @@ class RefinerConfig:
     """``x̂_T = x_T + correction(x_T, t, c)``, zero at init (``form``: noiserefine/refiner.py); ``t = timestep``, or
     ``timestep - guidance_timestep_slope * (w - 1)`` for a refiner of several guidance scales w."""
 
-    form: str = "difference"  # difference (f_LoRA - f: 2 calls) | single_call (zero-init head on 1 LoRA call)
+    # single_call (zero-init head on 1 LoRA call; default: better at equal budget on the compose default,
+    # bench/results/2026-12-07-one-call.md) | difference (f_LoRA - f: 2 calls; what refiners saved without a form are)
+    form: str = "single_call"
     timestep: float = 999.0  # the denoiser's time input for the refiner forward
     guidance_timestep_slope: float = 0.0  # > 0: a refiner of several scales (data.guidance_scales), told w
     guidance_correction_gain: bool = False  # a refiner told w: its correction times (w - 1) (zero at w = 1)

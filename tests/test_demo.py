@@ -55,7 +55,7 @@ def test_quick_demo_writes_report(tmp_path):
         assert heading in report, heading
     assert metrics["spectrum"]["refinement_rms"] > 0
     assert refined["fid"] != unguided["fid"], "refined noise must change the samples"
-    assert refined["nfe"] == unguided["nfe"] + 2
+    assert refined["nfe"] == unguided["nfe"] + 1  # the default refiner.form, single_call: one network call
     assert "## Main table" in (run_dir / "report.md").read_text()
     # ablations: noise space vs the main refiner; full gradient vs the main run's own step-2 snapshot
     assert metrics["noise_space"]["Refined noise, noise-space loss"]["fid"] != refined["fid"]
@@ -87,7 +87,7 @@ def _check_quick_multi_scale(run_dir, env):
     for entry in results["rows"]:
         for key in ("teacher", "per_scale", "multi_scale"):
             assert "fid_class" in entry[key] and "accuracy" in entry[key] and "gap_closed" in entry[key], key
-        assert entry["teacher"]["nfe"] == 8 and entry["multi_scale"]["nfe"] == entry["per_scale"]["nfe"] == 6
+        assert entry["teacher"]["nfe"] == 8 and entry["multi_scale"]["nfe"] == entry["per_scale"]["nfe"] == 5
         assert entry["teacher"]["gap_closed"] == pytest.approx(1.0)
     # the multi-w refiner is evaluated at each w: its rows differ across w
     assert results["rows"][0]["multi_scale"]["fid"] != results["rows"][1]["multi_scale"]["fid"]
@@ -95,7 +95,7 @@ def _check_quick_multi_scale(run_dir, env):
     # and at a w it was not trained on (between its two), against the teacher there
     assert results["held_out_scales"] == [2.0] and [e["scale"] for e in results["held_out"]] == [2.0]
     held_out = results["held_out"][0]
-    assert held_out["teacher"]["nfe"] == 8 and held_out["multi_scale"]["nfe"] == 6
+    assert held_out["teacher"]["nfe"] == 8 and held_out["multi_scale"]["nfe"] == 5
     assert held_out["multi_scale"]["fid"] not in {e["multi_scale"]["fid"] for e in results["rows"]}
     assert "multi-w refiner (not trained on w=2)" in (run_dir / "multi_scale.md").read_text()
     multi = load_config(run_dir / "multi_scale" / "refiner-multi-w1.5-3" / "refiner" / "config.yaml")

@@ -87,7 +87,7 @@ def test_tiny_sd21_evaluation_end_to_end(setup):
     out = root / "out"
     rows = report["rows"]
     assert list(rows) == ["gaussian-unguided", "gaussian-guided", "distilled", "refined"]
-    assert [rows[k]["nfe"] for k in rows] == [2, 6, 2, 4]  # 2 steps; CFG+PAG 3 branches; refiner +2
+    assert [rows[k]["nfe"] for k in rows] == [2, 6, 2, 3]  # 2 steps; CFG+PAG 3 branches; refiner +1 (single_call)
     for slug, m in rows.items():
         for key in ("fid", "inception_score", "clip_score", "pick_score", "seconds_per_image"):
             assert np.isfinite(m[key]), (slug, key)

@@ -31,8 +31,9 @@ MULTI = ["data.guidance_scales=[1.5,3.0]", f"refiner.guidance_timestep_slope={SL
 # --- the refiner ---------------------------------------------------------------------------------------
 
 def test_slope_zero_is_the_fixed_timestep_refiner_bit_for_bit(tiny_backend):
-    """k = 0 (the default): x_T + (eps_LoRA(x_T, timestep) - eps(x_T, timestep)), exactly as before."""
-    refiner = Refiner(tiny_backend, RefinerConfig())
+    """k = 0 (the default): x_T + (eps_LoRA(x_T, timestep) - eps(x_T, timestep)), exactly as before (the
+    difference form spells the formula out; the single_call form is told w through the same time input)."""
+    refiner = Refiner(tiny_backend, RefinerConfig(form="difference"))
     assert not refiner.guidance_conditioned
     randomise_lora(refiner)
     noise, cond = refiner_inputs(tiny_backend)
@@ -46,7 +47,7 @@ def test_slope_zero_is_the_fixed_timestep_refiner_bit_for_bit(tiny_backend):
     assert torch.equal(refined, noise + (adapted - base))
     assert torch.equal(refiner.refine(noise, PROMPTS), refined)
     # told w at w = 1, a refiner with k > 0 computes the same (its time is refiner.timestep there)
-    conditioned = Refiner(tiny_digits_backend(), RefinerConfig(guidance_timestep_slope=SLOPE))
+    conditioned = Refiner(tiny_digits_backend(), RefinerConfig(form="difference", guidance_timestep_slope=SLOPE))
     randomise_lora(conditioned)
     with torch.no_grad():
         torch.testing.assert_close(conditioned(noise, cond, guidance_scale=1.0), refined, rtol=0, atol=1e-6)

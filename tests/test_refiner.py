@@ -55,7 +55,8 @@ def test_adapters_disabled_after_error_in_refiner_forward(tiny_backend, monkeypa
 
 
 def test_only_lora_is_trainable_and_receives_gradient(tiny_backend):
-    refiner = Refiner(tiny_backend, RefinerConfig())
+    # the difference form: the LoRA is all it trains (single_call adds its head: tests/test_refiner_forms.py)
+    refiner = Refiner(tiny_backend, RefinerConfig(form="difference"))
     lora = refiner.trainable_parameters()
     lora_ids = {id(p) for p in lora}
     assert lora and all("lora_" in n for n, p in tiny_backend.denoiser.named_parameters() if id(p) in lora_ids)
