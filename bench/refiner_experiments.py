@@ -47,7 +47,7 @@ KEYS = ("nfe", "fid", "fid_class", "accuracy", "adherence", "precision", "recall
 
 def training_seconds(refiner_run: Path) -> tuple[float, float]:
     """(seconds of the last logged step, seconds per step past the first logged one) from ``train_log.csv``."""
-    rows = list(csv.DictReader(open(refiner_run / "train_log.csv")))
+    rows = list(csv.DictReader((refiner_run / "train_log.csv").read_text().splitlines()))
     first, last = rows[0], rows[-1]
     steps = int(last["step"]) - int(first["step"])
     per_step = (float(last["seconds"]) - float(first["seconds"])) / steps if steps else float("nan")

@@ -37,6 +37,10 @@ DIGITS = Path(__file__).resolve().parents[2] / "configs" / "digits.yaml"
     ("eval.seed_offset=0", "eval.seed_offset"),
     ("eval.seed_offset=2999", "eval.seed_offset"),  # held-out id 2999 is the plan's last sample
     ("eval.seed_offset=-5", "eval.seed_offset"),
+    ("model.digits.slant=0.25", "model.digits.slant"),  # the compose task's style, on the plain task
+    ("demo.transfer_slant=0.25", "demo.transfer_slant"),
+    ("demo.transfer_thicken=0", "demo.transfer_thicken"),  # a transfer fine-tune with no style
+    ("demo.transfer_thicken=-1", "demo.transfer_thicken"),
 ])
 def test_bad_value_on_the_command_line_names_key_and_origin(override, key):
     with pytest.raises(ValueError) as caught:
