@@ -105,3 +105,37 @@ def test_comparison_grid_has_a_title_band_and_one_line_per_row(tmp_path):
     assert min(title_band) < 128  # some title text was drawn
     with pytest.raises(ValueError):
         save_comparison_grid(rows, backend, prompts, tmp_path / "bad.png", row_labels=["only one"])
+
+
+def test_the_reports_teacher_rows_are_the_sweeps_own_samples_while_its_identity_holds(tmp_path, monkeypatch):
+    from noiserefine.digits import report
+    from noiserefine.digits.sweep import SAMPLES_FILE, sweep_identity, sweep_row
+    from noiserefine.evaluation.rows import eval_set, sample_row
+
+    cfg = load_config(overrides=["eval.num_samples=6", "eval.batch_size=4", "student.num_steps=2",
+                                 "eval.prompts=[a handwritten one, a handwritten two]", "teacher.guidance_scale=3"])
+    backend = tiny_digits_backend()
+    monkeypatch.setattr(report, "model_identity", lambda model_cfg: {"weights": "a"})
+    metric_fn = lambda images, prompts: {"fid": float(images.mean()), "fid_class": 1.0, "accuracy": 0.5}
+    record = ensure_sweep(cfg, backend, metric_fn, [1.0, 3.0], tmp_path, {"weights": "a"})
+    evals = eval_set(cfg)
+    fresh = [sample_row("u", backend, evals, 2, batch_size=4),
+             sample_row("g", backend, evals, 2, guidance=sweep_guidance(cfg, 3.0), batch_size=4)]
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled again although the sweep holds these rows")
+
+    monkeypatch.setattr(report, "sample_row", no_sampling)
+    unguided, guided = report.teacher_rows(cfg, backend, evals, record, tmp_path)
+    assert torch.equal(unguided.latents, fresh[0].latents) and torch.equal(guided.latents, fresh[1].latents)
+    assert (unguided.nfe, guided.nfe) == (2, 4) and guided.seconds_per_sample == record["rows"][1]["seconds_per_sample"]
+
+    # never handed over: another teacher, a scale the sweep lacks, a replaced samples file
+    identity = sweep_identity(cfg, {"weights": "a"}, [1.0, 3.0])
+    assert sweep_row(record, tmp_path, 3.0, identity, "g") is not None
+    assert sweep_row(record, tmp_path, 3.0, {**identity, "model": {"weights": "b"}}, "g") is None
+    assert sweep_row(record, tmp_path, 2.0, identity, "g") is None
+    (tmp_path / SAMPLES_FILE).write_bytes((tmp_path / SAMPLES_FILE).read_bytes()[:-4] + b"\0\0\0\0")
+    assert sweep_row(record, tmp_path, 3.0, identity, "g") is None
+    with pytest.raises(AssertionError, match="sampled again"):  # so the report samples them itself
+        report.teacher_rows(cfg, backend, evals, record, tmp_path)

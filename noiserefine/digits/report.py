@@ -25,9 +25,10 @@ from .recipe import recipe_table
 from ..files import write_text_atomic
 from ..noise import noise_from_seeds, sample_seed
 from ..refiner import load_refiner
+from ..targets.identity import model_identity
 from ..guidance import make_guider
 from .goals import DISTILLED, FINE_TUNED, GAP_METRICS, GUIDED, NOISE_SPACE, REFINED, UNGUIDED, ZERO_SHOT, judge_goals
-from .sweep import plot_sweep
+from .sweep import SAMPLES_FILE, plot_sweep, sweep_identity, sweep_row
 
 COLUMNS = [("nfe", "NFE", "d"), ("fid", "FID", ".2f"), ("fid_class", "class-cond. FID", ".2f"),
            ("accuracy", "accuracy", ".3f"), ("precision", "precision", ".3f"), ("recall", "recall", ".3f"),
@@ -72,6 +73,20 @@ def _gaussian_rows(backend, evals, cfg, label: str = "") -> list[Row]:
             sample_row(GUIDED + label, backend, evals, steps, guidance=guidance, batch_size=batch)]
 
 
+def teacher_rows(cfg, backend, evals, sweep: dict, run_dir: Path) -> list[Row]:
+    """The teacher's unguided and guided (``cfg.teacher``) rows: the sweep's own samples at w = 1 and at
+    ``teacher.guidance_scale`` where the sweep was computed from this very teacher, sampler, seeds and
+    prompts (they are the same rollouts: sampling them again is 30 network calls per held-out seed for
+    nothing), else sampled here."""
+    identity = sweep_identity(cfg, model_identity(cfg.model), sweep.get("identity", {}).get("scales", []))
+    reused = [sweep_row(sweep, run_dir, 1.0, identity, UNGUIDED),
+              sweep_row(sweep, run_dir, cfg.teacher.guidance_scale, identity, GUIDED)]
+    if all(reused):
+        print(f"evaluation: the unguided and guided rows are the sweep's samples ({SAMPLES_FILE})", flush=True)
+        return reused
+    return _gaussian_rows(backend, evals, cfg)
+
+
 def _metrics(rows: list[Row]) -> dict:
     for row in rows:
         row.metrics["ms_per_sample"] = row.seconds_per_sample * 1000
@@ -102,7 +117,7 @@ def evaluate(cfg, backend, digit_metrics, run_dir: Path, *, sweep: dict, refiner
         return metrics_markdown(list(metrics.items()), columns_of(task))
 
     # main table
-    rows = _gaussian_rows(backend, evals, cfg)
+    rows = teacher_rows(cfg, backend, evals, sweep, run_dir)
     rows.append(sample_row(DISTILLED, _backend_at(cfg, distilled_path), evals,
                            cfg.student.num_steps, batch_size=cfg.eval.batch_size))
     rows.append(refined_row(REFINED, backend, refiner, evals, cfg))

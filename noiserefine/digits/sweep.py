@@ -6,23 +6,28 @@ refiner). :func:`ensure_sweep` samples the teacher at every ``demo.sweep_scales`
 the held-out evaluation set, scores each with the injected metric function and applies
 :data:`RULE`. The result is written to ``sweep.json`` with the identity of what it was
 computed from (teacher weights, sampler, seeds, prompts, scales); a re-run with the same
-identity reuses it.
+identity reuses it. The samples of each scale go to ``sweep_samples.safetensors`` beside it: the report's
+unguided (w = 1) and guided (the chosen w) rows are exactly these samples (same teacher, seeds, prompts,
+sampler), so :func:`sweep_row` hands them over instead of sampling them again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
 
 from diffusers.guiders import BaseGuidance
 from omegaconf import OmegaConf
+from safetensors.torch import load_file, save_file
 
-from ..evaluation.rows import MetricFn, eval_set, sample_row, score_rows
-from ..files import write_text_atomic
+from ..evaluation.rows import MetricFn, Row, eval_set, sample_row, score_rows
+from ..files import atomic_path, write_text_atomic
 from ..guidance import make_guider
 
 SWEEP_FILE = "sweep.json"
+SAMPLES_FILE = "sweep_samples.safetensors"  # each scale's samples: {"w=<w>": (n, C, H, W) float32}
 RULE_METRIC = "fid_class"
 RULE = ("the guidance scale w > 1 whose guided samples from the teacher alone have the lowest class-conditional "
         "FID (w = 1 is the unguided baseline, never chosen; ties go to the smaller w)")
@@ -104,20 +109,47 @@ def sweep_identity(cfg, model_identity: dict, scales: list[float]) -> dict:
             "compared_guiders": {name: list(spec) for name, spec in COMPARED_GUIDERS.items()}}
 
 
-def _scored_row(cfg, backend, metric_fn: MetricFn, name: str, guider: BaseGuidance | None) -> dict:
-    """Sample the held-out seeds and prompts with ``guider`` and score them; returns the metrics."""
+def _scored_row(cfg, backend, metric_fn: MetricFn, name: str, guider: BaseGuidance | None) -> Row:
+    """Sample the held-out seeds and prompts with ``guider`` and score them."""
     evals = eval_set(cfg)
     row = sample_row(name, backend, evals, cfg.student.num_steps, guidance=guider, batch_size=cfg.eval.batch_size)
     score_rows([row], backend, evals, metric_fn)
     print(f"sweep {name}: " + ", ".join(
         f"{k} {row.metrics[k]:.3f}" for k in ("fid", RULE_METRIC, "accuracy", "adherence") if k in row.metrics),
         flush=True)
-    return row.metrics
+    return row
 
 
-def run_sweep(cfg, backend, metric_fn: MetricFn, scales: list[float]) -> dict:
+def run_sweep(cfg, backend, metric_fn: MetricFn, scales: list[float]) -> dict[float, Row]:
     """Sample and score the teacher at every scale (each row on the same held-out seeds and prompts)."""
     return {float(w): _scored_row(cfg, backend, metric_fn, f"w={w:g}", sweep_guidance(cfg, w)) for w in scales}
+
+
+def _samples_key(scale: float) -> str:
+    return f"w={float(scale):g}"
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def sweep_row(record: dict, run_dir: Path, scale: float, identity: dict, name: str) -> Row | None:
+    """The sweep's row at ``scale`` (samples from ``SAMPLES_FILE``, metrics and timing from ``record``) named
+    ``name``, or None where it cannot stand in for sampling again: the record was computed from something
+    else than ``identity`` (another teacher, sampler, seeds or prompts), has no such scale, or its samples
+    file is missing or is not the one it recorded (an older sweep, a damaged or replaced file)."""
+    rows = {float(row["scale"]): row for row in record.get("rows", [])}
+    path = Path(run_dir) / SAMPLES_FILE
+    if record.get("identity") != identity or float(scale) not in rows or not path.is_file():
+        return None
+    if record.get("samples_sha256") != _sha256(path):
+        return None
+    latents = load_file(str(path)).get(_samples_key(scale))
+    if latents is None:
+        return None
+    metrics = dict(rows[float(scale)])
+    metrics.pop("scale")
+    return Row(name, int(metrics["nfe"]), latents, float(metrics["seconds_per_sample"]), metrics)
 
 
 def ensure_sweep(cfg, backend, metric_fn: MetricFn, scales: list[float], run_dir: Path,
@@ -140,15 +172,21 @@ def ensure_sweep(cfg, backend, metric_fn: MetricFn, scales: list[float], run_dir
                 return record
         except (OSError, ValueError, KeyError):
             pass  # damaged: recompute
-    rows = run_sweep(cfg, backend, metric_fn, scales)
+    sampled = run_sweep(cfg, backend, metric_fn, scales)
+    rows = {w: row.metrics for w, row in sampled.items()}
     rule, metric = sweep_rule(cfg)
     chosen = pick_adherence_scale(rows) if metric == "adherence" else pick_scale(rows)
+    # the samples first: a record only ever vouches (by hash) for a samples file already in place
+    samples = Path(run_dir) / SAMPLES_FILE
+    with atomic_path(samples) as tmp:
+        save_file({_samples_key(w): row.latents.contiguous() for w, row in sampled.items()}, str(tmp))
     record = {"identity": identity, "rule": rule, "metric": metric,
               "rows": [{"scale": w, **metrics} for w, metrics in rows.items()], "chosen_scale": chosen,
               "guider_rows": [{"guider": name, "class": COMPARED_GUIDERS[name][0], "args": COMPARED_GUIDERS[name][1],
                                "scale": chosen, **_scored_row(cfg, backend, metric_fn, f"{name} w={chosen:g}",
-                                                              compared_guider(name, chosen))}
-                              for name in COMPARED_GUIDERS]}
+                                                              compared_guider(name, chosen)).metrics}
+                              for name in COMPARED_GUIDERS],
+              "samples_sha256": _sha256(samples)}
     write_text_atomic(path, json.dumps(record, indent=2))
     print(f"sweep: chose w = {record['chosen_scale']:g} by the rule: {rule}", flush=True)
     return record
