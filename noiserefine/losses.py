@@ -9,6 +9,7 @@ refiner forward happens in the caller); ``target`` is the cached ``x0_guide``.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Protocol
 
 import torch
@@ -66,15 +67,42 @@ class FullGradientLoss:
         return _mse(x0, target), x0
 
 
-class NoiseSpaceLoss:
-    """Ablation: regress ``x̂_T`` onto ``DDIM-invert_N(x0_guide)``: ``mean((x̂_T - inv(x0_guide))^2)``."""
+def _sample_key(target: torch.Tensor, cond: Conditioning, index: int) -> bytes:
+    """The bytes of sample ``index``'s target and conditioning, hashed: what its inversion is a function of."""
+    digest = hashlib.blake2b(target[index].detach().cpu().numpy().tobytes(), digest_size=20)
+    for name in sorted(cond):
+        digest.update(name.encode() + cond[name][index].detach().cpu().contiguous().numpy().tobytes())
+    return digest.digest()
 
-    def __init__(self, backend: Backend, num_steps: int):
-        self.backend, self.num_steps = backend, num_steps
+
+class NoiseSpaceLoss:
+    """Ablation: regress ``x̂_T`` onto ``DDIM-invert_N(x0_guide)``: ``mean((x̂_T - inv(x0_guide))^2)``.
+
+    A sample's inversion depends on its target and conditioning only (the teacher is frozen), and it costs
+    ``N`` network calls, as much as the MSD rollout: each one is kept (by the hash of those inputs, up to
+    ``memo_bytes``), so a sample seen again in a later epoch is not inverted again. A resumed run starts
+    with an empty memo and inverts again what it meets (the same values, up to float rounding).
+    """
+
+    def __init__(self, backend: Backend, num_steps: int, memo_bytes: int = 1 << 30):
+        self.backend, self.num_steps, self.memo_bytes = backend, num_steps, memo_bytes
+        self.memo: dict[bytes, torch.Tensor] = {}
+        self._memo_used = 0
 
     def __call__(self, refined, cond, target):
-        inverted = ddim_invert(self.backend, target.to(torch.float32), cond, self.num_steps)
-        return _mse(refined, inverted.detach()), None
+        target = target.to(torch.float32)
+        keys = [_sample_key(target, cond, i) for i in range(target.shape[0])]
+        inverted = dict(zip(keys, (self.memo.get(key) for key in keys)))
+        missing = [i for i, key in enumerate(keys) if inverted[key] is None]
+        if missing:
+            pick = torch.tensor(missing, device=target.device)
+            fresh = ddim_invert(self.backend, target[pick], {k: v[pick] for k, v in cond.items()}, self.num_steps)
+            for i, value in zip(missing, fresh.detach()):
+                inverted[keys[i]] = value
+                if self._memo_used + value.nbytes <= self.memo_bytes:
+                    self.memo[keys[i]] = value
+                    self._memo_used += value.nbytes
+        return _mse(refined, torch.stack([inverted[key] for key in keys])), None
 
 
 def build_loss(cfg, backend: Backend) -> LossFn:

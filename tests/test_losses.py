@@ -167,3 +167,27 @@ def test_build_loss_holds_the_configured_options(tiny_backend, name, loss_class)
         built, _ = loss_fn(noise, cond, target)
         direct, _ = loss_class(tiny_backend, 3)(noise, cond, target)
     assert torch.equal(built, direct)
+
+
+def test_noise_space_loss_inverts_each_sample_once(tiny_backend):
+    noise, cond, target = _inputs(tiny_backend)
+    calls = []
+    denoise = tiny_backend.denoise
+    tiny_backend.denoise = lambda x, t, c: calls.append(x.shape[0]) or denoise(x, t, c)
+    loss_fn = NoiseSpaceLoss(tiny_backend, 5)
+    first, _ = loss_fn(noise, cond, target)
+    assert calls == [noise.shape[0]] * 5
+    again, _ = loss_fn(noise, cond, target)  # the next epoch: nothing inverted again, the same loss
+    assert len(calls) == 5 and torch.equal(again, first)
+    torch.testing.assert_close(first, torch.nn.functional.mse_loss(noise, ddim_invert(tiny_backend, target, cond, 5)))
+    del calls[5:]
+    # one new sample (another prompt for the same target is another sample): only it is inverted
+    other = {k: v.flip(0) for k, v in cond.items()}
+    mixed = {k: torch.cat([cond[k][:1], other[k][:1]]) for k in cond}
+    loss_fn(noise[:2], mixed, target[[0, 0]])
+    assert calls[5:] == [1] * 5
+    # a full memo keeps what it holds and inverts the rest each time
+    small = NoiseSpaceLoss(tiny_backend, 5, memo_bytes=target[0].float().nbytes)
+    small(noise, cond, target)
+    small(noise, cond, target)
+    assert len(small.memo) == 1 and calls[-5:] == [noise.shape[0] - 1] * 5
