@@ -67,7 +67,8 @@ _RANGES = {
 _AT_LEAST_ONE = ("teacher.num_steps", "student.num_steps", "refiner.lora_rank", "data.num_samples",
                  "data.shard_size", "data.max_prompt_chars", "pipeline.batch_size", "train.max_steps",
                  "train.global_batch_size", "train.checkpoint_every", "eval.num_samples", "eval.batch_size",
-                 "eval.grid_columns", "model.digits.train_steps", "model.digits.batch_size", "data.io_chunk_bytes",
+                 "eval.sampling_threads", "eval.grid_columns", "model.digits.train_steps", "model.digits.batch_size",
+                 "model.digits.train_threads", "data.io_chunk_bytes",
                  "benchmark.num_classes", "benchmark.num_samples", "benchmark.batch_size",
                  "benchmark.feature_batch_size", "benchmark.shard_size", "benchmark.grid_columns")
 _AT_LEAST_ZERO = ("pipeline.num_workers", "pipeline.max_retries", "data.io_retries", "train.log_every",

@@ -20,6 +20,10 @@ class DigitsTeacherConfig:
     learning_rate: float = 2e-3
     cond_dropout: float = 0.3  # share of samples trained with the null condition, so CFG works
     seed: int = 0
+    # >1: every batch split in that many parts, each part's forward/backward in its own Python thread on one
+    # intra-op thread, gradients summed in order: the same teacher up to float rounding, faster on few CPU
+    # cores (bench/bench_teacher_threads.py). 1: one backward on torch's threads.
+    train_threads: int = 1
     block_out_channels: list[int] = field(default_factory=lambda: [16, 32, 64])
     cross_attention_dim: int = 64
     thicken: int = 0  # >0: train on thickened strokes (the transfer experiment's style on the digits task)
@@ -182,6 +186,9 @@ class EvalConfig:
     num_samples: int = 500
     seed_offset: int = 10_000_000  # held-out seeds never used by the teacher cache
     batch_size: int = 250
+    # Python threads that each roll out a fixed part of every batch with one intra-op thread (1: one rollout, on
+    # torch's threads). A CPU setting: on 2 cores 2 beats one rollout on 2 intra-op threads by 1.47x.
+    sampling_threads: int = 1
     grid_columns: int = 10
     prompts: list[str] = field(default_factory=list)  # cycled; empty = the plan's prompt draw
     # none | digit_classifier (the embedded default's in-domain classifier) | text_image (CLIPScore and/or

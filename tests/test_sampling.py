@@ -178,3 +178,27 @@ def test_non_affine_schedulers_are_refused():
     clipped = tiny_digits_backend(scheduler_overrides={"clip_sample": True})
     with pytest.raises(ValueError, match="clip_sample"):
         make_scheduler(clipped, 5)
+
+
+def test_rollout_in_threads_is_each_parts_own_rollout_and_the_guider_is_not_shared(tiny_backend):
+    from noiserefine.evaluation.rows import EvalSet, rollout_in_threads, sample_row, torch_threads
+
+    prompts = ["a handwritten one", "seven", "a handwritten two", "nine", "a cat"]
+    noise = noise_from_seeds(range(5), tiny_backend.latent_shape)
+    cond = tiny_backend.encode_prompts(prompts)
+    guider = ClassifierFreeGuidance(guidance_scale=3.0)
+    threads_before = torch.get_num_threads()
+    split = rollout_in_threads(tiny_backend, noise, cond, 4, guider, 2)
+    assert torch.get_num_threads() == threads_before
+    # parts [0, 1, 2] and [3, 4], each exactly its own one-thread rollout (a shared guider's state would mix them)
+    for part in (slice(0, 3), slice(3, 5)):
+        with torch_threads(1):
+                alone = rollout(tiny_backend, noise[part], {k: v[part] for k, v in cond.items()}, 4,
+                            ClassifierFreeGuidance(guidance_scale=3.0))
+        assert torch.equal(split[part], alone)
+    # the whole batch on torch's threads: the same up to float rounding (values here reach ~40)
+    torch.testing.assert_close(split, rollout(tiny_backend, noise, cond, 4, guider), rtol=1e-4, atol=1e-3)
+    assert torch.equal(rollout_in_threads(tiny_backend, noise, cond, 4, guider, 2), split)  # deterministic
+    # sample_row takes the split from the eval set, timing and NFE as before
+    row = sample_row("g", tiny_backend, EvalSet(list(range(5)), prompts, sampling_threads=2), 4, guidance=guider)
+    assert torch.equal(row.latents, split.float()) and row.nfe == 8

@@ -14,6 +14,7 @@ import secrets
 import shutil
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -22,12 +23,13 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from tqdm.auto import tqdm
 
 from ..backends.digits import ATTRIBUTES, SCHEDULER_CONFIG, TASKS, DigitsBackend, attribute_tokens, build_unet
+from ..evaluation.rows import torch_threads
 from ..files import apply_default_modes, refuse_foreign_directory
 from .compose import random_attributes, render, sklearn_digits
 from .data import load_digit_images, thicken_strokes
 
 TRAINING_FILE = "training.json"
-SETTINGS_ADDED_LATER = {"slant": 0.0}  # model.digits keys newer than some saved teachers, with their defaults
+SETTINGS_ADDED_LATER = {"slant": 0.0, "train_threads": 1}  # model.digits keys newer than some saved teachers, with their defaults
 
 
 def _save_teacher(out_dir: Path, unet: UNet2DConditionModel, tables: dict[str, torch.Tensor],
@@ -110,6 +112,12 @@ def train_digits_teacher(settings, out_dir: str | Path, *, progress: bool = True
     ``init_from`` model's CFG output ``f_u + w (f_c - f_u)`` (in its own prediction type): the guidance-distillation
     baseline (Meng et al., stage one), a denoiser that needs one forward per step.
     Weights are an exponential moving average (decay 0.995) of the trained ones.
+
+    ``settings.train_threads > 1``: every batch is split into that many fixed parts, each part's forward and
+    backward run by its own Python thread on one intra-op thread (the network releases the GIL), and the
+    parts' gradients are summed in a fixed order: the step on the whole batch up to float rounding,
+    deterministic, and on 2 cores faster than one backward on 2 intra-op threads
+    (bench/bench_teacher_threads.py).
     """
     settings = training_settings(settings)
     out_dir = Path(out_dir)
@@ -145,8 +153,8 @@ def train_digits_teacher(settings, out_dir: str | Path, *, progress: bool = True
                                        if k not in ("set_alpha_to_one", "timestep_spacing")})
     prediction_type = scheduler_config["prediction_type"]
     steps, batch_size = int(settings["train_steps"]), int(settings["batch_size"])
-    optimizer = torch.optim.AdamW(list(unet.parameters()) + list(tables.values()),
-                                  lr=float(settings["learning_rate"]), weight_decay=0.0)
+    parameters = list(unet.parameters()) + list(tables.values())
+    optimizer = torch.optim.AdamW(parameters, lr=float(settings["learning_rate"]), weight_decay=0.0)
     warmup = min(50, steps // 10)
 
     def lr_factor(step: int) -> float:
@@ -154,40 +162,69 @@ def train_digits_teacher(settings, out_dir: str | Path, *, progress: bool = True
             return (step + 1) / warmup
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    started = time.perf_counter()
-    bar = tqdm(range(steps), desc="train digit teacher", disable=not progress)
-    for step in bar:
-        x0, indices = data.batch(batch_size, generator)
-        dropped = torch.rand(batch_size, generator=generator) < float(settings["cond_dropout"])
-        indices = {name: torch.where(dropped, -1, index) for name, index in indices.items()}  # -1: null token
-        noise = torch.randn(x0.shape, generator=generator)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
-        x_t = noise_scheduler.add_noise(x0, noise, t)
+    def squared_error(x0, x_t, noise, t, indices, reduction: str) -> torch.Tensor:
+        """The squared error of the samples given (a batch or a part of one), reduced by ``reduction``."""
         prediction = unet(x_t, t, encoder_hidden_states=attribute_tokens(tables, indices), return_dict=False)[0]
         target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(x0, noise, t)
         if guidance_teacher is not None:
             with torch.no_grad():
                 w = float(settings["distill_guidance_scale"])
                 cond = attribute_tokens(guidance_teacher.tables, indices)
-                uncond = guidance_teacher.null_conditioning(batch_size)["encoder_hidden_states"]
+                uncond = guidance_teacher.null_conditioning(x_t.shape[0])["encoder_hidden_states"]
                 both = guidance_teacher.denoise(torch.cat([x_t, x_t]), torch.cat([t, t]),
                                                 {"encoder_hidden_states": torch.cat([uncond, cond])})
                 eps_u, eps_c = both.chunk(2)
                 target = eps_u + w * (eps_c - eps_u)
-        loss = F.mse_loss(prediction, target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        with torch.no_grad():
-            decay = min(0.995, (1 + step) / (10 + step))  # not bar.n: tqdm updates it only when it redraws
-            for key, value in unet.state_dict().items():
-                ema[key].lerp_(value, 1 - decay) if value.is_floating_point() else ema[key].copy_(value)
-            for name, table in tables.items():
-                ema_tables[name].lerp_(table.detach(), 1 - decay)
-        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        return F.mse_loss(prediction, target, reduction=reduction)
+
+    threads = int(settings.get("train_threads", 1))
+    parts = [part for part in torch.arange(batch_size).tensor_split(threads) if len(part)]
+    pool = ThreadPoolExecutor(len(parts)) if len(parts) > 1 else None
+
+    def backward_in_parts(batch: tuple) -> torch.Tensor:
+        """Each part's gradient in its own thread, summed in part order into ``.grad``; returns the mean loss."""
+        def part_gradients(part):
+            error = squared_error(*(x[part] for x in batch[:4]), {k: v[part] for k, v in batch[4].items()}, "sum")
+            return error.detach(), torch.autograd.grad(error, parameters, allow_unused=True)
+
+        with torch_threads(1):
+            results = list(pool.map(part_gradients, parts))
+        count = batch[0].numel()
+        for i, parameter in enumerate(parameters):
+            grads = [grads[i] for _, grads in results if grads[i] is not None]
+            parameter.grad = torch.stack(grads).sum(0) / count if grads else None
+        return torch.stack([error for error, _ in results]).sum() / count
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    started = time.perf_counter()
+    bar = tqdm(range(steps), desc="train digit teacher", disable=not progress)
+    try:
+        for step in bar:
+            x0, indices = data.batch(batch_size, generator)
+            dropped = torch.rand(batch_size, generator=generator) < float(settings["cond_dropout"])
+            indices = {name: torch.where(dropped, -1, index) for name, index in indices.items()}  # -1: null token
+            noise = torch.randn(x0.shape, generator=generator)
+            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
+            x_t = noise_scheduler.add_noise(x0, noise, t)
+            optimizer.zero_grad(set_to_none=True)
+            if pool is None:
+                loss = squared_error(x0, x_t, noise, t, indices, "mean")
+                loss.backward()
+            else:
+                loss = backward_in_parts((x0, x_t, noise, t, indices))
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            with torch.no_grad():
+                decay = min(0.995, (1 + step) / (10 + step))  # not bar.n: tqdm updates it only when it redraws
+                for key, value in unet.state_dict().items():
+                    ema[key].lerp_(value, 1 - decay) if value.is_floating_point() else ema[key].copy_(value)
+                for name, table in tables.items():
+                    ema_tables[name].lerp_(table.detach(), 1 - decay)
+            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+    finally:
+        if pool is not None:
+            pool.shutdown()
     unet.load_state_dict(ema)
     training = {"settings": settings, "seconds": round(time.perf_counter() - started, 1),
                 "num_parameters": sum(p.numel() for p in unet.parameters()),
