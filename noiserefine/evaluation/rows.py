@@ -72,7 +72,7 @@ def rollout_in_threads(backend: Backend, noise: torch.Tensor, cond: dict, num_st
                        guidance: BaseGuidance | None, threads: int) -> torch.Tensor:
     """:func:`rollout` of a batch split into ``threads`` fixed parts, each rolled out by its own Python thread
     with one intra-op thread (the network releases the GIL). On a small CPU model this beats one rollout
-    on ``threads`` intra-op threads (1.3x on 2 cores: bench/bench_sampling_threads.py). Each part gets its
+    on ``threads`` intra-op threads (1.47x on 2 cores: bench/bench_sampling_threads.py). Each part gets its
     own copy of the guider, which keeps per-rollout state. The parts depend on the batch and ``threads``
     only, so the result is deterministic."""
     if threads <= 1 or noise.shape[0] < 2:
