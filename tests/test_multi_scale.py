@@ -298,3 +298,23 @@ def test_each_multi_w_setting_trains_its_own_refiner_and_the_default_keeps_its_n
     both = load_config(overrides=[*base, "demo.multi_scale_max_steps=600", "demo.multi_scale_correction_gain=true"])
     assert multi_dir(tmp_path, both).name == "refiner-multi-w1.1-2-600steps-gain"
     assert {"train.max_steps=600", "refiner.guidance_correction_gain=True"} <= set(multi_overrides(both))
+
+
+def test_on_the_compose_task_the_goal_and_table_judge_prompt_adherence(tmp_path):
+    """Compose rows carry ``adherence`` (every attribute right), what guidance buys there; ``accuracy`` is the
+    digit head's alone. A multi-w refiner that draws the right digit at the wrong place must miss the goal."""
+    from noiserefine.digits.multi_scale import goal_lines, write_table
+
+    def m(adherence):
+        return {"fid": 100.0, "fid_class": 300.0, "accuracy": 0.95, "adherence": adherence, "nfe": 11}
+
+    results = {"rows": [{"scale": 2.0, "per_scale": m(0.90), "multi_scale": m(0.80), "teacher": m(0.91)}],
+               "held_out": [], "unguided": m(0.6), "scales": [2.0], "refiner_timestep": 999, "timestep_slope": 200,
+               "budget": {"per_scale_steps": 100, "per_scale_total_steps": 100, "multi_scale_steps": 100,
+                          "global_batch_size": 64}, "num_eval_samples": 500, "num_steps": 10}
+    lines = goal_lines(results)
+    assert "- w = 2 vs per-w: fid 0.0%, fid_class 0.0%, adherence 11.1%" in lines
+    assert "Goal (every metric within 5%): NOT met; largest difference 11.1%" in lines
+    write_table(results, tmp_path / "table.md")
+    header = next(line for line in (tmp_path / "table.md").read_text().splitlines() if line.startswith("| row"))
+    assert "adherence" in header
