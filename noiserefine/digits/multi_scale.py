@@ -184,20 +184,35 @@ def goal_metrics(task: str) -> tuple[str, ...]:
     return GOAL_METRICS if task == "digits" else GOAL_METRICS[:2] + ("adherence",)
 
 
+LOWER_IS_BETTER = ("fid", "fid_class")
+
+
+def _direction(metric: str, ours: float, reference: float) -> str:
+    if ours == reference:
+        return "equal"
+    return "better" if (ours < reference) == (metric in LOWER_IS_BETTER) else "worse"
+
+
 def goal_lines(results: dict) -> list[str]:
     """The multi-w refiner's relative difference on :func:`goal_metrics`: to the per-w refiner at each trained w,
-    to the teacher at each held-out w; the goal is met when every one is within :data:`GOAL`."""
+    to the teacher at each held-out w; the goal is met when every one is within :data:`GOAL`. A second verdict
+    counts only differences for the worse: refiners beat the guided teacher on FID (issue 25, item 4), so a
+    multi-w refiner 7% better than the teacher at a held-out w misses "within" while losing nothing."""
     pairs = [(f"w = {e['scale']:g} vs per-w", e["multi_scale"], e["per_scale"]) for e in results["rows"]]
     pairs += [(f"w = {e['scale']:g} (held out) vs teacher", e["multi_scale"], e["teacher"])
               for e in results.get("held_out", [])]
-    lines, worst = [], 0.0
+    lines, worst, worst_for_the_worse = [], 0.0, 0.0
     for name, ours, reference in pairs:
         relative = {k: abs(ours[k] - reference[k]) / abs(reference[k]) for k in goal_metrics(_task(results))}
+        direction = {k: _direction(k, ours[k], reference[k]) for k in relative}
         worst = max(worst, *relative.values())
-        lines.append(f"- {name}: " + ", ".join(f"{k} {100 * v:+.1f}%".replace("+", "") for k, v in relative.items()))
-    verdict = "met" if worst <= GOAL else "NOT met"
-    return ["", f"Goal (every metric within {100 * GOAL:g}%): {verdict}; largest difference {100 * worst:.1f}%",
-            *lines]
+        worst_for_the_worse = max(worst_for_the_worse, *(v for k, v in relative.items() if direction[k] == "worse"),
+                                  0.0)
+        lines.append(f"- {name}: " + ", ".join(f"{k} {100 * v:.1f}% {direction[k]}" for k, v in relative.items()))
+    return ["", f"Goal (every metric within {100 * GOAL:g}%): {'met' if worst <= GOAL else 'NOT met'}; largest "
+                f"difference {100 * worst:.1f}%",
+            f"No metric more than {100 * GOAL:g}% worse: {'met' if worst_for_the_worse <= GOAL else 'NOT met'}; "
+            f"largest difference for the worse {100 * worst_for_the_worse:.1f}%", *lines]
 
 
 def write_table(results: dict, path: Path) -> None:
