@@ -6,7 +6,6 @@ dispatch to the compositional metrics without an import cycle."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from collections.abc import Callable
@@ -18,6 +17,7 @@ import torch.nn as nn
 
 from ..evaluation.scores import (class_conditional_fid, conditional_accuracy, feature_statistics, frechet_distance,
                                  inception_score, precision_recall)
+from ..evaluation.rows import torch_threads
 from ..files import atomic_path, write_text_atomic
 from .data import load_digit_images
 
@@ -36,15 +36,9 @@ def digit_split() -> tuple[torch.Tensor, torch.Tensor]:
     return perm[:n_train], perm[n_train:]
 
 
-@contextlib.contextmanager
 def training_threads():
     """Torch's intra-op threads pinned to :data:`TRAIN_THREADS` while a classifier trains (then restored)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(TRAIN_THREADS)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+    return torch_threads(TRAIN_THREADS)
 
 
 def load_or_train_cached(cache_dir: Path, name: str, settings: dict, build: Callable[[], nn.Module],
