@@ -322,6 +322,12 @@ def test_on_the_compose_task_the_goal_and_table_judge_prompt_adherence(tmp_path)
     lines = goal_lines(results)
     assert "- w = 2 vs per-w: fid 0.0% equal, fid_class 0.0% equal, adherence 11.1% worse" in lines
     assert "Goal (every metric within 5%): NOT met; largest difference 11.1%" in lines
+    # an untrained model (the --quick smoke run) can have no prompt right: a reference of 0 is no division by 0
+    results["held_out"] = [{"scale": 3.0, "teacher": m(0.0), "multi_scale": m(0.0)}]
+    assert "- w = 3 (held out) vs teacher: fid 0.0% equal, fid_class 0.0% equal, adherence 0.0% equal" in goal_lines(
+        results)
+    results["held_out"][0]["multi_scale"] = m(0.1)
+    assert "Goal (every metric within 5%): NOT met; largest difference inf%" in goal_lines(results)
     write_table(results, tmp_path / "table.md")
     header = next(line for line in (tmp_path / "table.md").read_text().splitlines() if line.startswith("| row"))
     assert "adherence" in header

@@ -187,6 +187,14 @@ def goal_metrics(task: str) -> tuple[str, ...]:
 LOWER_IS_BETTER = ("fid", "fid_class")
 
 
+def _relative(ours: float, reference: float) -> float:
+    """``|ours - reference| / |reference|``; against a reference of 0 (an untrained model's adherence), 0 where
+    ours is 0 too, else infinite."""
+    if reference == 0:
+        return 0.0 if ours == 0 else math.inf
+    return abs(ours - reference) / abs(reference)
+
+
 def _direction(metric: str, ours: float, reference: float) -> str:
     if ours == reference:
         return "equal"
@@ -203,7 +211,7 @@ def goal_lines(results: dict) -> list[str]:
               for e in results.get("held_out", [])]
     lines, worst, worst_for_the_worse = [], 0.0, 0.0
     for name, ours, reference in pairs:
-        relative = {k: abs(ours[k] - reference[k]) / abs(reference[k]) for k in goal_metrics(_task(results))}
+        relative = {k: _relative(ours[k], reference[k]) for k in goal_metrics(_task(results))}
         direction = {k: _direction(k, ours[k], reference[k]) for k in relative}
         worst = max(worst, *relative.values())
         worst_for_the_worse = max(worst_for_the_worse, *(v for k, v in relative.items() if direction[k] == "worse"),
