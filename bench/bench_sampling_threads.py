@@ -40,7 +40,7 @@ def backend_of(cfg) -> DigitsBackend:
     size = digits.canvas if digits.task == "compose" else 16
     tables = {name: torch.randn(len(ATTRIBUTES[name]) + 1, 1, digits.cross_attention_dim) for name in TASKS[digits.task]}
     digit = tables.pop("digit")
-    return DigitsBackend(build_unet(digits.block_out_channels, digits.cross_attention_dim, size), digit,
+    return DigitsBackend(build_unet(digits.block_out_channels, digits.cross_attention_dim, size, digits.attention_heads), digit,
                          dict(SCHEDULER_CONFIG), attributes=tables)
 
 

@@ -26,6 +26,8 @@ class DigitsTeacherConfig:
     train_threads: int = 1
     block_out_channels: list[int] = field(default_factory=lambda: [16, 32, 64])
     cross_attention_dim: int = 64
+    # attention heads in each attention layer (diffusers' UNet2DConditionModel calls this attention_head_dim)
+    attention_heads: int = 4
     thicken: int = 0  # >0: train on thickened strokes (the transfer experiment's style on the digits task)
     slant: float = 0.0  # compose only, != 0: train on slanted digits (the transfer style there; compose.slant_glyph)
     init_from: str = ""  # fine-tune from this teacher directory instead of training from scratch

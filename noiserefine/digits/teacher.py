@@ -29,7 +29,7 @@ from .compose import random_attributes, render, sklearn_digits
 from .data import load_digit_images, thicken_strokes
 
 TRAINING_FILE = "training.json"
-SETTINGS_ADDED_LATER = {"slant": 0.0, "train_threads": 1}  # model.digits keys newer than some saved teachers, with their defaults
+SETTINGS_ADDED_LATER = {"slant": 0.0, "train_threads": 1, "attention_heads": 4}  # model.digits keys newer than some saved teachers, with their defaults
 
 
 def _save_teacher(out_dir: Path, unet: UNet2DConditionModel, tables: dict[str, torch.Tensor],
@@ -140,7 +140,8 @@ def train_digits_teacher(settings, out_dir: str | Path, *, progress: bool = True
                              f"model.digits.task is {data.task!r}")
         unet, tables = base.denoiser.requires_grad_(True).train(), {k: v.clone() for k, v in base.tables.items()}
     else:
-        unet = build_unet(settings["block_out_channels"], int(settings["cross_attention_dim"]), data.size)
+        unet = build_unet(settings["block_out_channels"], int(settings["cross_attention_dim"]), data.size,
+                          int(settings.get("attention_heads", 4)))
         dim = int(settings["cross_attention_dim"])
         # the digit table first: a plain-task teacher draws exactly what it drew before the compose task existed
         tables = {name: torch.randn(len(ATTRIBUTES[name]) + 1, 1, dim, generator=generator) * 0.5
