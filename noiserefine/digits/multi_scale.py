@@ -57,7 +57,7 @@ RESULTS, TABLE, FIGURE, CONFIG = "multi_scale.json", "multi_scale.md", "multi_sc
 # --quick: the demo's smoke budgets; targets generated in this process (pipeline.num_workers=0: the same
 # script, byte-identical to the Ray job, without a Ray start per cache) and training on one rank
 QUICK_MULTI = QUICK + ["pipeline.num_workers=0", "demo.num_ranks=1", "demo.multi_scale_guidance_scales=[1.5,3]",
-                       "demo.multi_scale_held_out_scales=[2]"]
+                       "demo.multi_scale_held_out_scales=[2]", "demo.multi_scale_max_steps=0"]
 NO_EVAL = ["train.eval_every=1000000"]  # the evaluation below does it once
 
 
