@@ -98,7 +98,9 @@ def _check_quick_multi_scale(run_dir, env):
     assert held_out["teacher"]["nfe"] == 8 and held_out["multi_scale"]["nfe"] == 5
     assert held_out["multi_scale"]["fid"] not in {e["multi_scale"]["fid"] for e in results["rows"]}
     assert "multi-w refiner (not trained on w=2)" in (run_dir / "multi_scale.md").read_text()
-    multi = load_config(run_dir / "multi_scale" / "refiner-multi-w1.5-3" / "refiner" / "config.yaml")
+    # compose's default multi-w refiner has the correction gain (configs/compose.yaml): named for it
+    multi = load_config(run_dir / "multi_scale" / "refiner-multi-w1.5-3-gain" / "refiner" / "config.yaml")
     assert list(multi.data.guidance_scales) == [1.5, 3.0] and multi.refiner.guidance_timestep_slope == 200.0
+    assert multi.refiner.guidance_correction_gain is True
     # one cache per scale: the demo's (at its chosen w, one of the two) and one new
     assert len(list((run_dir / "cache").glob("*/teacher.yaml"))) == 2
