@@ -161,6 +161,24 @@ def test_open_cache_errors(make_cfg, tiny_cache, tmp_path):
     assert cache_dir == tiny_cache and len(manifest) == NUM_SHARDS
 
 
+def test_a_run_trains_on_its_own_plan_not_on_the_shards_a_larger_plan_left(make_cfg, tiny_cache, capsys):
+    # The cache is keyed by the teacher, so a config asking for fewer samples meets a cache with more: it trains on
+    # its data.num_samples (the resolved config saved with the run says so), not silently on everything there.
+    first_two = sorted(read_manifest(tiny_cache))[:2]
+    cfg = make_cfg(f"data.num_samples={2 * SHARD_SIZE}")
+    assert sorted(open_cache(cfg)[1]) == first_two
+    planned = stream(cfg)
+    assert planned.samples_per_epoch == 2 * SHARD_SIZE
+    assert sorted(ids_of(planned.epoch_batches(0))) == list(range(2 * SHARD_SIZE))
+    assert "WARNING" not in capsys.readouterr().err
+    # a plan ending inside a shard written whole for a larger plan: that shard is read whole, and it says so
+    cfg = make_cfg(f"data.num_samples={SHARD_SIZE + 4}")
+    assert sorted(open_cache(cfg)[1]) == first_two
+    err = capsys.readouterr().err
+    assert f"data.num_samples={SHARD_SIZE + 4} ends inside {first_two[1]}" in err
+    assert f"training on {2 * SHARD_SIZE} samples" in err
+
+
 def test_fingerprint_mismatch_names_sample_and_shard(make_cfg, tiny_cache, tmp_path):
     cache = copy_cache(tiny_cache, tmp_path / "cache")
     name = "shard-000002.tar"

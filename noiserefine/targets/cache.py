@@ -153,8 +153,10 @@ def _check_rows(cache_dir, manifest: dict[str, ShardInfo], rows: list[ShardInfo]
 def open_cache(cfg, rows: list[ShardInfo] | None = None) -> tuple[Location, dict[str, ShardInfo]]:
     """The existing teacher cache of ``cfg`` and the shard rows to train on, for reading (the trainer).
 
-    A fresh run (``rows`` None) trains on one manifest row per shard index and needs every
-    shard of the plan (``Plan.from_config(cfg.data)``) with at least its planned samples;
+    A fresh run (``rows`` None) trains on one manifest row per shard index of the plan
+    (``Plan.from_config(cfg.data)``; shards a larger ``data.num_samples`` left are not its data, and a
+    last shard written whole for a larger plan is trained on whole, with a warning) and needs every
+    shard of the plan with at least its planned samples;
     otherwise ``ValueError`` naming the missing shards and the command that completes the
     cache, unless ``data.allow_partial_cache`` (then a loud warning on stderr). A resumed run
     passes the rows its checkpoint recorded: each must still be on disk, unchanged.
@@ -187,7 +189,15 @@ def open_cache(cfg, rows: list[ShardInfo] | None = None) -> tuple[Location, dict
                              "missing), or set data.allow_partial_cache=true to train on what exists")
         print(f"WARNING: training on a PARTIAL teacher cache (data.allow_partial_cache=true): {summary}",
               file=sys.stderr, flush=True)
-    return cache_dir, {info.name: info for info in by_index.values()}
+    # the cache serves every config of its teacher: this plan's shards, not those a larger data.num_samples left
+    rows = {index: info for index, info in by_index.items() if index < plan.num_shards}
+    last, planned_last = plan.num_shards - 1, len(plan.shard_sample_ids(plan.num_shards - 1))
+    if last in rows and rows[last].num_samples > planned_last:
+        print(f"WARNING: data.num_samples={plan.num_samples} ends inside {rows[last].name}, which holds "
+              f"{rows[last].num_samples} samples (written for a larger data.num_samples; a shard is trained on "
+              f"whole): training on {plan.num_samples - planned_last + rows[last].num_samples} samples",
+              file=sys.stderr, flush=True)
+    return cache_dir, {info.name: info for info in rows.values()}
 
 
 def _check_generation(cache_dir, cfg) -> None:
