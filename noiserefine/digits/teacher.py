@@ -141,7 +141,7 @@ def train_digits_teacher(settings, out_dir: str | Path, *, progress: bool = True
         unet, tables = base.denoiser.requires_grad_(True).train(), {k: v.clone() for k, v in base.tables.items()}
     else:
         unet = build_unet(settings["block_out_channels"], int(settings["cross_attention_dim"]), data.size,
-                          int(settings.get("attention_heads", 4)))
+                          int(settings["attention_heads"]))
         dim = int(settings["cross_attention_dim"])
         # the digit table first: a plain-task teacher draws exactly what it drew before the compose task existed
         tables = {name: torch.randn(len(ATTRIBUTES[name]) + 1, 1, dim, generator=generator) * 0.5

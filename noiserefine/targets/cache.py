@@ -190,14 +190,14 @@ def open_cache(cfg, rows: list[ShardInfo] | None = None) -> tuple[Location, dict
         print(f"WARNING: training on a PARTIAL teacher cache (data.allow_partial_cache=true): {summary}",
               file=sys.stderr, flush=True)
     # the cache serves every config of its teacher: this plan's shards, not those a larger data.num_samples left
-    rows = {index: info for index, info in by_index.items() if index < plan.num_shards}
+    planned = {index: info for index, info in by_index.items() if index < plan.num_shards}
     last, planned_last = plan.num_shards - 1, len(plan.shard_sample_ids(plan.num_shards - 1))
-    if last in rows and rows[last].num_samples > planned_last:
-        print(f"WARNING: data.num_samples={plan.num_samples} ends inside {rows[last].name}, which holds "
-              f"{rows[last].num_samples} samples (written for a larger data.num_samples; a shard is trained on "
-              f"whole): training on {plan.num_samples - planned_last + rows[last].num_samples} samples",
+    if last in planned and planned[last].num_samples > planned_last:
+        print(f"WARNING: data.num_samples={plan.num_samples} ends inside {planned[last].name}, which holds "
+              f"{planned[last].num_samples} samples (written for a larger data.num_samples; a shard is trained on "
+              f"whole): training on {plan.num_samples - planned_last + planned[last].num_samples} samples",
               file=sys.stderr, flush=True)
-    return cache_dir, {info.name: info for info in rows.values()}
+    return cache_dir, {info.name: info for info in planned.values()}
 
 
 def _check_generation(cache_dir, cfg) -> None:
